@@ -1,0 +1,1 @@
+"""Latent -> latent generators, transport and samplers. Plain PyTorch: no Ray."""

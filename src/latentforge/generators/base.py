@@ -1,0 +1,23 @@
+"""The Generator interface: a backbone that knows nothing about the noise process."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Generator(nn.Module):
+    """Class-conditional latent backbone; the transport decides what its output means.
+
+    ``num_classes`` real classes use ids 0..num_classes-1; id ``num_classes`` is the
+    null (unconditional) class used by classifier-free guidance.
+    """
+
+    num_classes: int
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Args: x_t (B, C, H, W) noisy latent, t (B,) flow time in [0, 1], y (B,) labels.
+
+        Returns the prediction (B, C, H, W) chosen by the transport config.
+        """
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Everything that knows about Ray, files and clusters."""
