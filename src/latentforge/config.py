@@ -141,9 +141,7 @@ def merge_schema(schema: type, values: Any, source: str, prefix: str = "") -> An
         raise _schema_error(e, source, prefix) from None
 
 
-def load_config(
-    path: str | Path, schema: type, overrides: list[str] | tuple[str, ...] = ()
-) -> Any:
+def load_config(path: str | Path, schema: type, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """Load a non-polymorphic config (asset recipes, sweeps) into ``schema``."""
     node = read_yaml(path)
     node = _apply_overrides(node, overrides, path)

@@ -1,0 +1,104 @@
+"""``latentforge <verb> EXPERIMENT.yaml [key=value ...] [--dry-run]``.
+
+Verbs only parse, validate and call the library (platform/). ``run`` runs every stage,
+skipping those whose config hash is unchanged; the stage verbs run one stage on the
+artifacts of the stage before it; ``sweep`` runs a Ray Tune sweep; ``train-asset`` runs
+an embedded-asset recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from latentforge.config import ConfigError, load_config, load_experiment, to_yaml
+
+STAGE_VERBS = {
+    "train-tokenizer": "tokenizer",
+    "extract": "extract",
+    "train-generator": "generator",
+    "sample": "sample",
+    "evaluate": "evaluate",
+    "report": "report",
+}
+VERBS = ("run", *STAGE_VERBS, "sweep", "train-asset")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="latentforge", description=__doc__.splitlines()[0])
+    p.add_argument("verb", choices=VERBS)
+    p.add_argument("config", help="experiment / sweep / asset-recipe YAML")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sample.cfg_scale=4")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and plan")
+    p.add_argument("--resume", action="store_true", help="sweep: resume an interrupted sweep")
+    return p.parse_args(argv)
+
+
+def cmd_experiment(args) -> int:
+    from latentforge.platform.pipeline import STAGES, Pipeline, connect
+
+    cfg = load_experiment(args.config, args.overrides)
+    pipeline = Pipeline(cfg)
+    stages = STAGES if args.verb == "run" else (STAGE_VERBS[args.verb],)
+    if args.dry_run:
+        print(to_yaml(cfg))
+        for row in pipeline.plan():
+            mark = "cached" if row["done"] else ("will run" if row["stage"] in stages else "-")
+            print(f"{row['stage']:<10} {row['hash']}  {mark:<8} {row['dir']}")
+        return 0
+    connect(cfg)
+    pipeline.run(stages)
+    report = pipeline.run_dir / "report.html"
+    if "report" in stages:
+        print(f"report: {report}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from latentforge.platform.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.config, args.overrides)
+    if args.dry_run:
+        print(to_yaml(sweep.spec))
+        for point in sweep.points():
+            print(json.dumps(point))
+        return 0
+    result = run_sweep(sweep, resume=args.resume)
+    print(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+def cmd_asset(args) -> int:
+    from latentforge.platform.assets import AssetConfig, train_asset
+
+    cfg = load_config(args.config, AssetConfig, args.overrides)
+    if args.dry_run:
+        print(to_yaml(cfg))
+        return 0
+    print(json.dumps(train_asset(cfg), indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.verb == "sweep":
+            return cmd_sweep(args)
+        if args.verb == "train-asset":
+            return cmd_asset(args)
+        return cmd_experiment(args)
+    except ConfigError as e:
+        print(f"latentforge: config error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from latentforge.platform.pipeline import StageNotReady
+
+        if isinstance(e, StageNotReady):
+            print(f"latentforge: {e}", file=sys.stderr)
+            return 3
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,211 @@
+"""The experiment pipeline: tokenizer -> extract -> generator -> sample -> evaluate -> report.
+
+Each stage writes its artifacts to ``run_dir/<stage>/<hash>/`` where the hash covers the
+stage's own config and its upstream stage's hash. A stage whose ``done.json`` exists is
+skipped, so rerunning an experiment re-runs nothing, and changing a generator key re-runs
+only the generator and what follows it. Compute settings (``ray.*``, batch sizes of
+inference) are not part of any hash: they do not change results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from latentforge.config import ExperimentConfig, config_hash, to_yaml
+
+STAGES = ("tokenizer", "extract", "generator", "sample", "evaluate", "report")
+UPSTREAM = dict(zip(STAGES[1:], STAGES[:-1], strict=True))
+VERB_OF = {
+    "tokenizer": "train-tokenizer",
+    "extract": "extract",
+    "generator": "train-generator",
+    "sample": "sample",
+    "evaluate": "evaluate",
+    "report": "report",
+}
+TOKENIZER_TRAIN_KEYS = ("tokenizer_images", "tokenizer_lr")
+GENERATOR_TRAIN_KEYS = ("generator_images", "generator_lr", "ema_decay")
+SHARED_TRAIN_KEYS = ("batch_size", "weight_decay", "warmup_images", "grad_clip", "seed")
+
+
+class StageNotReady(RuntimeError):
+    """A stage was asked for whose upstream artifacts do not exist yet."""
+
+
+def _pick(obj, keys) -> dict:
+    return {k: getattr(obj, k) for k in keys}
+
+
+def stage_hashes(cfg: ExperimentConfig) -> dict[str, str]:
+    """Hash of every stage: its own config plus the hash of the stage before it."""
+    train = cfg.train
+    h = {}
+    h["tokenizer"] = config_hash(
+        "tokenizer", cfg.data, cfg.tokenizer, _pick(train, TOKENIZER_TRAIN_KEYS + SHARED_TRAIN_KEYS)
+    )
+    h["extract"] = config_hash("extract", h["tokenizer"], cfg.extract.dtype)
+    h["generator"] = config_hash(
+        "generator",
+        h["extract"],
+        cfg.generator,
+        _pick(train, GENERATOR_TRAIN_KEYS + SHARED_TRAIN_KEYS),
+    )
+    sample = dataclasses.replace(cfg.sample, batch_size=0)
+    h["sample"] = config_hash("sample", h["generator"], sample)
+    evaluate = dataclasses.replace(cfg.evaluate, batch_size=0)
+    h["evaluate"] = config_hash("evaluate", h["sample"], evaluate)
+    h["report"] = config_hash("report", h["evaluate"])
+    return h
+
+
+class Pipeline:
+    """Runs the stages of one experiment, skipping those already done."""
+
+    def __init__(self, cfg: ExperimentConfig, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.log = log
+        self.run_dir = Path(cfg.run_dir).resolve()
+        self.hashes = stage_hashes(cfg)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage / self.hashes[stage]
+
+    def is_done(self, stage: str) -> bool:
+        return (self.stage_dir(stage) / "done.json").exists()
+
+    def done_info(self, stage: str) -> dict:
+        return json.loads((self.stage_dir(stage) / "done.json").read_text())
+
+    def plan(self) -> list[dict]:
+        return [
+            {
+                "stage": s,
+                "hash": self.hashes[s],
+                "done": self.is_done(s),
+                "dir": str(self.stage_dir(s)),
+            }
+            for s in STAGES
+        ]
+
+    def save_config(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+
+    def run(self, stages: tuple[str, ...] = STAGES, upstream: bool = False) -> dict:
+        """Run ``stages`` in order. With ``upstream``, missing earlier stages run too."""
+        self.save_config()
+        wanted = list(stages)
+        if upstream:
+            first = min(STAGES.index(s) for s in stages)
+            wanted = sorted(set(wanted) | set(STAGES[:first]), key=STAGES.index)
+        for stage in wanted:
+            self.run_stage(stage)
+        return {s: self.done_info(s) for s in wanted}
+
+    def run_stage(self, stage: str) -> dict:
+        if self.is_done(stage):
+            self.log(f"[{stage}] cached: {self.stage_dir(stage)}")
+            return self.done_info(stage)
+        before = UPSTREAM.get(stage)
+        if before and not self.is_done(before):
+            raise StageNotReady(
+                f"{stage} needs the {before} stage's artifacts ({self.stage_dir(before)}); "
+                f"run `latentforge {VERB_OF[before]}` (or `latentforge run`) first"
+            )
+        out = self.stage_dir(stage)
+        if out.exists():
+            shutil.rmtree(out)  # a stage that did not finish; training resumes from Ray storage
+        out.mkdir(parents=True)
+        (out / "config.yaml").write_text(to_yaml(self.cfg))
+        self.log(f"[{stage}] running -> {out}")
+        t0 = time.time()
+        info = getattr(self, f"_{stage}")(out) or {}
+        info.update({"stage": stage, "hash": self.hashes[stage], "seconds": time.time() - t0})
+        tmp = out / "done.json.tmp"
+        tmp.write_text(json.dumps(info, indent=1))
+        os.replace(tmp, out / "done.json")
+        self.log(f"[{stage}] done in {info['seconds']:.1f} s")
+        return info
+
+    # ----------------------------------------------------------------- stages
+
+    def paths(self) -> dict[str, str]:
+        return {
+            "tokenizer": str(self.stage_dir("tokenizer") / "model.safetensors"),
+            "latents": str(self.stage_dir("extract")),
+            "generator": str(self.stage_dir("generator") / "ema.safetensors"),
+            "samples": str(self.stage_dir("sample")),
+            "metrics": str(self.stage_dir("evaluate") / "metrics.json"),
+        }
+
+    def stats(self) -> dict:
+        return json.loads((self.stage_dir("extract") / "stats.json").read_text())
+
+    def _train(self, kind: str, dataset, out: Path, stats: dict | None = None) -> dict:
+        from latentforge.platform.train import run_trainer
+
+        ckpt = run_trainer(self.cfg, kind, f"{kind}-{self.hashes[kind]}", dataset, stats)
+        with ckpt.as_directory() as d:
+            for name in ("model.safetensors", "ema.safetensors", "curve.json", "state.json"):
+                shutil.copy(Path(d, name), out / name)
+        return json.loads((out / "state.json").read_text())
+
+    def _tokenizer(self, out: Path) -> dict:
+        from latentforge.platform.data import load_images
+
+        source = load_images(self.cfg.data, "train")
+        info = self._train("tokenizer", source.dataset.materialize(), out)
+        info["num_skipped"] = source.num_skipped()
+        return info
+
+    def _extract(self, out: Path) -> dict:
+        from latentforge.platform.extract import extract
+
+        stats = extract(self.cfg, self.paths()["tokenizer"], out)
+        return {"count": stats["count"], "num_skipped": stats["num_skipped"]}
+
+    def _generator(self, out: Path) -> dict:
+        from latentforge.platform.extract import latent_dataset
+
+        return self._train(
+            "generator", latent_dataset(self.stage_dir("extract")).materialize(), out, self.stats()
+        )
+
+    def _sample(self, out: Path) -> dict:
+        from latentforge.platform.sample import run_sampling
+
+        return run_sampling(self.cfg, self.paths(), self.stats(), out)
+
+    def _evaluate(self, out: Path) -> dict:
+        from latentforge.platform.evaluate import evaluate
+
+        metrics = evaluate(self.cfg, self.paths(), out)
+        self.log(
+            "[evaluate] "
+            + json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)})
+        )
+        return {"metrics": metrics}
+
+    def _report(self, out: Path) -> dict:
+        from latentforge.platform.report import write_report
+
+        return write_report(self, out)
+
+
+def connect(cfg: ExperimentConfig) -> None:
+    """Attach to the configured or ambient Ray cluster, or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False)

@@ -1,0 +1,391 @@
+"""Ray Train jobs for tokenizers and generators: one loop, two objectives.
+
+The Ray boundary follows STYLE.md: ``train_loop_per_worker(config: dict)`` rebuilds the
+typed config and calls the plain :func:`fit` with a :class:`Runtime`. A checkpoint is a
+directory of safetensors weights of the unwrapped model (+ EMA), the optimizer state
+(loadable with ``weights_only=True``), ``state.json`` (images seen) and ``curve.json``
+(the loss curve so far). Resume = rerun the same command: the Ray Train run is named by
+the stage's config hash, and Train V2 hands the latest checkpoint back to the loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from latentforge.config import ExperimentConfig, from_dict, to_dict
+from latentforge.registry import GENERATORS, TOKENIZERS
+
+# --------------------------------------------------------------------------- runtime
+
+
+class Runtime:
+    """Where a training loop runs: rank, device, data, reporting, checkpoints."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def batches(self, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        raise NotImplementedError
+
+    def checkpoint_dir(self):
+        """Context manager yielding the latest checkpoint directory, or None."""
+        raise NotImplementedError
+
+
+class LocalRuntime(Runtime):
+    """One process, in-memory arrays: for tests and debugging without Ray."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], out_dir: str | Path):
+        self.arrays = arrays
+        self.out_dir = Path(out_dir)
+        self.reports: list[dict[str, float]] = []
+
+    def batches(self, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        n = len(next(iter(self.arrays.values())))
+        order = np.random.default_rng(seed).permutation(n)
+        for i in range(0, n - batch_size + 1, batch_size):
+            idx = order[i : i + batch_size]
+            yield {k: torch.from_numpy(v[idx]) for k, v in self.arrays.items()}
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        self.reports.append(metrics)
+        if checkpoint_dir is not None:
+            dest = self.out_dir / "checkpoint"
+            dest.mkdir(parents=True, exist_ok=True)
+            for f in Path(checkpoint_dir).iterdir():
+                (dest / f.name).write_bytes(f.read_bytes())
+
+    def checkpoint_dir(self):
+        from contextlib import nullcontext
+
+        ck = self.out_dir / "checkpoint"
+        return nullcontext(str(ck) if (ck / "state.json").exists() else None)
+
+
+class RayRuntime(Runtime):
+    """Inside a Ray Train worker: DDP over the worker group, dataset shard ``train``."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.world_size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+    def batches(self, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        import ray.train
+
+        shard = ray.train.get_dataset_shard("train")
+        yield from shard.iter_torch_batches(
+            batch_size=batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=4 * batch_size,
+            local_shuffle_seed=seed,
+        )
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    def checkpoint_dir(self):
+        from contextlib import nullcontext
+
+        import ray.train
+
+        ck = ray.train.get_checkpoint()
+        return ck.as_directory() if ck is not None else nullcontext(None)
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@dataclass
+class Job:
+    """What differs between the tokenizer and the generator training job."""
+
+    kind: str  # "tokenizer" | "generator"
+    model: nn.Module  # the model whose weights are the artifact
+    objective: nn.Module  # forward(batch, nimg, generator) -> dict with "loss"
+    total_images: int
+    lr: float
+    ema_decay: float
+
+
+class TokenizerObjective(nn.Module):
+    """Calls ``Tokenizer.loss`` through ``forward`` so DDP sees the call."""
+
+    def __init__(self, tokenizer: nn.Module):
+        super().__init__()
+        self.tokenizer = tokenizer
+
+    def forward(self, batch: dict[str, torch.Tensor], nimg: int, generator=None):
+        return self.tokenizer.loss(images_to_float(batch["image"]), nimg)
+
+
+class GeneratorObjective(nn.Module):
+    """Normalises latents with the dataset statistics, then the transport loss."""
+
+    def __init__(self, model: nn.Module, transport, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.transport = transport
+        self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", std.view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, batch: dict[str, torch.Tensor], nimg: int, generator=None):
+        x1 = (batch["latent"].float() - self.mean) / self.std
+        return self.transport.loss(self.model, x1, batch["label"].long(), generator=generator)
+
+
+def images_to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float [-1, 1] (B, 3, H, W)."""
+    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def build_tokenizer(cfg: ExperimentConfig) -> nn.Module:
+    return TOKENIZERS.build(cfg.tokenizer.name, cfg.tokenizer, cfg.data.resolution)
+
+
+def build_generator(cfg: ExperimentConfig, latent_shape: tuple[int, ...]) -> nn.Module:
+    return GENERATORS.build(
+        cfg.generator.name, cfg.generator, tuple(latent_shape), cfg.data.num_classes
+    )
+
+
+def build_transport(cfg: ExperimentConfig):
+    from latentforge.generators.transport import Transport
+
+    return Transport(cfg.generator.transport)
+
+
+def tokenizer_job(cfg: ExperimentConfig) -> Job:
+    model = build_tokenizer(cfg)
+    return Job(
+        "tokenizer",
+        model,
+        TokenizerObjective(model),
+        int(cfg.train.tokenizer_images),
+        cfg.train.tokenizer_lr,
+        cfg.train.ema_decay,
+    )
+
+
+def generator_job(cfg: ExperimentConfig, stats: dict[str, Any]) -> Job:
+    model = build_generator(cfg, stats["latent_shape"])
+    mean = torch.tensor(stats["mean"], dtype=torch.float32)
+    std = torch.tensor(stats["std"], dtype=torch.float32)
+    objective = GeneratorObjective(model, build_transport(cfg), mean, std)
+    return Job(
+        "generator",
+        model,
+        objective,
+        int(cfg.train.generator_images),
+        cfg.train.generator_lr,
+        cfg.train.ema_decay,
+    )
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def state_dict_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors of the unwrapped model (no ``module.`` prefixes)."""
+    model = getattr(model, "module", model)
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """EMA over named parameters (buffers are copied)."""
+    params = dict(model.named_parameters())
+    for name, p in ema.named_parameters():
+        p.lerp_(params[name].detach(), 1.0 - decay)
+    bufs = dict(model.named_buffers())
+    for name, b in ema.named_buffers():
+        b.copy_(bufs[name])
+
+
+def lr_at(nimg: int, base_lr: float, warmup_images: float) -> float:
+    """Linear warm-up, then constant (LightningDiT and VA-VAE use a constant lr)."""
+    return base_lr * min(1.0, (nimg + 1) / max(warmup_images, 1.0))
+
+
+def save_checkpoint(path: str, job: Job, ema, opt, state: dict, curve: list) -> None:
+    save_file(state_dict_of(job.model), os.path.join(path, "model.safetensors"))
+    if ema is not None:
+        save_file(state_dict_of(ema), os.path.join(path, "ema.safetensors"))
+    torch.save(opt.state_dict(), os.path.join(path, "optimizer.pt"))
+    Path(path, "state.json").write_text(json.dumps(state))
+    Path(path, "curve.json").write_text(json.dumps(curve))
+
+
+def load_checkpoint(path: str, job: Job, ema, opt) -> tuple[dict, list]:
+    job.model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+    if ema is not None:
+        ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
+    opt.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    state = json.loads(Path(path, "state.json").read_text())
+    curve = json.loads(Path(path, "curve.json").read_text())
+    return state, curve
+
+
+def fit(cfg: ExperimentConfig, job: Job, runtime: Runtime, log: Callable = print) -> dict:
+    """Train ``job`` to ``job.total_images`` images seen; resume from the runtime's checkpoint."""
+    tc = cfg.train
+    job.model.to(runtime.device)
+    job.objective.to(runtime.device)
+    ema = copy.deepcopy(job.model).eval().requires_grad_(False)
+    params = [p for p in job.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.99))
+    state, curve = {"nimg": 0, "epoch": 0}, []
+    with runtime.checkpoint_dir() as ck:
+        if ck is not None:
+            state, curve = load_checkpoint(ck, job, ema, opt)
+            log(f"[{job.kind}] resumed at {state['nimg']} images")
+    objective = runtime.wrap(job.objective)
+    local_bs = max(1, cfg.train.batch_size // runtime.world_size)
+    global_bs = local_bs * runtime.world_size
+    next_log = state["nimg"] + tc.log_every_images
+    next_ckpt = state["nimg"] + tc.checkpoint_every_images
+    sums, count, t0 = {}, 0, time.time()
+    while state["nimg"] < job.total_images:
+        seed = tc.seed * 1_000_003 + state["epoch"] * 1009 + runtime.rank
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        gen = torch.Generator(device=runtime.device).manual_seed(seed)
+        for batch in runtime.batches(local_bs, seed):
+            batch = {k: v.to(runtime.device, non_blocking=True) for k, v in batch.items()}
+            parts = train_step(objective, opt, batch, state["nimg"], gen, job, tc)
+            ema_update(ema, job.model, job.ema_decay)
+            state["nimg"] += global_bs
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            done = state["nimg"] >= job.total_images
+            if state["nimg"] >= next_log or done:
+                point = {"nimg": state["nimg"], **{k: v / count for k, v in sums.items()}}
+                point["images_per_s"] = count * global_bs / max(time.time() - t0, 1e-9)
+                curve.append(point)
+                log(f"[{job.kind}] " + " ".join(f"{k}={v:.4g}" for k, v in point.items()))
+                sums, count, t0 = {}, 0, time.time()
+                next_log += tc.log_every_images
+            if state["nimg"] >= next_ckpt or done:
+                report_checkpoint(runtime, job, ema, opt, state, curve)
+                next_ckpt += tc.checkpoint_every_images
+            if done:
+                break
+        state["epoch"] += 1
+    return {"nimg": state["nimg"], "curve": curve}
+
+
+def train_step(objective, opt, batch, nimg, gen, job: Job, tc) -> dict[str, float]:
+    for group in opt.param_groups:
+        group["lr"] = lr_at(nimg, job.lr, tc.warmup_images)
+    with autocast_for(batch):
+        parts = objective(batch, nimg, gen)
+    opt.zero_grad(set_to_none=True)
+    parts["loss"].backward()
+    if tc.grad_clip > 0:
+        gnorm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), tc.grad_clip)
+        parts["grad_norm"] = gnorm
+    opt.step()
+    out = {k: float(v) for k, v in parts.items() if torch.is_tensor(v) and v.numel() == 1}
+    if not math.isfinite(out["loss"]):
+        raise FloatingPointError(f"{job.kind} loss is {out['loss']} at {nimg} images")
+    return out
+
+
+def autocast_for(batch: dict[str, torch.Tensor]):
+    """bf16 autocast on CUDA; a no-op on CPU (fp32 there)."""
+    device = next(iter(batch.values())).device
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def report_checkpoint(runtime: Runtime, job: Job, ema, opt, state: dict, curve: list) -> None:
+    metrics = {"nimg": float(state["nimg"]), **{k: float(v) for k, v in curve[-1].items()}}
+    if runtime.rank != 0:
+        runtime.report(metrics, None)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        save_checkpoint(d, job, ema, opt, state, curve)
+        runtime.report(metrics, d)
+
+
+# --------------------------------------------------------------------------- Ray entry
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry: rebuild the typed config and run :func:`fit`."""
+    cfg = from_dict(config["experiment"], source=config.get("source", "<ray>"))
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    runtime = RayRuntime()
+    if config["kind"] == "tokenizer":
+        job = tokenizer_job(cfg)
+    else:
+        job = generator_job(cfg, config["stats"])
+    log = print if runtime.rank == 0 else (lambda *_: None)
+    fit(cfg, job, runtime, log=log)
+
+
+def run_trainer(cfg: ExperimentConfig, kind: str, name: str, dataset, stats: dict | None = None):
+    """Run one Ray Train job; return its final :class:`ray.train.Checkpoint`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = str(Path(cfg.run_dir, "ray").resolve())
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": to_dict(cfg), "kind": kind, "stats": stats},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers,
+            use_gpu=cfg.ray.use_gpu,
+            resources_per_worker=resources,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"{kind} training ended without a checkpoint ({storage}/{name})")
+    return result.checkpoint

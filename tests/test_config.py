@@ -1,0 +1,108 @@
+"""Config loading: schemas, overrides, one-line errors naming key and file."""
+
+from pathlib import Path
+
+import pytest
+
+from latentforge.config import ConfigError, config_hash, from_dict, load_experiment, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "experiments" / "quickstart.yaml"
+
+
+def write(tmp_path, text, name="exp.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_quickstart_loads_typed():
+    cfg = load_experiment(QUICKSTART)
+    assert cfg.data.name == "shapes" and cfg.data.resolution == 64
+    assert cfg.tokenizer.name == "vavae" and cfg.tokenizer.vfm == "local:shapes-vit"
+    assert cfg.generator.transport.path == "linear"
+    assert isinstance(cfg.train.batch_size, int)
+
+
+def test_override_changes_value_and_type_is_converted():
+    cfg = load_experiment(QUICKSTART, ["sample.cfg_scale=4", "tokenizer.latent_channels=16"])
+    assert cfg.sample.cfg_scale == 4.0 and isinstance(cfg.sample.cfg_scale, float)
+    assert cfg.tokenizer.latent_channels == 16
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = write(tmp_path, f"base: {QUICKSTART}\nsample: {{cfg_scal: 2.0}}\n")
+    with pytest.raises(ConfigError) as e:
+        load_experiment(path)
+    msg = str(e.value)
+    assert "sample.cfg_scal" in msg and str(path) in msg and "\n" not in msg
+
+
+def test_unknown_key_in_polymorphic_part(tmp_path):
+    path = write(tmp_path, f"base: {QUICKSTART}\ntokenizer: {{vf_wieght: 0.5}}\n")
+    with pytest.raises(ConfigError, match=r"tokenizer\.vf_wieght"):
+        load_experiment(path)
+
+
+def test_wrong_type_names_key():
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+        load_experiment(QUICKSTART, ["train.batch_size=many"])
+
+
+def test_wrong_choice_names_key():
+    with pytest.raises(ConfigError, match=r"generator\.transport\.path"):
+        load_experiment(QUICKSTART, ["generator.transport.path=zigzag"])
+
+
+def test_unknown_registry_name_lists_known(tmp_path):
+    path = write(tmp_path, f"base: {QUICKSTART}\ntokenizer: {{name: nope}}\n")
+    with pytest.raises(ConfigError, match=r"tokenizer\.name.*known: .*vavae"):
+        load_experiment(path)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_experiment("does/not/exist.yaml")
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_experiment(QUICKSTART, ["sample.cfg_scale"])
+
+
+def test_dict_round_trip_and_hash_stability():
+    cfg = load_experiment(QUICKSTART)
+    again = from_dict(to_dict(cfg))
+    assert again == cfg
+    assert config_hash(cfg.tokenizer) == config_hash(again.tokenizer)
+    other = load_experiment(QUICKSTART, ["tokenizer.vf_weight=0.5"])
+    assert config_hash(other.tokenizer) != config_hash(cfg.tokenizer)
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        p
+        for p in (ROOT / "experiments").rglob("*.yaml")
+        if "sweeps" not in p.parts and "assets" not in p.parts
+    ),
+)
+def test_every_experiment_yaml_loads(path):
+    load_experiment(path)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments" / "sweeps").glob("*.yaml")))
+def test_every_sweep_yaml_loads(path):
+    from latentforge.platform.sweep import load_sweep
+
+    sweep = load_sweep(path)
+    assert sweep.spec.search_space
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments" / "assets").glob("*.yaml")))
+def test_every_asset_recipe_loads(path):
+    from latentforge.platform.assets import AssetConfig
+
+    from latentforge.config import load_config
+
+    load_config(path, AssetConfig)
