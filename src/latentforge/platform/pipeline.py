@@ -160,7 +160,8 @@ class Pipeline:
         from latentforge.platform.data import load_images
 
         source = load_images(self.cfg.data, "train")
-        info = self._train("tokenizer", source.dataset.materialize(), out)
+        dataset = source.dataset.select_columns(["image", "label"]).materialize()
+        info = self._train("tokenizer", dataset, out)
         info["num_skipped"] = source.num_skipped()
         return info
 

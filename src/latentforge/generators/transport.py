@@ -1,0 +1,137 @@
+"""Interpolant transport: paths, prediction targets, time sampling, shift, training loss.
+
+Time convention (used everywhere in latentforge): **t = 0 is noise, t = 1 is data**,
+
+    x_t = alpha(t) * x1 + sigma(t) * x0,     x0 ~ N(0, I) noise, x1 data,
+
+as in SiT (Ma et al. 2024) and LightningDiT (Yao et al. 2025). Papers and checkpoints
+that put data at t = 0 (e.g. rectified-flow code where t = 1 is noise) convert with
+:func:`flip_time`. Paths: ``linear`` (alpha = t, sigma = 1 - t), ``gvp``
+(alpha = sin(pi t / 2), sigma = cos(pi t / 2)) and ``vp`` (variance preserving with a
+linear beta schedule in [0.1, 20]). Samplers only ever see velocities: :meth:`Transport.velocity`
+turns any prediction type into dx_t/dt.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class TransportConfig:
+    """How the backbone is trained and read: path, prediction target, time sampling."""
+
+    path: Literal["linear", "gvp", "vp"] = "linear"
+    prediction: Literal["velocity", "noise", "score"] = "velocity"
+    t_sampling: Literal["uniform", "lognorm"] = "lognorm"
+    lognorm_mean: float = 0.0
+    lognorm_std: float = 1.0
+    train_shift: float = 1.0  # shift of training times (1 = none); see shift_t
+    cos_loss_weight: float = 1.0  # velocity-direction loss (LightningDiT); 0 disables
+    train_eps: float = 0.0  # keep t in [eps, 1 - eps] (needed by vp / score)
+
+
+def flip_time(t: torch.Tensor) -> torch.Tensor:
+    """Convert times between the t=0-noise convention and the t=0-data one."""
+    return 1.0 - t
+
+
+def shift_t(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Timestep shift in our convention (t = 1 data): t' = s t / (1 + (s - 1) t).
+
+    s < 1 spends more steps near noise. LightningDiT's ``timestep_shift: 0.3`` is exactly
+    this map and equals SD3's shift 1/0.3 in the t = 1 noise convention (Esser et al. 2024).
+    """
+    if shift == 1.0:
+        return t
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def dimension_shift(latent_shape: tuple[int, ...], base_dim: int = 4096) -> float:
+    """RAE's dimension-dependent shift (Zheng et al. 2025): sqrt(C*H*W / 4096) in the
+    t = 1 noise convention, i.e. its reciprocal as our ``shift``."""
+    return 1.0 / math.sqrt(math.prod(latent_shape) / base_dim)
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, *([1] * (x.dim() - 1)))
+
+
+class Transport:
+    """One implementation of the interpolant: coefficients, targets, loss, velocity."""
+
+    def __init__(self, cfg: TransportConfig):
+        self.cfg = cfg
+        if cfg.prediction == "score" and cfg.path == "linear" and cfg.train_eps <= 0:
+            raise ValueError("score prediction on the linear path needs train_eps > 0")
+
+    # alpha(t), sigma(t) and their time derivatives -------------------------------
+    def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        path = self.cfg.path
+        if path == "linear":
+            return t, 1 - t, torch.ones_like(t), -torch.ones_like(t)
+        if path == "gvp":
+            a, s = torch.sin(t * math.pi / 2), torch.cos(t * math.pi / 2)
+            return a, s, math.pi / 2 * s, -math.pi / 2 * a
+        # vp: log alpha(t) = -1/4 (1-t)^2 (bmax - bmin) - 1/2 (1-t) bmin (t = 1 data)
+        bmin, bmax = 0.1, 20.0
+        u = 1 - t
+        log_a = -0.25 * u**2 * (bmax - bmin) - 0.5 * u * bmin
+        a = torch.exp(log_a)
+        s = torch.sqrt(1 - a**2)
+        da = a * (0.5 * u * (bmax - bmin) + 0.5 * bmin)
+        ds = -a * da / s
+        return a, s, da, ds
+
+    def sample_t(
+        self, batch: int, device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Training times: uniform or logit-normal (Esser et al. 2024), then shifted."""
+        if self.cfg.t_sampling == "uniform":
+            t = torch.rand(batch, device=device, generator=generator)
+        else:
+            n = torch.randn(batch, device=device, generator=generator)
+            t = torch.sigmoid(n * self.cfg.lognorm_std + self.cfg.lognorm_mean)
+        t = shift_t(t, self.cfg.train_shift)
+        eps = self.cfg.train_eps
+        return t.clamp(eps, 1 - eps) if eps > 0 else t
+
+    def target(self, x0, x1, t) -> torch.Tensor:
+        a, s, da, ds = (_bcast(c, x1) for c in self.coefficients(t))
+        if self.cfg.prediction == "velocity":
+            return da * x1 + ds * x0
+        if self.cfg.prediction == "noise":
+            return x0
+        return -x0 / s  # score of p(x_t | x1)
+
+    def loss(
+        self, model, x1, y, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """MSE to the target, plus the velocity-direction (cosine over channels) loss.
+
+        Returns ``loss`` (to back-propagate), ``mse`` and ``cos`` (detached).
+        """
+        t = self.sample_t(x1.shape[0], x1.device, generator)
+        x0 = torch.randn(x1.shape, device=x1.device, generator=generator, dtype=x1.dtype)
+        a, s, _, _ = (_bcast(c, x1) for c in self.coefficients(t))
+        xt = a * x1 + s * x0
+        pred = model(xt, t, y)
+        tgt = self.target(x0, x1, t)
+        mse = (pred.float() - tgt.float()).pow(2).mean()
+        cos = (1 - F.cosine_similarity(pred.float(), tgt.float(), dim=1)).mean()
+        loss = mse + self.cfg.cos_loss_weight * cos if self.cfg.cos_loss_weight else mse
+        return {"loss": loss, "mse": mse.detach(), "cos": cos.detach()}
+
+    def velocity(self, pred: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """dx/dt from the model's prediction at (x, t), whatever the prediction type."""
+        if self.cfg.prediction == "velocity":
+            return pred
+        a, s, da, ds = (_bcast(c, x) for c in self.coefficients(t))
+        noise = pred if self.cfg.prediction == "noise" else -pred * s
+        x1 = (x - s * noise) / a.clamp(min=1e-5)
+        return da * x1 + ds * noise

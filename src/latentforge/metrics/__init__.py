@@ -1,0 +1,1 @@
+"""Metrics that need no Ray: Fréchet distance, the embedded classifier."""

@@ -1,0 +1,313 @@
+"""Frozen vision foundation models (VFMs) behind one interface.
+
+``load_vfm(spec)`` with ``spec`` one of
+
+- ``local:<asset>`` — an embedded asset (``src/latentforge/assets/<asset>.safetensors``)
+  or ``local:/abs/path.safetensors``: a timm ViT whose constructor kwargs, mean/std and
+  dtype are stored in the file's safetensors metadata;
+- ``timm:<model>`` — e.g. ``timm:vit_large_patch14_dinov2.lvd142m``; weights from
+  ``weights=`` or the existing Hugging Face hub cache (never downloaded here);
+- ``hf:<repo id or local dir>`` — DINOv2 (with or without registers), SigLIP / SigLIP2,
+  CLIP vision and ViT-MAE through transformers, ``local_files_only=True``.
+
+Every VFM takes images in [-1, 1], resizes them to its own input size, applies its own
+mean/std (``normalize=False`` instead feeds the raw [-1, 1] input, which reproduces what
+VA-VAE fed DINOv2; hustvl/LightningDiT issue #78) and returns patch grids (B, C, h, w) of
+the requested layers plus the class (or pooled) token, frozen and without gradients.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def conv_stem_patch_embed(*args, **kwargs) -> nn.Module:
+    """timm ``PatchEmbed`` whose projection is a small strided conv stem instead of one
+    big-stride conv ("Early Convolutions Help Transformers See Better", Xiao et al. 2021).
+    A drop-in ``embed_layer`` for timm's VisionTransformer, used by the embedded shapes ViT,
+    which learns several times faster from scratch with it."""
+    from timm.layers import PatchEmbed
+
+    embed = PatchEmbed(*args, **kwargs)
+    c, layers = embed.proj.in_channels, []
+    for w in [32, 64, 128][: max(1, embed.patch_size[0].bit_length() - 1)]:
+        layers += [
+            nn.Conv2d(c, w, 3, stride=2, padding=1, bias=False),
+            nn.GroupNorm(8, w),
+            nn.ReLU(),
+        ]
+        c = w
+    layers.append(nn.Conv2d(c, embed.proj.out_channels, 1))
+    embed.proj = nn.Sequential(*layers)
+    return embed
+
+
+@dataclass
+class VFMOutput:
+    patch: list[torch.Tensor]  # one (B, C, h, w) grid per requested layer
+    cls: torch.Tensor | None  # (B, C) class / pooled token, None if the model has none
+
+
+class VFM(nn.Module):
+    """A frozen foundation encoder: [-1, 1] images -> patch-feature grids + class token."""
+
+    def __init__(
+        self,
+        name: str,
+        image_size: int,
+        patch_size: int,
+        embed_dim: int,
+        mean,
+        std,
+        normalize: bool,
+        resize: int | None,
+    ):
+        super().__init__()
+        self.name = name
+        self.image_size = int(resize or image_size)
+        self.patch_size = int(patch_size)
+        self.embed_dim = int(embed_dim)
+        self.normalize = normalize
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
+
+    def grid(self, image_size: int | tuple[int, int] | None = None) -> tuple[int, int]:
+        """Patch grid produced for any input size (inputs are resized to the model's own)."""
+        side = self.image_size // self.patch_size
+        return (side, side)
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(
+                x,
+                size=(self.image_size, self.image_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
+            )
+        if not self.normalize:
+            return x
+        return ((x + 1) / 2 - self.mean) / self.std
+
+    def train(self, mode: bool = True) -> VFM:
+        return super().train(False)  # always frozen in eval mode
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> VFMOutput:
+        """Args: images float [-1, 1] (B, 3, H, W). Returns :class:`VFMOutput`."""
+        return self.encode(self.prepare(images))
+
+    def encode(self, x: torch.Tensor) -> VFMOutput:
+        raise NotImplementedError
+
+
+def _tokens_to_grid(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    b, n, c = tokens.shape  # (B, h*w, C)
+    return tokens.transpose(1, 2).reshape(b, c, *grid)
+
+
+class TimmVFM(VFM):
+    """A timm ViT (DINOv2, the embedded shapes ViT, ...)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str,
+        layers: list[int] | None,
+        normalize: bool,
+        resize: int | None,
+        mean=None,
+        std=None,
+    ):
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        image_size = model.patch_embed.img_size[0]
+        patch = model.patch_embed.patch_size[0]
+        mean = mean or cfg.get("mean", IMAGENET_MEAN)
+        std = std or cfg.get("std", IMAGENET_STD)
+        super().__init__(name, image_size, patch, model.embed_dim, mean, std, normalize, resize)
+        if resize:
+            model.set_input_size(img_size=resize)
+        self.model = model.eval().requires_grad_(False)
+        self.layers = layers or [len(model.blocks) - 1]
+
+    def encode(self, x: torch.Tensor) -> VFMOutput:
+        inter = self.model.forward_intermediates(
+            x,
+            indices=self.layers,
+            norm=True,
+            output_fmt="NCHW",
+            return_prefix_tokens=True,
+            intermediates_only=True,
+        )
+        grids = [g for g, _ in inter]
+        prefix = inter[-1][1]
+        cls = prefix[:, 0] if prefix is not None and prefix.shape[1] > 0 else None
+        return VFMOutput(grids, cls)
+
+
+class HFVFM(VFM):
+    """A transformers vision model (DINOv2, SigLIP/SigLIP2, CLIP vision, ViT-MAE)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str,
+        layers: list[int] | None,
+        normalize: bool,
+        resize: int | None,
+        mean,
+        std,
+    ):
+        vcfg = getattr(model.config, "vision_config", model.config)
+        super().__init__(
+            name, vcfg.image_size, vcfg.patch_size, vcfg.hidden_size, mean, std, normalize, resize
+        )
+        self.model = model.eval().requires_grad_(False)
+        self.layers = layers or [vcfg.num_hidden_layers - 1]
+        self.has_cls = model.config.model_type not in (
+            "siglip_vision_model",
+            "siglip",
+            "siglip2_vision_model",
+            "siglip2",
+        )
+
+    def encode(self, x: torch.Tensor) -> VFMOutput:
+        kwargs = {"interpolate_pos_encoding": True} if self.image_size else {}
+        if self.model.config.model_type == "vit_mae":
+            kwargs["noise"] = None
+        out = self.model(pixel_values=x, output_hidden_states=True, **kwargs)
+        grid = self.grid()
+        n = grid[0] * grid[1]
+        grids = []
+        for layer in self.layers:
+            h = out.hidden_states[layer + 1]  # hidden_states[0] is the embedding output
+            grids.append(_tokens_to_grid(h[:, h.shape[1] - n :], grid))
+        pooled = getattr(out, "pooler_output", None)
+        cls = out.last_hidden_state[:, 0] if self.has_cls else pooled
+        return VFMOutput(grids, cls)
+
+
+def _missing(spec: str, expected: str, how: str) -> FileNotFoundError:
+    return FileNotFoundError(f"VFM {spec!r}: weights not found ({expected}). {how}")
+
+
+def load_local(spec: str, path: Path, layers, normalize, resize) -> VFM:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not path.is_file():
+        raise _missing(
+            spec,
+            str(path),
+            "Rebuild the embedded asset with `latentforge train-asset experiments/assets/<asset>.yaml`.",
+        )
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("family") != "timm":
+        raise ValueError(f"{path}: not a VFM asset (metadata family={meta.get('family')!r})")
+    kwargs = json.loads(meta["model_kwargs"])
+    if meta.get("stem") == "conv":
+        kwargs["embed_layer"] = conv_stem_patch_embed
+    model = VisionTransformer(**kwargs)
+    sd = {k: v.float() for k, v in load_file(str(path)).items()}
+    model.load_state_dict(sd, strict=True)
+    return TimmVFM(
+        model, spec, layers, normalize, resize, json.loads(meta["mean"]), json.loads(meta["std"])
+    )
+
+
+def load_timm(spec: str, name: str, layers, normalize, resize, weights: str | None) -> VFM:
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    probe = timm.create_model(name, pretrained=False)
+    hub_id = (probe.pretrained_cfg or {}).get("hf_hub_id")
+    file = weights
+    if file is None and hub_id:
+        for candidate in ("model.safetensors", "pytorch_model.bin"):
+            hit = try_to_load_from_cache(hub_id, candidate)
+            if isinstance(hit, str):
+                file = hit
+                break
+    if file is None or not Path(file).is_file():
+        raise _missing(
+            spec,
+            f"{weights or f'hub cache entry {hub_id}/model.safetensors'}",
+            f"Download it where there is network (`huggingface-cli download {hub_id}`) and copy the "
+            "Hugging Face cache here, or pass the file as tokenizer.vfm_weights=/path/model.safetensors.",
+        )
+    model = timm.create_model(
+        name, pretrained=True, pretrained_cfg_overlay={"file": str(file)}, num_classes=0
+    )
+    return TimmVFM(model, spec, layers, normalize, resize)
+
+
+def load_hf(spec: str, repo: str, layers, normalize, resize) -> VFM:
+    from transformers import AutoConfig, AutoModel
+
+    try:
+        config = AutoConfig.from_pretrained(repo, local_files_only=True)
+    except OSError as e:
+        raise _missing(
+            spec,
+            f"{repo}/config.json (local dir or hub cache)",
+            f"Download it where there is network (`huggingface-cli download {repo}`) and copy the cache "
+            "or the directory here.",
+        ) from e
+    if hasattr(config, "vision_config"):  # CLIP / SigLIP full models: keep the vision tower
+        from transformers import AutoModel as _Auto
+
+        full = _Auto.from_pretrained(repo, local_files_only=True)
+        model = full.vision_model
+        model.config = config.vision_config
+    else:
+        if config.model_type == "vit_mae":
+            config.mask_ratio = 0.0
+        model = AutoModel.from_pretrained(repo, config=config, local_files_only=True)
+    mean, std = _hf_norm(repo)
+    return HFVFM(model, spec, layers, normalize, resize, mean, std)
+
+
+def _hf_norm(repo: str) -> tuple:
+    try:
+        from transformers import AutoImageProcessor
+
+        proc = AutoImageProcessor.from_pretrained(repo, local_files_only=True)
+        return tuple(proc.image_mean), tuple(proc.image_std)
+    except (OSError, ValueError, AttributeError):
+        return IMAGENET_MEAN, IMAGENET_STD
+
+
+def load_vfm(
+    spec: str,
+    layers: list[int] | None = None,
+    resize: int | None = None,
+    normalize: bool = True,
+    weights: str | None = None,
+) -> VFM:
+    """Load a frozen VFM by spec (``local:``, ``timm:``, ``hf:``); see the module docstring."""
+    kind, _, name = spec.partition(":")
+    if kind == "local":
+        path = Path(name) if name.endswith(".safetensors") else ASSETS / f"{name}.safetensors"
+        return load_local(spec, path, layers, normalize, resize)
+    if kind == "timm":
+        return load_timm(spec, name, layers, normalize, resize, weights)
+    if kind == "hf":
+        return load_hf(spec, name, layers, normalize, resize)
+    raise ValueError(f"VFM spec {spec!r}: expected local:<asset>, timm:<model> or hf:<repo or dir>")
