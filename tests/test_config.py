@@ -18,7 +18,7 @@ def write(tmp_path, text, name="exp.yaml"):
 
 def test_quickstart_loads_typed():
     cfg = load_experiment(QUICKSTART)
-    assert cfg.data.name == "shapes" and cfg.data.resolution == 64
+    assert cfg.data.name == "shapes" and cfg.data.resolution == 32
     assert cfg.tokenizer.name == "vavae" and cfg.tokenizer.vfm == "local:shapes-vit"
     assert cfg.generator.transport.path == "linear"
     assert isinstance(cfg.train.batch_size, int)
@@ -101,8 +101,7 @@ def test_every_sweep_yaml_loads(path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments" / "assets").glob("*.yaml")))
 def test_every_asset_recipe_loads(path):
-    from latentforge.platform.assets import AssetConfig
-
     from latentforge.config import load_config
+    from latentforge.platform.assets import AssetConfig
 
     load_config(path, AssetConfig)

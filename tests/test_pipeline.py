@@ -45,8 +45,8 @@ def test_all_artifacts(done_run):
     assert stats["count"] == cfg.data.num_images
     assert len(stats["mean"]) == stats["latent_shape"][0] and min(stats["std"]) > 0
     with np.load(p.stage_dir("sample") / "samples.npz") as f:
-        assert f["arr_0"].shape == (20, 32, 32, 3) and f["arr_0"].dtype == np.uint8
-        assert np.bincount(f["labels"]).tolist() == [2] * 10
+        assert f["arr_0"].shape == (40, 32, 32, 3) and f["arr_0"].dtype == np.uint8
+        assert np.bincount(f["labels"]).tolist() == [4] * 10
     metrics = json.loads((p.stage_dir("evaluate") / "metrics.json").read_text())
     for key in (
         "fd_shapesnet",
@@ -56,7 +56,7 @@ def test_all_artifacts(done_run):
         "psnr",
     ):
         assert np.isfinite(metrics[key]), key
-    assert metrics["num_samples"] == 20
+    assert metrics["num_samples"] == 40
     for name in ("report.html", "report.md", "grid.png", "curves.png", "recon.png"):
         assert (p.run_dir / name).stat().st_size > 0
     curve = json.loads((p.stage_dir("generator") / "curve.json").read_text())

@@ -62,7 +62,7 @@ class SampleConfig:
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     cfg_channels: int | None = None  # None = all channels; 3 reproduces DiT/LightningDiT
     timestep_shift: float = 1.0
-    batch_size: int = 250
+    batch_size: int = 256  # a multiple of 16 (the sampler's fixed micro-batch)
     seed: int = 0
     grid_images: int = 100  # images in the report's sample grid (class-sorted)
 

@@ -90,12 +90,41 @@ def sample(
     timestep_shift: float = 1.0,
     null_class: int,
     generator: torch.Generator | None = None,
+    micro_batch: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Integrate from noise (t = 0) to data (t = 1).
 
     Args: noise (B, C, H, W), y (B,) class ids. Returns (samples (B, C, H, W), NFE per sample).
     ``euler_maruyama`` needs ``generator`` for its per-step noise (deterministic given it).
+    With ``micro_batch`` the network always sees chunks of exactly that many samples (the
+    last one padded), so results are bit-identical however the caller splits the batch,
+    as long as splits fall on multiples of ``micro_batch`` (BLAS kernels may otherwise
+    reduce in a batch-size-dependent order).
     """
+    if micro_batch:
+        outs, nfe = [], 0
+        for i in range(0, noise.shape[0], micro_batch):
+            n, yy = noise[i : i + micro_batch], y[i : i + micro_batch]
+            pad = micro_batch - n.shape[0]
+            if pad:
+                n = torch.cat([n, n.new_zeros((pad, *n.shape[1:]))])
+                yy = torch.cat([yy, yy.new_zeros(pad)])
+            x, nfe = sample(
+                model,
+                transport,
+                n,
+                yy,
+                steps=steps,
+                method=method,
+                cfg_scale=cfg_scale,
+                cfg_interval=cfg_interval,
+                cfg_channels=cfg_channels,
+                timestep_shift=timestep_shift,
+                null_class=null_class,
+                generator=generator,
+            )
+            outs.append(x[: micro_batch - pad])
+        return torch.cat(outs), nfe
     was_training = model.training
     model.eval()
     field = Guided(

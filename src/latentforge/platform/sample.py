@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from latentforge.config import ExperimentConfig, from_dict, to_dict
 
+MICRO_BATCH = 16  # the network always sees this many samples: bit-identical across splits
+
 
 def sample_seeds(cfg: ExperimentConfig, n: int) -> np.ndarray:
     return cfg.sample.seed * 1_000_000 + np.arange(n, dtype=np.int64)
@@ -50,8 +52,9 @@ def sample_images(
     mean = torch.tensor(stats["mean"], dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(stats["std"], dtype=torch.float32).view(1, -1, 1, 1)
     out = []
-    for i in range(0, len(seeds), sc.batch_size):
-        s, y = seeds[i : i + sc.batch_size], labels[i : i + sc.batch_size]
+    step = max(MICRO_BATCH, sc.batch_size // MICRO_BATCH * MICRO_BATCH)
+    for i in range(0, len(seeds), step):
+        s, y = seeds[i : i + step], labels[i : i + step]
         noise = noise_for_seeds([int(v) for v in s], tuple(stats["latent_shape"]))
         z, nfe = sample(
             generator,
@@ -65,6 +68,7 @@ def sample_images(
             cfg_channels=sc.cfg_channels,
             timestep_shift=sc.timestep_shift,
             null_class=cfg.data.num_classes,
+            micro_batch=MICRO_BATCH,
         )
         images = tokenizer.decode(z * std + mean)
         out.append(to_uint8(images))
@@ -102,7 +106,8 @@ def run_sampling(cfg: ExperimentConfig, paths: dict, stats: dict, out_dir: str |
     task = ray.remote(_sample_chunk).options(
         num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if cfg.ray.use_gpu else 0
     )
-    bounds = np.linspace(0, n, workers + 1).astype(int)
+    per = -(-n // (workers * MICRO_BATCH)) * MICRO_BATCH  # split on micro-batch multiples
+    bounds = np.minimum(np.arange(workers + 1) * per, n)
     refs = [
         task.remote(to_dict(cfg), paths, stats, seeds[a:b], labels[a:b])
         for a, b in zip(bounds[:-1], bounds[1:], strict=True)

@@ -322,7 +322,7 @@ def train_step(objective, opt, batch, nimg, gen, job: Job, tc) -> dict[str, floa
         gnorm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), tc.grad_clip)
         parts["grad_norm"] = gnorm
     opt.step()
-    out = {k: float(v) for k, v in parts.items() if torch.is_tensor(v) and v.numel() == 1}
+    out = {k: float(v.detach()) for k, v in parts.items() if torch.is_tensor(v) and v.numel() == 1}
     if not math.isfinite(out["loss"]):
         raise FloatingPointError(f"{job.kind} loss is {out['loss']} at {nimg} images")
     return out

@@ -187,12 +187,13 @@ class HFVFM(VFM):
         )
 
     def encode(self, x: torch.Tensor) -> VFMOutput:
-        kwargs = {"interpolate_pos_encoding": True} if self.image_size else {}
-        if self.model.config.model_type == "vit_mae":
-            kwargs["noise"] = None
-        out = self.model(pixel_values=x, output_hidden_states=True, **kwargs)
         grid = self.grid()
         n = grid[0] * grid[1]
+        kwargs = {}
+        if self.model.config.model_type == "vit_mae":
+            # ascending noise keeps the patch order (MAE shuffles tokens even with mask 0)
+            kwargs["noise"] = torch.arange(n, dtype=x.dtype, device=x.device).expand(x.shape[0], n)
+        out = self.model(pixel_values=x, output_hidden_states=True, **kwargs)
         grids = []
         for layer in self.layers:
             h = out.hidden_states[layer + 1]  # hidden_states[0] is the embedding output

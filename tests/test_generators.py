@@ -1,0 +1,233 @@
+"""DiT / LightningDiT family, transport and samplers."""
+
+import pytest
+import torch
+
+from latentforge.generators.lightningdit import (
+    CONFIGS,
+    LightningDiT,
+    LightningDiTConfig,
+    build_lightningdit,
+)
+from latentforge.generators.samplers import balanced_labels, noise_for_seeds, sample
+from latentforge.generators.transport import (
+    Transport,
+    TransportConfig,
+    dimension_shift,
+    flip_time,
+    shift_t,
+)
+from latentforge.registry import GENERATORS
+
+# millions of parameters, counted with the release flags (research notes, lightningdit.md)
+PUBLISHED = {
+    "LightningDiT-B/1": 130.56,
+    "LightningDiT-B/2": 130.56,
+    "LightningDiT-L/2": 458.15,
+    "LightningDiT-XL/1": 675.26,
+    "LightningDiT-XL/2": 675.26,
+    "LightningDiT-1p0B/1": 1029.40,
+    "LightningDiT-1p6B/1": 1631.77,
+}
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return build_lightningdit(LightningDiTConfig(config="tiny", **kw), (4, 8, 8), 10)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_named_config_builds(name):
+    shape = (32, 16, 16) if name.startswith("LightningDiT") else (4, 32, 32)
+    with torch.device("meta"):
+        model = LightningDiT(CONFIGS[name], shape, 1000)
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    if name in PUBLISHED:
+        # LightningDiT-B/2 differs from B/1 only in the patch embed / final layer
+        assert n == pytest.approx(PUBLISHED[name], abs=0.5 if name.endswith("/2") else 0.005)
+    if name == "DiT-XL/2":
+        assert n == pytest.approx(675.13, abs=0.01)
+
+
+def test_official_key_names():
+    keys = set(
+        build_lightningdit(
+            LightningDiTConfig(config="tiny", use_qknorm=True), (4, 8, 8), 10
+        ).state_dict()
+    )
+    for k in (
+        "pos_embed",
+        "x_embedder.proj.weight",
+        "t_embedder.mlp.0.weight",
+        "t_embedder.mlp.2.bias",
+        "y_embedder.embedding_table.weight",
+        "feat_rope.freqs_cos",
+        "feat_rope.freqs_sin",
+        "blocks.0.norm1.weight",
+        "blocks.0.attn.qkv.weight",
+        "blocks.0.attn.q_norm.weight",
+        "blocks.0.mlp.w12.weight",
+        "blocks.0.mlp.w3.bias",
+        "blocks.1.adaLN_modulation.1.weight",
+        "final_layer.norm_final.weight",
+        "final_layer.linear.weight",
+        "final_layer.adaLN_modulation.1.bias",
+    ):
+        assert k in keys, k
+    vanilla = set(LightningDiT(CONFIGS["DiT-S/8"], (4, 32, 32), 1000).state_dict())
+    assert "blocks.0.mlp.fc1.weight" in vanilla and "feat_rope.freqs_cos" not in vanilla
+
+
+def test_zero_output_at_init_and_shape():
+    model = tiny()
+    x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 5, 10])
+    out = model(x, t, y)
+    assert out.shape == x.shape and torch.count_nonzero(out) == 0
+
+
+def test_non_square_latents_follow_grid():
+    model = build_lightningdit(LightningDiTConfig(config="tiny"), (4, 8, 12), 10)
+    assert model.pos_embed.shape[1] == 4 * 6 and model.feat_rope.freqs_cos.shape[0] == 24
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    assert model(torch.randn(2, 4, 8, 12), torch.rand(2), torch.tensor([1, 2])).shape == (
+        2,
+        4,
+        8,
+        12,
+    )
+
+
+def test_registry_lookup():
+    assert GENERATORS.get("lightningdit").config_cls is LightningDiTConfig
+
+
+def trained_like(model):
+    g = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        p.data.normal_(0, 0.05, generator=g)
+    return model.eval()
+
+
+def test_cfg_scale_one_equals_conditional():
+    model, tr = trained_like(tiny()), Transport(TransportConfig())
+    noise, y = noise_for_seeds(range(4), (4, 8, 8)), torch.tensor([1, 2, 3, 4])
+    a, nfe_a = sample(model, tr, noise, y, steps=4, cfg_scale=1.0, null_class=10)
+    b, nfe_b = sample(
+        model, tr, noise, y, steps=4, cfg_scale=3.0, cfg_interval=(2.0, 3.0), null_class=10
+    )
+    assert torch.equal(a, b) and nfe_a == nfe_b == 4
+
+
+def test_guidance_changes_all_channels_and_legacy_only_three():
+    model, tr = trained_like(tiny()), Transport(TransportConfig())
+    noise, y = noise_for_seeds(range(2), (4, 8, 8)), torch.tensor([1, 2])
+    cond, _ = sample(model, tr, noise, y, steps=1, null_class=10)
+    full, nfe = sample(model, tr, noise, y, steps=1, cfg_scale=4.0, null_class=10)
+    legacy, _ = sample(model, tr, noise, y, steps=1, cfg_scale=4.0, cfg_channels=3, null_class=10)
+    assert nfe == 2
+    assert all(not torch.allclose(full[:, c], cond[:, c]) for c in range(4))
+    assert all(not torch.allclose(legacy[:, c], cond[:, c]) for c in range(3))
+    # channel 3 keeps the conditional prediction (up to float noise of the doubled batch)
+    assert torch.allclose(legacy[:, 3], cond[:, 3], atol=1e-5)
+    assert (full[:, 3] - cond[:, 3]).abs().max() > 1e-3
+
+
+def test_cfg_interval_skips_unconditional_passes():
+    model, tr = trained_like(tiny()), Transport(TransportConfig())
+    noise, y = noise_for_seeds(range(2), (4, 8, 8)), torch.tensor([1, 2])
+    _, nfe = sample(
+        model, tr, noise, y, steps=10, cfg_scale=2.0, cfg_interval=(0.5, 1.0), null_class=10
+    )
+    assert nfe == 10 + 5  # t = 0.5, 0.6, 0.7, 0.8, 0.9 guided
+
+
+def test_sampling_identical_whatever_the_batch_split():
+    model, tr = trained_like(tiny()), Transport(TransportConfig())
+    seeds, y = list(range(100, 108)), balanced_labels(8, 10)
+    kw = dict(steps=3, cfg_scale=2.0, null_class=10, micro_batch=4)
+    full, _ = sample(model, tr, noise_for_seeds(seeds, (4, 8, 8)), y, **kw)
+    parts = [
+        sample(model, tr, noise_for_seeds(seeds[i : i + 4], (4, 8, 8)), y[i : i + 4], **kw)[0]
+        for i in (0, 4)
+    ]
+    assert torch.equal(full, torch.cat(parts))
+
+
+def test_micro_batch_padding_keeps_results():
+    model, tr = trained_like(tiny()), Transport(TransportConfig())
+    seeds, y = list(range(6)), balanced_labels(6, 10)
+    a, _ = sample(
+        model, tr, noise_for_seeds(seeds, (4, 8, 8)), y, steps=2, null_class=10, micro_batch=4
+    )
+    b, _ = sample(model, tr, noise_for_seeds(seeds, (4, 8, 8)), y, steps=2, null_class=10)
+    assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+
+
+def test_balanced_labels():
+    assert torch.bincount(balanced_labels(1000, 10)).tolist() == [100] * 10
+
+
+class Oracle(torch.nn.Module):
+    """Returns the exact velocity target for a fixed (x0, x1) pair."""
+
+    def __init__(self, x0, x1):
+        super().__init__()
+        self.x0, self.x1 = x0, x1
+
+    def forward(self, x_t, t, y):
+        return self.x1 - self.x0
+
+
+def test_transport_loss_zero_for_exact_target():
+    tr = Transport(TransportConfig(t_sampling="uniform"))
+    x1 = torch.randn(4, 4, 8, 8)
+    g = torch.Generator().manual_seed(0)
+    g2 = torch.Generator().manual_seed(0)
+    tr.sample_t(4, "cpu", g2)
+    x0 = torch.randn(x1.shape, generator=g2)
+    out = tr.loss(Oracle(x0, x1), x1, torch.zeros(4, dtype=torch.long), generator=g)
+    assert out["mse"].item() == pytest.approx(0.0, abs=1e-10) and out[
+        "cos"
+    ].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lognorm_times_reproducible_and_in_range():
+    tr = Transport(TransportConfig(t_sampling="lognorm"))
+    a = tr.sample_t(1000, "cpu", torch.Generator().manual_seed(3))
+    b = tr.sample_t(1000, "cpu", torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.min() > 0 and a.max() < 1 and abs(a.median() - 0.5) < 0.05
+
+
+def test_shift_and_time_conventions():
+    t = torch.tensor([0.0, 0.5, 1.0])
+    assert torch.allclose(shift_t(t, 0.3), torch.tensor([0.0, 0.15 / 0.65, 1.0]))
+    assert torch.equal(flip_time(flip_time(t)), t)
+    assert dimension_shift((32, 16, 16)) == pytest.approx(2**-0.5)  # RAE: sqrt(8192 / 4096)
+
+
+@pytest.mark.parametrize("path", ["linear", "gvp", "vp"])
+@pytest.mark.parametrize("prediction", ["velocity", "noise"])
+def test_velocity_conversion_is_consistent(path, prediction):
+    """Each prediction type, when exact, converts to the same true velocity."""
+    tr = Transport(TransportConfig(path=path, prediction=prediction))
+    ref = Transport(TransportConfig(path=path, prediction="velocity"))
+    x0, x1, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([0.2, 0.5, 0.8])
+    a, s, _, _ = (c.view(-1, 1, 1, 1) for c in tr.coefficients(t))
+    xt = a * x1 + s * x0
+    v = tr.velocity(tr.target(x0, x1, t), xt, t)
+    assert torch.allclose(v, ref.target(x0, x1, t), atol=1e-4)
+
+
+def test_few_steps_lower_the_loss():
+    model, tr = tiny(), Transport(TransportConfig())
+    x1, y = torch.randn(16, 4, 8, 8), torch.arange(16) % 10
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        out = tr.loss(model, x1, y, generator=torch.Generator().manual_seed(0))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(out["loss"].item())
+    assert losses[-1] < 0.8 * losses[0]
