@@ -385,7 +385,24 @@ def run_trainer(cfg: ExperimentConfig, kind: str, name: str, dataset, stats: dic
         ),
         datasets={"train": dataset},
     )
+    before = _live_groups()
     result = trainer.fit()
+    wait_for_release(before)
     if result.checkpoint is None:
         raise RuntimeError(f"{kind} training ended without a checkpoint ({storage}/{name})")
     return result.checkpoint
+
+
+def _live_groups() -> set[str]:
+    from ray.util import placement_group_table
+
+    return {pid for pid, pg in placement_group_table().items() if pg["state"] != "REMOVED"}
+
+
+def wait_for_release(before: set[str], timeout_s: float = 120.0) -> None:
+    """Train V2 frees its worker placement group asynchronously after ``fit`` returns;
+    wait until the groups created since ``before`` are gone, so the next stage's actors
+    start at once instead of queueing behind a group that is being torn down."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and _live_groups() - before:
+        time.sleep(0.5)
