@@ -63,6 +63,7 @@ def test_recipe_writes_a_loadable_asset(tmp_path, name):
         holdout_images=50,
         epochs=1,
         batch_size=64,
+        patch_size=4,
         output=str(out),
     )
     result = train_asset(cfg, log=lambda *_: None)

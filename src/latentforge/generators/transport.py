@@ -123,7 +123,12 @@ class Transport:
         pred = model(xt, t, y)
         tgt = self.target(x0, x1, t)
         mse = (pred.float() - tgt.float()).pow(2).mean()
-        cos = (1 - F.cosine_similarity(pred.float(), tgt.float(), dim=1)).mean()
+        # eps 1e-2 on the prediction's norm: the zero-initialised backbone outputs exactly 0
+        # at step 0, where the plain cosine's gradient (1/|pred|) is ~1e8
+        cos = (
+            1
+            - (F.normalize(pred.float(), dim=1, eps=1e-2) * F.normalize(tgt.float(), dim=1)).sum(1)
+        ).mean()
         loss = mse + self.cfg.cos_loss_weight * cos if self.cfg.cos_loss_weight else mse
         return {"loss": loss, "mse": mse.detach(), "cos": cos.detach()}
 

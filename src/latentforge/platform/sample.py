@@ -103,8 +103,13 @@ def run_sampling(cfg: ExperimentConfig, paths: dict, stats: dict, out_dir: str |
     seeds = sample_seeds(cfg, n)
     labels = balanced_labels(n, cfg.data.num_classes).numpy()
     workers = max(1, min(cfg.ray.num_workers, n))
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     task = ray.remote(_sample_chunk).options(
-        num_cpus=cfg.ray.cpus_per_worker, num_gpus=1 if cfg.ray.use_gpu else 0
+        num_cpus=cfg.ray.cpus_per_worker,
+        num_gpus=1 if cfg.ray.use_gpu else 0,
+        # never captured by an enclosing placement group (a Tune trial's)
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
     )
     per = -(-n // (workers * MICRO_BATCH)) * MICRO_BATCH  # split on micro-batch multiples
     bounds = np.minimum(np.arange(workers + 1) * per, n)

@@ -48,7 +48,11 @@ class SweepSpec:
     num_samples: int = 1  # random draws for choice/uniform dims (grids are crossed)
     objective: Objective = field(default_factory=Objective)
     frontier_x: str = "rfd_shapesnet"  # reconstruction axis of the frontier plot
-    resources_per_trial: dict[str, float] = field(default_factory=lambda: {"cpu": 0.0})
+    # the trial driver only waits on its pipeline task: reserve memory, not CPUs, so the
+    # Train workers and Ray Data operators of the trial get every CPU
+    resources_per_trial: dict[str, float] = field(
+        default_factory=lambda: {"cpu": 0, "memory": 2**28}
+    )
     max_concurrent_trials: int = 1
     seed: int = 0
 
@@ -113,16 +117,32 @@ def trial_config(sweep: Sweep, point: dict[str, Any]):
     return load_experiment(sweep.base_path, [*overrides, f"run_dir={run_dir}"])
 
 
-def _trainable(config: dict) -> None:
-    from ray import tune
-
+def _run_pipeline(experiment: dict) -> dict:
+    """One trial's pipeline; returns its metrics."""
+    from latentforge.config import from_dict
     from latentforge.platform.pipeline import Pipeline
+
+    pipeline = Pipeline(from_dict(experiment))
+    pipeline.run()
+    return json.loads(Path(pipeline.paths()["metrics"]).read_text())
+
+
+def _trainable(config: dict) -> None:
+    """Tune trial: run the pipeline in a task scheduled outside the trial's placement
+    group. Inside it, Ray Data would limit itself to the trial's tiny bundle and child
+    tasks would be captured into it; Train places its own workers either way."""
+    import ray
+    from ray import tune
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from latentforge.config import to_dict
 
     sweep: Sweep = config.pop("__sweep__")
     cfg = trial_config(sweep, config)
-    pipeline = Pipeline(cfg)
-    pipeline.run(("tokenizer", "extract", "generator", "sample", "evaluate", "report"))
-    metrics = json.loads(Path(pipeline.paths()["metrics"]).read_text())
+    task = ray.remote(_run_pipeline).options(
+        num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None)
+    )
+    metrics = ray.get(task.remote(to_dict(cfg)))
     flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     tune.report({**flat, "run_dir": str(cfg.run_dir)})
 
