@@ -4,20 +4,37 @@ import io
 import tarfile
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from latentforge.config import ConfigError, merge_schema
 from latentforge.platform.data import (
     ImageFolderData,
     ParquetData,
     ShapesData,
     WebDatasetData,
     center_crop_arr,
+    decode_image,
+    expand_braces,
     load_images,
+    parse_label,
 )
+from latentforge.registry import DATASETS
 from latentforge.shapes import HOLDOUT_OFFSET, render_shapes
 
 pytestmark = pytest.mark.ray
+RES = 16
+# (class, colour, size, format): class 0 "cat" is red, class 1 "dog" is blue; odd sizes
+GOOD = [
+    ("cat", (255, 0, 0), (80, 50), "PNG"),
+    ("cat", (250, 5, 0), (50, 81), "JPEG"),
+    ("dog", (0, 0, 255), (33, 47), "PNG"),
+    ("dog", (0, 5, 250), (120, 61), "JPEG"),
+    ("dog", (0, 0, 240), (17, 16), "PNG"),  # smaller than RES: upsampled
+]
+CORRUPT = b"\x89PNG\r\n\x1a\n" + b"garbage, not an image" * 4
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,123 +46,264 @@ def ray_session():
     ray.shutdown()
 
 
-def png(color, size=(80, 50), fmt="PNG") -> bytes:
+def encode(color, size=(80, 50), fmt="PNG") -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format=fmt)
     return buf.getvalue()
 
 
-GOOD = [
-    ("cat", (255, 0, 0)),
-    ("cat", (250, 5, 0)),
-    ("dog", (0, 0, 255)),
-    ("dog", (0, 5, 250)),
-    ("dog", (0, 0, 240)),
-]
-CORRUPT = b"\x89PNG\r\n\x1a\n this is not an image"
+def label_of(cls: str) -> int:
+    return int(cls == "dog")
 
 
-def rows(source):
-    out = source.dataset.take_all()
-    return sorted(out, key=lambda r: r["id"])
+def rows(source) -> list[dict]:
+    return sorted(source.dataset.take_all(), key=lambda r: r["id"])
 
 
-def check_rows(out, res=16):
-    assert len(out) == len(GOOD)
+def check_rows(out: list[dict], n: int = len(GOOD)) -> None:
+    assert len(out) == n
+    assert len({r["id"] for r in out}) == n
     for r in out:
-        assert r["image"].shape == (res, res, 3) and r["image"].dtype == np.uint8
-        # red images are class 0 ("cat"), blue ones class 1 ("dog")
-        assert (r["image"][..., 0].mean() > r["image"][..., 2].mean()) == (r["label"] == 0)
+        assert r["image"].shape == (RES, RES, 3) and r["image"].dtype == np.uint8
+        assert isinstance(r["id"], str) and r["label"] in (0, 1)
+        red = r["image"][..., 0].mean() > r["image"][..., 2].mean()
+        assert red == (r["label"] == 0)
 
 
-def test_imagefolder_with_corrupt_file(tmp_path):
-    for i, (cls, color) in enumerate(GOOD):
-        (tmp_path / cls).mkdir(exist_ok=True)
-        (tmp_path / cls / f"{i}.{'jpg' if i % 2 else 'png'}").write_bytes(
-            png(color, fmt="JPEG" if i % 2 else "PNG")
-        )
-    (tmp_path / "dog" / "broken.png").write_bytes(CORRUPT)
-    (tmp_path / "dog" / "notes.txt").write_text("not an image, not listed")
-    source = load_images(
-        ImageFolderData(path=str(tmp_path), resolution=16, num_classes=2, holdout_fraction=0.0)
-    )
-    check_rows(rows(source))
-    assert source.num_skipped() == 1 and source.skipped_ids()[0].endswith("broken.png")
-
-
-def test_webdataset_with_corrupt_member(tmp_path):
-    shard = tmp_path / "shard-000000.tar"
-    with tarfile.open(shard, "w") as tar:
-        members = [(f"s{i:03d}.png", png(c)) for i, (_, c) in enumerate(GOOD)]
-        members += [
-            (f"s{i:03d}.cls", str(int(cls == "dog")).encode()) for i, (cls, _) in enumerate(GOOD)
-        ]
-        members += [("bad.jpg", CORRUPT), ("bad.cls", b"1"), ("nolabel.png", png((9, 9, 9)))]
+def write_tar(path, members) -> None:
+    with tarfile.open(path, "w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    source = load_images(
-        WebDatasetData(path=str(tmp_path), resolution=16, num_classes=2, holdout_fraction=0.0)
-    )
-    check_rows(rows(source))
-    assert sorted(k.rsplit("/", 1)[-1] for k in source.skipped_ids()) == ["bad", "nolabel"]
+
+
+def make_folder(root, n_extra: int = 0):
+    for i, (cls, color, size, fmt) in enumerate(GOOD):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        (root / cls / f"{i}.{fmt.lower()}").write_bytes(encode(color, size, fmt))
+    for i in range(n_extra):
+        (root / "cat" / f"x{i}.PNG").write_bytes(encode((200, 0, 0), (9, 9)))
+    return root
+
+
+# ----------------------------------------------------------------------- preprocessing
+
+
+def test_adm_crop_keeps_the_centre():
+    # 300x100, thirds green | red | blue: box-halved to 150x50, bicubic to 96x32, the centre
+    # 32 columns are the red third
+    img = np.zeros((100, 300, 3), np.uint8)
+    img[:, :100, 1] = 255
+    img[:, 100:200, 0] = 255
+    img[:, 200:, 2] = 255
+    out = center_crop_arr(Image.fromarray(img), 32)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    assert out[:, 3:-3, 0].min() > 240 and out[:, 3:-3, 1:].max() < 15
+    portrait = center_crop_arr(Image.fromarray(img.transpose(1, 0, 2).copy()), 32)
+    assert portrait[3:-3, :, 0].min() > 240
+
+
+def test_adm_crop_box_halves_then_crops_exactly():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    # short side 48 >= 2*24: one box halving to 32x24, no resize (scale 1), crop 4 columns
+    blocks = img.reshape(24, 2, 32, 2, 3).astype(np.float64).mean(axis=(1, 3))
+    out = center_crop_arr(Image.fromarray(img), 24)
+    assert np.abs(out.astype(np.float64) - blocks[:, 4:28]).max() <= 1
+    # an image already at the resolution passes through unchanged
+    sq = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    assert np.array_equal(center_crop_arr(Image.fromarray(sq), 24), sq)
+    # a 1-pixel checkerboard is averaged by the box halvings, not aliased
+    board = ((np.indices((256, 256)).sum(0) % 2) * 255).astype(np.uint8)
+    flat = center_crop_arr(Image.fromarray(board), 64)
+    assert flat.min() >= 127 and flat.max() <= 128
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK"])
+@pytest.mark.parametrize("size", [(81, 50), (50, 81), (1000, 700), (17, 300)])
+def test_adm_crop_shapes_and_modes(mode, size):
+    image = Image.new("RGB", size, (10, 200, 30)).convert(mode)
+    assert center_crop_arr(image, 64).shape == (64, 64, 3)
+
+
+def test_decode_and_labels_reject_bad_input():
+    assert decode_image(encode((1, 2, 3), (40, 30), "PNG"), 8).shape == (8, 8, 3)
+    with pytest.raises(Exception):  # noqa: B017 - PIL raises UnidentifiedImageError
+        decode_image(CORRUPT, 8)
+    assert parse_label(b" 3\n", 10) == parse_label(3.0, 10) == parse_label(np.int64(3), 10) == 3
+    for bad in (None, b"", "x", 2.5, float("nan"), -1, 10):
+        with pytest.raises(ValueError):
+            parse_label(bad, 10)
+
+
+def test_expand_braces():
+    assert expand_braces("s-{008..010}.tar") == ["s-008.tar", "s-009.tar", "s-010.tar"]
+    assert expand_braces("{a,b}/{0..1}") == ["a/0", "a/1", "b/0", "b/1"]
+    assert expand_braces("plain{}.tar") == ["plain{}.tar"]
+
+
+def test_configs_are_registered_and_typed():
+    for name, schema in [
+        ("shapes", ShapesData),
+        ("imagefolder", ImageFolderData),
+        ("webdataset", WebDatasetData),
+        ("parquet", ParquetData),
+    ]:
+        assert DATASETS.get(name).config_cls is schema
+    cfg = merge_schema(ParquetData, {"name": "parquet", "path": "x", "image_column": "jpg"}, "t")
+    assert cfg.image_column == "jpg" and cfg.resolution == 256
+    with pytest.raises(ConfigError, match="name"):
+        merge_schema(ParquetData, {"name": "imagefolder"}, "t")
+
+
+# ----------------------------------------------------------------------- sources
+
+
+def test_imagefolder_counts_labels_and_skips_corrupt(tmp_path):
+    root = make_folder(tmp_path / "train")
+    (root / "dog" / "broken.png").write_bytes(CORRUPT)
+    (root / "dog" / "notes.txt").write_text("not an image, not listed")
+    (root / "dog" / ".hidden.png").write_bytes(CORRUPT)  # hidden files are not listed
+    source = load_images(ImageFolderData(path=str(root), resolution=RES, holdout_fraction=0.0))
+    out = rows(source)
+    check_rows(out)
+    assert source.class_names == ["cat", "dog"] and source.num_classes == 2
+    assert all(r["label"] == label_of(r["id"].split("/")[-2]) for r in out)
+    assert source.num_skipped() == 1
+    assert source.skipped_ids() == [str(root / "dog" / "broken.png")]
+
+
+def test_imagefolder_hash_split_is_disjoint_and_complete(tmp_path):
+    root = make_folder(tmp_path, n_extra=35)
+    cfg = ImageFolderData(path=str(root), resolution=RES, holdout_fraction=0.3)
+    train = {r["id"] for r in load_images(cfg, "train").dataset.take_all()}
+    held = {r["id"] for r in load_images(cfg, "holdout").dataset.take_all()}
+    assert train.isdisjoint(held) and len(train | held) == 40 and 4 <= len(held) <= 20
+    again = {r["id"] for r in load_images(cfg, "holdout").dataset.take_all()}
+    assert again == held
+
+
+def test_imagefolder_holdout_path_uses_training_classes(tmp_path):
+    train = make_folder(tmp_path / "train")
+    val = tmp_path / "val"
+    (val / "dog").mkdir(parents=True)
+    (val / "dog" / "v.png").write_bytes(encode((0, 0, 255)))
+    (val / "bird").mkdir()  # not a training class: its images are skipped
+    (val / "bird" / "b.png").write_bytes(encode((0, 255, 0)))
+    cfg = ImageFolderData(path=str(train), holdout_path=str(val), resolution=RES)
+    assert len(load_images(cfg, "train").dataset.take_all()) == len(GOOD)  # no hash split
+    held = load_images(cfg, "holdout")
+    out = rows(held)
+    assert [(r["id"].rsplit("/", 2)[-2], r["label"]) for r in out] == [("dog", 1)]
+    assert held.num_skipped() == 1 and held.skipped_ids()[0].endswith("bird/b.png")
+
+
+def wds_members(prefix: str, samples) -> list[tuple[str, bytes]]:
+    members = []
+    for i, (cls, color, size, fmt) in enumerate(samples):
+        ext = "jpg" if fmt == "JPEG" else "png"
+        members += [(f"{prefix}{i:03d}.{ext}", encode(color, size, fmt))]
+        members += [(f"{prefix}{i:03d}.cls", b"%d" % label_of(cls))]
+    return members
+
+
+def test_webdataset_skips_corrupt_unlabelled_and_truncated(tmp_path):
+    members = wds_members("s", GOOD)
+    write_tar(tmp_path / "shard-000000.tar", members[:6])
+    bad = [("bad.jpg", CORRUPT), ("bad.cls", b"1"), ("nolabel.png", encode((9, 9, 9)))]
+    write_tar(tmp_path / "shard-000001.tar", members[6:] + bad)
+    # a shard cut inside its second image: the first sample is kept, the shard counted
+    write_tar(tmp_path / "cut.tar", wds_members("t", GOOD[:2]))
+    with tarfile.open(tmp_path / "cut.tar") as tar:
+        cut = tar.getmember("t001.jpg").offset_data + 10
+    (tmp_path / "shard-000002.tar").write_bytes((tmp_path / "cut.tar").read_bytes()[:cut])
+    cfg = WebDatasetData(path=str(tmp_path / "shard-{000000..000002}.tar"), resolution=RES)
+    cfg.num_classes, cfg.holdout_fraction = 2, 0.0
+    source = load_images(cfg)
+    out = rows(source)
+    check_rows(out, len(GOOD) + 1)
+    keys = [r["id"].rsplit("/", 1)[-1] for r in out]
+    assert keys == [f"shard-00000{i // 3}.tar#s{i:03d}" for i in range(5)] + [
+        "shard-000002.tar#t000"
+    ]
+    assert [r["label"] for r in out] == [label_of(c) for c, *_ in GOOD] + [0]
+    skipped = sorted(k.rsplit("/", 1)[-1] for k in source.skipped_ids())
+    assert skipped == ["shard-000001.tar#bad", "shard-000001.tar#nolabel", "shard-000002.tar"]
+
+
+def test_webdataset_hash_split_is_disjoint(tmp_path):
+    members = wds_members("k", [("cat", (i, 0, 0), (9, 9), "PNG") for i in range(30)])
+    write_tar(tmp_path / "a.tar", members[:30])
+    write_tar(tmp_path / "b.tar", members[30:])
+    cfg = WebDatasetData(path=str(tmp_path), resolution=8, num_classes=1, holdout_fraction=0.3)
+    train = {r["id"] for r in load_images(cfg, "train").dataset.take_all()}
+    held = {r["id"] for r in load_images(cfg, "holdout").dataset.take_all()}
+    assert train.isdisjoint(held) and len(train | held) == 30 and 3 <= len(held) <= 15
 
 
 @pytest.mark.parametrize("layout", ["bytes", "struct"])
-def test_parquet_with_corrupt_row(tmp_path, layout):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    images = [png(c) for _, c in GOOD] + [CORRUPT]
-    labels = [int(cls == "dog") for cls, _ in GOOD] + [1]
+def test_parquet_skips_corrupt_and_unlabelled_rows(tmp_path, layout):
+    images = [encode(c, s, f) for _, c, s, f in GOOD] + [CORRUPT, encode((0, 0, 255))]
+    labels = [label_of(cls) for cls, *_ in GOOD] + [1, None]
     if layout == "struct":  # Hugging Face datasets' Image feature
         images = [{"bytes": b, "path": f"img{i}.png"} for i, b in enumerate(images)]
-    pq.write_table(pa.table({"image": images, "label": labels}), tmp_path / "train-0.parquet")
-    source = load_images(
-        ParquetData(path=str(tmp_path), resolution=16, num_classes=2, holdout_fraction=0.0)
-    )
-    check_rows(rows(source))
-    assert source.num_skipped() == 1
+    table = pa.table({"image": images, "label": pa.array(labels, pa.int64())})
+    pq.write_table(table.slice(0, 4), tmp_path / "train-00000-of-00002.parquet")
+    pq.write_table(table.slice(4), tmp_path / "train-00001-of-00002.parquet")
+    pq.write_table(table.slice(0, 2), tmp_path / "validation-00000.parquet")  # not matched
+    cfg = ParquetData(path=str(tmp_path / "train-*.parquet"), resolution=RES, num_classes=2)
+    cfg.holdout_fraction = 0.0
+    source = load_images(cfg)
+    out = rows(source)
+    check_rows(out)
+    assert [r["label"] for r in out] == [label_of(cls) for cls, *_ in GOOD]
+    second = str(tmp_path / "train-00001-of-00002.parquet")
+    assert sorted(source.skipped_ids()) == [f"{second}#1", f"{second}#2"]
 
 
-def test_hash_split_is_disjoint_and_complete(tmp_path):
-    for i in range(40):
-        (tmp_path / "a").mkdir(exist_ok=True)
-        (tmp_path / "a" / f"{i}.png").write_bytes(png((i, i, i), size=(8, 8)))
-    cfg = ImageFolderData(path=str(tmp_path), resolution=8, num_classes=1, holdout_fraction=0.25)
-    train = {r["id"] for r in load_images(cfg, "train").dataset.take_all()}
-    held = {r["id"] for r in load_images(cfg, "holdout").dataset.take_all()}
-    assert train.isdisjoint(held) and len(train | held) == 40 and 0 < len(held) < 20
+def test_parquet_unreadable_file_is_counted(tmp_path):
+    pq.write_table(pa.table({"image": [encode((255, 0, 0))], "label": [0]}), tmp_path / "a.parquet")
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 truncated")
+    cfg = ParquetData(path=str(tmp_path), resolution=RES, num_classes=2, holdout_fraction=0.0)
+    source = load_images(cfg)
+    assert len(source.dataset.take_all()) == 1
+    assert source.skipped_ids() == [str(tmp_path / "b.parquet")]
 
 
-def test_missing_path_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_images(ImageFolderData(path=str(tmp_path / "nowhere")))
-    with pytest.raises(FileNotFoundError, match="empty"):
-        load_images(ParquetData(path=""))
+def test_config_errors_name_the_path(tmp_path):
+    missing = str(tmp_path / "nowhere")
+    for cfg in (
+        ImageFolderData(path=missing),
+        WebDatasetData(path=missing),
+        ParquetData(path=missing + "/*.parquet"),
+    ):
+        with pytest.raises(ConfigError, match="nowhere"):
+            load_images(cfg)
+    for cfg in (ImageFolderData(path=""), ParquetData(path="")):
+        with pytest.raises(ConfigError, match="data.path is empty"):
+            load_images(cfg)
+    with pytest.raises(ConfigError, match="no .tar files"):
+        load_images(WebDatasetData(path=str(tmp_path)))
+    pq.write_table(pa.table({"jpg": [b"x"], "cls": [0]}), tmp_path / "a.parquet")
+    with pytest.raises(ConfigError, match="columns"):
+        load_images(ParquetData(path=str(tmp_path)))
+    with pytest.raises(ConfigError, match="holdout"):
+        load_images(ParquetData(path=str(tmp_path), holdout_fraction=0.0), "holdout")
 
 
-def test_shapes_source_is_deterministic_and_matches_renderer():
-    cfg = ShapesData(resolution=16, num_images=60, holdout_images=10)
-    a = rows(load_images(cfg))
-    b = rows(load_images(cfg))
+def test_shapes_is_deterministic_and_matches_renderer():
+    cfg = ShapesData(resolution=RES, num_images=60, holdout_images=10)
+    source = load_images(cfg)
+    a, b = rows(source), rows(load_images(cfg))
+    assert len(a) == 60 and source.num_skipped() == 0
     assert [r["id"] for r in a] == [r["id"] for r in b]
     assert all(np.array_equal(x["image"], y["image"]) for x, y in zip(a, b, strict=True))
-    first = next(r for r in a if r["id"] == "7")
-    ref, lab = render_shapes([7], 16)
-    assert np.array_equal(first["image"], ref[0]) and first["label"] == lab[0]
+    ids = sorted(int(r["id"]) for r in a)
+    assert ids == list(range(60))
+    ref, lab = render_shapes(ids, RES, seed=0, num_classes=10)
+    by_id = {int(r["id"]): r for r in a}
+    assert all(np.array_equal(by_id[i]["image"], ref[i]) for i in ids)
+    assert [by_id[i]["label"] for i in ids] == lab.tolist()
     held = load_images(cfg, "holdout").dataset.take_all()
-    assert len(held) == 10 and min(int(r["id"]) for r in held) == HOLDOUT_OFFSET
-
-
-def test_adm_center_crop():
-    # 300x100: left/right thirds green, centre third red -> the centre crop is all red
-    img = np.zeros((100, 300, 3), np.uint8)
-    img[:, :100, 1] = img[:, 200:, 1] = 255
-    img[:, 100:200, 0] = 255
-    out = center_crop_arr(Image.fromarray(img), 32)
-    assert out.shape == (32, 32, 3)
-    assert out[4:-4, 4:-4, 0].min() > 200 and out[4:-4, 4:-4, 1].max() < 40
-    # large images are box-halved first, then bicubic-resized: still exact size
-    assert center_crop_arr(Image.new("RGB", (1000, 700)), 64).shape == (64, 64, 3)
+    assert sorted(int(r["id"]) for r in held) == [HOLDOUT_OFFSET + i for i in range(10)]

@@ -2,39 +2,54 @@
 
 Every source yields rows ``{"image": uint8 (R, R, 3), "label": int64, "id": str}`` at the
 configured resolution R, preprocessed with the ADM centre crop (Dhariwal & Nichol 2021,
-openai/guided-diffusion: halve with a box filter while the short side is at least 2R,
-bicubic-resize the short side to R, crop the centre). A corrupt or unreadable image, or
-one without a valid label, is skipped, logged and counted (:meth:`ImageSource.num_skipped`),
-never a crash. Paths may be local or ``s3://`` / ``gs://`` URIs (pyarrow filesystems).
+openai/guided-diffusion): halve with a box filter while the short side is at least 2R,
+bicubic-resize the short side to R, crop the centre.
+
+File sources list their files on the driver (pyarrow filesystems, so paths may be local or
+``s3://`` / ``gs://`` URIs) and read and decode them inside ``map_batches``. An unreadable
+file, an undecodable image or a missing/invalid label is logged, skipped and counted
+(:meth:`ImageSource.num_skipped`), never a crash. Without a ``holdout_path`` the held-out
+split is a deterministic hash split of each image's location-independent key.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import logging
+import operator
+import re
 import tarfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 import ray
 from PIL import Image
 
+from latentforge.config import ConfigError
 from latentforge.registry import DATASETS
 from latentforge.shapes import HOLDOUT_OFFSET, NUM_CLASSES, render_shapes
 
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp", ".bmp", ".jpe"]
+IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp", ".bmp"]
+WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # webdataset member suffixes
 Split = Literal["train", "holdout"]
+ROWS_PER_BATCH = 64  # decoded rows per output batch of the file sources
+FILES_PER_BLOCK = 256  # image files per read task (imagefolder)
 
 
 @dataclass
 class ShapesData:
     """The embedded procedural dataset (see ``latentforge.shapes``)."""
 
-    name: str = "shapes"
+    name: Literal["shapes"] = "shapes"
     resolution: int = 64
     num_images: int = 20000
     seed: int = 0
@@ -47,73 +62,99 @@ class FileData:
     """Fields shared by the file-based sources."""
 
     name: str = ""
-    path: str = ""  # directory / URI of the training images
+    path: str = ""  # directory, file, or glob/brace pattern; local or s3:// / gs://
     resolution: int = 256
-    num_classes: int = 1000
-    holdout_path: str | None = None  # e.g. ImageNet val; else a hash split of the ids
+    holdout_path: str | None = None  # e.g. ImageNet val; else a hash split of the keys
     holdout_fraction: float = 0.01
 
 
 @dataclass
 class ImageFolderData(FileData):
-    """``root/<class name>/<image>``; class index = position in sorted class names."""
+    """``root/<class name>/.../<image>``; class index = position in sorted class names."""
 
-    name: str = "imagefolder"
+    name: Literal["imagefolder"] = "imagefolder"
+    num_classes: int | None = None  # None: the number of class folders
     extensions: list[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
 
 
 @dataclass
 class WebDatasetData(FileData):
-    """Tar shards with ``<key>.jpg|jpeg|png|webp`` and ``<key>.cls`` members."""
+    """Tar shards with ``<key>.jpg|jpeg|png|webp`` and ``<key>.cls`` (text int) members."""
 
-    name: str = "webdataset"
+    name: Literal["webdataset"] = "webdataset"
+    num_classes: int = 1000
 
 
 @dataclass
 class ParquetData(FileData):
-    """Parquet files with encoded image bytes (or a ``{bytes, path}`` struct) and a label."""
+    """Parquet files: encoded image bytes (or a ``{bytes, path}`` struct) and an int label."""
 
-    name: str = "parquet"
+    name: Literal["parquet"] = "parquet"
+    num_classes: int = 1000
     image_column: str = "image"
     label_column: str = "label"
 
 
-# ----------------------------------------------------------------------- decoding
+# ----------------------------------------------------------------------- preprocessing
 
 
 def center_crop_arr(image: Image.Image, resolution: int) -> np.ndarray:
     """ADM centre crop of a PIL image to uint8 (resolution, resolution, 3)."""
-    while min(image.size) >= 2 * resolution:
+    image = image.convert("RGB")
+    while min(image.size) >= 2 * resolution:  # cheap anti-aliased halving first
         image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
     scale = resolution / min(image.size)
     image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
     top = (arr.shape[0] - resolution) // 2
     left = (arr.shape[1] - resolution) // 2
     return arr[top : top + resolution, left : left + resolution]
 
 
 def decode_image(data: bytes, resolution: int) -> np.ndarray:
+    """Encoded image bytes -> ADM-cropped uint8 (resolution, resolution, 3)."""
     with Image.open(io.BytesIO(data)) as image:
         image.load()
-        return center_crop_arr(image.convert("RGB"), resolution)
+        return center_crop_arr(image, resolution)
+
+
+def parse_label(value: Any, num_classes: int) -> int:
+    """A class index from an int, an integral float or (byte) text; ValueError otherwise."""
+    if value is None:
+        raise ValueError("missing label")
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        label = int(value.strip())
+    elif isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"label {value!r} is not an integer")
+        label = int(value)
+    else:
+        label = operator.index(value)
+    if not 0 <= label < num_classes:
+        raise ValueError(f"label {label} outside [0, {num_classes})")
+    return label
 
 
 def in_holdout(key: str, fraction: float) -> bool:
-    """Deterministic hash split of ids (used when no holdout_path is given)."""
+    """Deterministic hash split of keys (used when no holdout_path is given)."""
     h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
     return (h % 1_000_000) < fraction * 1_000_000
 
 
+# ----------------------------------------------------------------------- skip counting
+
+
 @ray.remote(num_cpus=0)
 class SkipCounter:
-    """Collects the ids of skipped images across Ray tasks."""
+    """Collects the ids of skipped images across Ray tasks (a re-read counts once)."""
 
     def __init__(self) -> None:
-        self.ids: list[str] = []
+        self.ids: dict[str, None] = {}  # insertion-ordered set
 
     def add(self, ids: list[str]) -> None:
-        self.ids.extend(ids)
+        self.ids.update(dict.fromkeys(ids))
 
     def get(self) -> list[str]:
         return list(self.ids)
@@ -122,54 +163,89 @@ class SkipCounter:
 class ImageSource:
     """A lazy Ray Dataset of ``image``/``label``/``id`` rows plus its skip counter."""
 
-    def __init__(self, dataset: ray.data.Dataset, num_classes: int, counter=None):
+    def __init__(
+        self,
+        dataset: ray.data.Dataset,
+        num_classes: int,
+        counter: Any = None,
+        class_names: list[str] | None = None,
+    ) -> None:
         self.dataset = dataset
         self.num_classes = num_classes
+        self.class_names = class_names
         self._counter = counter
 
     def skipped_ids(self) -> list[str]:
+        """Ids skipped so far (complete once the dataset has been consumed)."""
         return ray.get(self._counter.get.remote()) if self._counter is not None else []
 
     def num_skipped(self) -> int:
         return len(self.skipped_ids())
 
 
+class Record(NamedTuple):
+    """One image before decoding; ``data`` may be bytes, a reader, or the read's error."""
+
+    id: str
+    key: str | None  # location-independent key for the hash split; None: in every split
+    data: bytes | Callable[[], bytes] | BaseException | None
+    label: Any
+
+
 @dataclass
 class Decoder:
-    """Turns (bytes, label, id) records into rows; counts and skips the bad ones."""
+    """Turns records into row batches; logs, counts and drops the bad ones."""
 
     resolution: int
     num_classes: int
-    counter: object
+    counter: Any
     split: Split
     holdout_fraction: float | None  # None: no hash split (explicit holdout_path)
 
-    def keep(self, key: str) -> bool:
-        if self.holdout_fraction is None:
+    def keep(self, key: str | None) -> bool:
+        if self.holdout_fraction is None or key is None:
             return True
         return in_holdout(key, self.holdout_fraction) == (self.split == "holdout")
 
-    def rows(self, records) -> dict[str, np.ndarray]:
+    def row(self, rec: Record) -> tuple[np.ndarray, int]:
+        data = rec.data() if callable(rec.data) else rec.data
+        if isinstance(data, BaseException):
+            raise data
+        if not data:
+            raise ValueError("no image data")
+        label = parse_label(rec.label, self.num_classes)
+        return decode_image(data, self.resolution), label
+
+    def decode(self, records: Iterable[Record]) -> Iterator[dict[str, np.ndarray]]:
         images, labels, ids, bad = [], [], [], []
-        for data, label, key in records:
-            if not self.keep(key):
+        for rec in records:
+            if not self.keep(rec.key):
                 continue
             try:
-                label = int(label)
-                if not 0 <= label < self.num_classes:
-                    raise ValueError(f"label {label} outside [0, {self.num_classes})")
-                images.append(decode_image(data, self.resolution))
-            except Exception as e:  # noqa: BLE001 - any undecodable input is skipped
-                log.warning("skipping %s: %s", key, e)
-                bad.append(key)
+                image, label = self.row(rec)
+            except Exception as e:  # noqa: BLE001 - any unreadable input is skipped
+                log.warning("skipping %s: %s: %s", rec.id, type(e).__name__, e)
+                bad.append(rec.id)
                 continue
+            images.append(image)
             labels.append(label)
-            ids.append(key)
+            ids.append(rec.id)
+            if len(ids) >= ROWS_PER_BATCH:
+                self.report(bad)
+                yield self.batch(images, labels, ids)
+                images, labels, ids, bad = [], [], [], []
+        self.report(bad)
+        if ids:
+            yield self.batch(images, labels, ids)
+
+    def report(self, bad: list[str]) -> None:
         if bad:
             ray.get(self.counter.add.remote(bad))
-        r = self.resolution
+
+    @staticmethod
+    def batch(images: list, labels: list, ids: list) -> dict[str, np.ndarray]:
         return {
-            "image": np.stack(images) if images else np.zeros((0, r, r, 3), np.uint8),
+            "image": np.stack(images),
             "label": np.asarray(labels, dtype=np.int64),
             "id": np.asarray(ids, dtype=object),
         }
@@ -180,7 +256,7 @@ class Decoder:
 
 def _render_batch(
     batch: dict[str, np.ndarray], resolution: int, seed: int, num_classes: int, offset: int
-):
+) -> dict[str, np.ndarray]:
     idx = batch["id"].astype(np.int64) + offset
     images, labels = render_shapes(idx, resolution, seed, num_classes)
     return {"image": images, "label": labels, "id": idx.astype(str).astype(object)}
@@ -188,10 +264,12 @@ def _render_batch(
 
 @DATASETS.register("shapes", config=ShapesData)
 def build_shapes(cfg: ShapesData, split: Split = "train") -> ImageSource:
+    """Images ``range(num_images)`` (train) or ``HOLDOUT_OFFSET + range(holdout_images)``."""
+    if not 2 <= cfg.num_classes <= NUM_CLASSES:
+        raise ConfigError(f"data.num_classes: must be in [2, {NUM_CLASSES}], got {cfg.num_classes}")
     n = cfg.num_images if split == "train" else cfg.holdout_images
     offset = 0 if split == "train" else HOLDOUT_OFFSET
-    blocks = max(1, min(64, n // 500))
-    ds = ray.data.range(n, override_num_blocks=blocks).map_batches(
+    ds = ray.data.range(n, override_num_blocks=max(1, min(64, n // 500))).map_batches(
         _render_batch,
         fn_kwargs={
             "resolution": cfg.resolution,
@@ -205,152 +283,294 @@ def build_shapes(cfg: ShapesData, split: Split = "train") -> ImageSource:
     return ImageSource(ds, cfg.num_classes)
 
 
-# ----------------------------------------------------------------------- files
+# ----------------------------------------------------------------------- listing files
+
+_GLOB = re.compile(r"[*?\[]")
+_BRACE = re.compile(r"\{([^{}]*)\}")
 
 
-def _filesystem(path: str):
-    import pyarrow.fs as pafs
+def expand_braces(pattern: str) -> list[str]:
+    """``a{0..2}b{x,y}`` -> a0bx, a0by, ..., a2by (zero padding kept, as in webdataset)."""
+    m = _BRACE.search(pattern)
+    if m is None:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end() :]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.groups()
+        width = max(len(lo), len(hi)) if lo.startswith("0") else 0
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        options = [m.group(0)]  # a literal brace pair
+    return [head + o + rest for o in options for rest in expand_braces(tail)]
 
-    uri = path if "://" in path else str(Path(path).expanduser().resolve())
+
+def open_fs(path: str, what: str = "data.path") -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, path inside it, display prefix); local paths are made absolute."""
+    if "://" not in path:
+        return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve()), ""
     try:
-        return pafs.FileSystem.from_uri(uri)
+        fs, inner = pafs.FileSystem.from_uri(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types
-        raise FileNotFoundError(f"data.path {path!r}: cannot open ({e})") from e
+        raise ConfigError(f"{what} {path!r}: cannot open ({e})") from None
+    return fs, inner, path.split("://", 1)[0] + "://"
 
 
-def list_files(path: str, suffixes: tuple[str, ...]) -> tuple[object, list[str]]:
-    """All files under ``path`` whose name ends with one of ``suffixes`` (sorted)."""
-    import pyarrow.fs as pafs
+def _visible(path: str) -> bool:
+    return not path.rsplit("/", 1)[-1].startswith(".")
 
+
+def _list_one(path: str, suffixes: tuple[str, ...], what: str):
+    m = _GLOB.search(path)
+    if m is None:
+        fs, inner, prefix = open_fs(path, what)
+        info = fs.get_file_info(inner)
+        if info.type == pafs.FileType.NotFound:
+            raise ConfigError(f"{what} {path!r} does not exist")
+        if info.type == pafs.FileType.File:
+            return fs, prefix, [inner]
+        infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+        files = [i.path for i in infos if i.is_file and i.path.lower().endswith(suffixes)]
+        return fs, prefix, [f for f in files if _visible(f)]
+    cut = path.rfind("/", 0, m.start())
+    base, rest = (path[:cut] or "/", path[cut + 1 :]) if cut >= 0 else (".", path)
+    fs, inner, prefix = open_fs(base, what)
+    if fs.get_file_info(inner).type != pafs.FileType.Directory:
+        raise ConfigError(f"{what} {path!r}: directory {base!r} does not exist")
+    pattern = inner.rstrip("/") + "/" + rest
+    infos = fs.get_file_info(pafs.FileSelector(inner, recursive="/" in rest))
+    files = [i.path for i in infos if i.is_file and fnmatch.fnmatchcase(i.path, pattern)]
+    return fs, prefix, [f for f in files if _visible(f)]
+
+
+def list_files(
+    path: str, suffixes: tuple[str, ...], what: str = "data.path"
+) -> tuple[pafs.FileSystem, str, list[str]]:
+    """Files named by ``path`` (a file, a directory listed recursively for ``suffixes``, or
+    a glob/brace pattern): (filesystem, display prefix such as ``s3://``, sorted paths)."""
     if not path:
-        raise FileNotFoundError("data.path is empty: set it to the dataset's directory or URI")
-    fs, root = _filesystem(path)
-    info = fs.get_file_info(root)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"data.path {path!r} does not exist")
-    if info.type == pafs.FileType.File:
-        return fs, [root]
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    files = sorted(
-        i.path for i in infos if i.type == pafs.FileType.File and i.path.lower().endswith(suffixes)
-    )
+        raise ConfigError(f"{what} is empty: set it to the dataset's directory or URI")
+    fs, prefix, files = None, "", []
+    for one in expand_braces(path):
+        fs, prefix, found = _list_one(one, suffixes, what)
+        files += found
     if not files:
-        raise FileNotFoundError(f"data.path {path!r} holds no {'/'.join(suffixes)} files")
-    return fs, files
+        raise ConfigError(f"{what} {path!r} holds no {'/'.join(suffixes)} files")
+    return fs, prefix, sorted(set(files))
 
 
-def _uri(fs, path: str) -> str:
-    return path if fs.type_name == "local" else f"{fs.type_name}://{path}"
+def _check_file_cfg(cfg: FileData, split: Split) -> tuple[str, str, float | None]:
+    """(path to read, config key naming it, hash-split fraction or None) for a split."""
+    if not cfg.path:
+        raise ConfigError("data.path is empty: set it to the dataset's directory or URI")
+    if cfg.resolution < 1:
+        raise ConfigError(f"data.resolution: must be positive, got {cfg.resolution}")
+    if not 0.0 <= cfg.holdout_fraction < 1.0:
+        raise ConfigError(f"data.holdout_fraction: must be in [0, 1), got {cfg.holdout_fraction}")
+    if cfg.holdout_path:
+        if split == "holdout":
+            return cfg.holdout_path, "data.holdout_path", None
+        return cfg.path, "data.path", None
+    if split == "holdout" and cfg.holdout_fraction == 0.0:
+        raise ConfigError("the holdout split is empty: set data.holdout_path or holdout_fraction")
+    return cfg.path, "data.path", cfg.holdout_fraction
 
 
-def _split_path(cfg: FileData, split: Split) -> tuple[str, float | None]:
-    if split == "holdout" and cfg.holdout_path:
-        return cfg.holdout_path, None
-    return cfg.path, (None if split == "train" and cfg.holdout_path else cfg.holdout_fraction)
+def _paths_dataset(paths: list[str], per_block: int) -> ray.data.Dataset:
+    """A dataset of ``{"path": str}`` rows, ``per_block`` paths per block (= read task)."""
+    chunks = [paths[i : i + per_block] for i in range(0, len(paths), per_block)] or [[]]
+    return ray.data.from_arrow([pa.table({"path": pa.array(c, pa.string())}) for c in chunks])
 
 
-def _folder_batch(batch, decoder: Decoder, classes: dict[str, int]):
+def _reader(fs: pafs.FileSystem, path: str) -> Callable[[], bytes]:
+    def read() -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    return read
+
+
+# ----------------------------------------------------------------------- imagefolder
+
+
+def _folder_batch(batch, decoder: Decoder, fs, prefix: str, root: str, classes: dict):
     records = []
-    for data, path in zip(batch["bytes"], batch["path"], strict=True):
-        records.append((data, classes.get(Path(str(path)).parent.name, -1), str(path)))
-    return decoder.rows(records)
+    for path in batch["path"]:
+        path = str(path)
+        rel = path[len(root) + 1 :] if path.startswith(root + "/") else path.rsplit("/", 1)[-1]
+        folder = rel.split("/", 1)[0] if "/" in rel else None
+        label = classes.get(folder) if folder is not None else None
+        records.append(Record(prefix + path, rel, _reader(fs, path), label))
+    yield from decoder.decode(records)
+
+
+def class_folders(path: str) -> tuple[str, list[str]]:
+    """(absolute root, sorted class folder names) of an image-folder tree."""
+    fs, root, _ = open_fs(path)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        raise ConfigError(f"data.path {path!r} is not an existing directory")
+    infos = fs.get_file_info(pafs.FileSelector(root))
+    dirs = [i.base_name for i in infos if i.type == pafs.FileType.Directory]
+    return root, sorted(d for d in dirs if _visible(d))
 
 
 @DATASETS.register("imagefolder", config=ImageFolderData)
 def build_imagefolder(cfg: ImageFolderData, split: Split = "train") -> ImageSource:
-    path, fraction = _split_path(cfg, split)
-    suffixes = tuple(e.lower() for e in cfg.extensions)
-    fs, files = list_files(path, suffixes)
-    # classes are the training folder's sub-directories, so both splits share indices
-    train_files = files if path == cfg.path else list_files(cfg.path, suffixes)[1]
-    names = sorted({Path(f).parent.name for f in train_files})
+    """``root/<class>/...`` images; the split's hash filter runs on the listing."""
+    path, what, fraction = _check_file_cfg(cfg, split)
+    _, names = class_folders(cfg.path)  # both splits index the training folder's classes
+    num_classes = len(names) if cfg.num_classes is None else cfg.num_classes
+    if not names or num_classes < len(names):
+        raise ConfigError(
+            f"data.path {cfg.path!r}: {len(names)} class folders, num_classes={num_classes}"
+        )
+    suffixes = tuple(("." + e.lower().lstrip(".")) for e in cfg.extensions)
+    fs, prefix, files = list_files(path, suffixes, what)
+    root = open_fs(path, what)[1]
+    if fraction is not None:  # hash of the root-relative path: the split survives a move
+        held = split == "holdout"
+        files = [f for f in files if in_holdout(f[len(root) + 1 :], fraction) == held]
     counter = SkipCounter.remote()
-    decoder = Decoder(cfg.resolution, cfg.num_classes, counter, split, fraction)
-    ds = ray.data.read_binary_files([_uri(fs, f) for f in files], include_paths=True).map_batches(
+    decoder = Decoder(cfg.resolution, num_classes, counter, split, None)
+    classes = {n: i for i, n in enumerate(names)}
+    ds = _paths_dataset(files, FILES_PER_BLOCK).map_batches(
         _folder_batch,
-        fn_kwargs={"decoder": decoder, "classes": {n: i for i, n in enumerate(names)}},
-        batch_size=64,
+        fn_kwargs={
+            "decoder": decoder,
+            "fs": fs,
+            "prefix": prefix,
+            "root": root,
+            "classes": classes,
+        },
+        batch_size=ROWS_PER_BATCH,
     )
-    return ImageSource(ds, cfg.num_classes, counter)
+    return ImageSource(ds, num_classes, counter, names)
 
 
-def _tar_records(data: bytes, shard: str):
-    """(image bytes, label text, key) per sample of a webdataset tar."""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+# ----------------------------------------------------------------------- webdataset
+
+
+def _member_key(name: str) -> tuple[str, str]:
+    """``dir/n0144_1.cls`` -> (``dir/n0144_1``, ``cls``): the key ends at the basename's dot."""
+    cut = name.rfind("/") + 1
+    stem, _, ext = name[cut:].partition(".")
+    return name[:cut] + stem, ext.lower()
+
+
+def _tar_samples(fs, path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Stream a tar shard: (key, {extension: bytes}) per run of same-key members."""
+    key, parts = None, {}
+    with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
         for member in tar:
-            if not member.isfile():
+            if not member.isfile() or not _visible(member.name):
                 continue
-            base = member.name.rsplit("/", 1)[-1]
-            key, _, ext = base.partition(".")
-            prefix = member.name[: len(member.name) - len(base)]
-            samples.setdefault(prefix + key, {})[ext.lower()] = tar.extractfile(member).read()
-    for key, parts in samples.items():
-        image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), b"")
-        label = parts.get("cls", b"-1").decode(errors="replace").strip() or "-1"
-        yield image, label, f"{shard}/{key}"
+            k, ext = _member_key(member.name)
+            if k != key and key is not None:
+                yield key, parts
+                parts = {}
+            key = k
+            parts[ext] = tar.extractfile(member).read()
+    if key is not None:
+        yield key, parts
 
 
-def _tar_batch(batch, decoder: Decoder):
-    records = []
-    for data, path in zip(batch["bytes"], batch["path"], strict=True):
-        try:
-            records.extend(_tar_records(data, str(path)))
-        except tarfile.TarError as e:
-            log.warning("skipping unreadable shard %s: %s", path, e)
-            ray.get(decoder.counter.add.remote([str(path)]))
-    return decoder.rows(records)
+def _tar_records(fs, path: str, prefix: str) -> Iterator[Record]:
+    shard = prefix + path
+    try:
+        for key, parts in _tar_samples(fs, path):
+            image = next((parts[e] for e in WDS_IMAGE_EXTENSIONS if e in parts), None)
+            data = image if image is not None else ValueError("no jpg/jpeg/png/webp member")
+            yield Record(f"{shard}#{key}", key, data, parts.get("cls"))
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        # a truncated or unreadable shard: what was read is kept, the shard is counted once
+        yield Record(shard, None, e, None)
+
+
+def _tar_batch(batch, decoder: Decoder, fs, prefix: str):
+    for path in batch["path"]:
+        yield from decoder.decode(_tar_records(fs, str(path), prefix))
 
 
 @DATASETS.register("webdataset", config=WebDatasetData)
 def build_webdataset(cfg: WebDatasetData, split: Split = "train") -> ImageSource:
-    path, fraction = _split_path(cfg, split)
-    fs, files = list_files(path, (".tar",))
+    """One read task per shard, streamed; the hash split uses the sample key."""
+    path, what, fraction = _check_file_cfg(cfg, split)
+    fs, prefix, files = list_files(path, (".tar",), what)
     counter = SkipCounter.remote()
     decoder = Decoder(cfg.resolution, cfg.num_classes, counter, split, fraction)
-    ds = ray.data.read_binary_files([_uri(fs, f) for f in files], include_paths=True).map_batches(
-        _tar_batch, fn_kwargs={"decoder": decoder}, batch_size=1
+    ds = _paths_dataset(files, 1).map_batches(
+        _tar_batch, fn_kwargs={"decoder": decoder, "fs": fs, "prefix": prefix}, batch_size=1
     )
     return ImageSource(ds, cfg.num_classes, counter)
 
 
-def _parquet_batch(batch, decoder: Decoder, image_column: str, label_column: str):
-    records = []
-    for value, label, path in zip(
-        batch[image_column], batch[label_column], batch["path"], strict=True
-    ):
-        data, key = value, None
-        if isinstance(value, dict):  # Hugging Face datasets' Image feature
-            data, key = value.get("bytes"), value.get("path")
-        data = data or b""
-        key = key or f"{path}#{hashlib.blake2b(data, digest_size=8).hexdigest()}"
-        records.append((data, -1 if label is None else label, str(key)))
-    return decoder.rows(records)
+# ----------------------------------------------------------------------- parquet
+
+
+def _image_bytes(value: Any) -> bytes | BaseException:
+    if isinstance(value, dict):  # Hugging Face datasets' Image feature: {bytes, path}
+        if value.get("bytes") is None:
+            return ValueError(f"no embedded bytes (path={value.get('path')!r})")
+        return value["bytes"]
+    return value
+
+
+def _parquet_records(fs, path: str, prefix: str, image_column: str, label_column: str):
+    import pyarrow.parquet as pq
+
+    name, row = path.rsplit("/", 1)[-1], 0
+    try:
+        with fs.open_input_file(path) as f:
+            batches = pq.ParquetFile(f).iter_batches(256, columns=[image_column, label_column])
+            for rb in batches:
+                images = rb.column(image_column).to_pylist()
+                labels = rb.column(label_column).to_pylist()
+                for value, label in zip(images, labels, strict=True):
+                    yield Record(
+                        f"{prefix}{path}#{row}", f"{name}#{row}", _image_bytes(value), label
+                    )
+                    row += 1
+    except (OSError, pa.ArrowException) as e:
+        yield Record(prefix + path, None, e, None)
+
+
+def _parquet_batch(batch, decoder: Decoder, fs, prefix: str, columns: tuple[str, str]):
+    for path in batch["path"]:
+        yield from decoder.decode(_parquet_records(fs, str(path), prefix, *columns))
+
+
+def _check_columns(fs, path: str, columns: tuple[str, str]) -> None:
+    import pyarrow.parquet as pq
+
+    try:
+        with fs.open_input_file(path) as f:
+            names = pq.read_schema(f).names
+    except (OSError, pa.ArrowException):
+        return  # an unreadable file is counted when it is read
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise ConfigError(f"data: columns {missing} not in {path!r}; it has {names}")
 
 
 @DATASETS.register("parquet", config=ParquetData)
 def build_parquet(cfg: ParquetData, split: Split = "train") -> ImageSource:
-    path, fraction = _split_path(cfg, split)
-    fs, files = list_files(path, (".parquet",))
+    """One read task per file; ids are ``file#row``; the hash split uses ``name#row``."""
+    path, what, fraction = _check_file_cfg(cfg, split)
+    fs, prefix, files = list_files(path, (".parquet",), what)
+    columns = (cfg.image_column, cfg.label_column)
+    _check_columns(fs, files[0], columns)
     counter = SkipCounter.remote()
     decoder = Decoder(cfg.resolution, cfg.num_classes, counter, split, fraction)
-    ds = ray.data.read_parquet(
-        [_uri(fs, f) for f in files],
-        columns=[cfg.image_column, cfg.label_column],
-        include_paths=True,
-    ).map_batches(
+    ds = _paths_dataset(files, 1).map_batches(
         _parquet_batch,
-        fn_kwargs={
-            "decoder": decoder,
-            "image_column": cfg.image_column,
-            "label_column": cfg.label_column,
-        },
-        batch_size=64,
-        batch_format="numpy",
+        fn_kwargs={"decoder": decoder, "fs": fs, "prefix": prefix, "columns": columns},
+        batch_size=1,
     )
     return ImageSource(ds, cfg.num_classes, counter)
 
 
-def load_images(cfg, split: Split = "train") -> ImageSource:
+def load_images(cfg: Any, split: Split = "train") -> ImageSource:
     """The configured source's split as an :class:`ImageSource`."""
     return DATASETS.build(cfg.name, cfg, split)
