@@ -38,12 +38,8 @@ CORRUPT = b"\x89PNG\r\n\x1a\n" + b"garbage, not an image" * 4
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def _ray(ray_session):
+    """Every test here reads through Ray Data."""
 
 
 def encode(color, size=(80, 50), fmt="PNG") -> bytes:

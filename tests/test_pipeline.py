@@ -18,15 +18,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def done_run(ray_session, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("smoke")
     cfg = load_experiment(SMOKE, [f"run_dir={run_dir}"])

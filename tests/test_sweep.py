@@ -14,15 +14,6 @@ SMOKE_SWEEP = ROOT / "experiments" / "sweeps" / "smoke.yaml"
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_sweep_points_and_trial_dirs(tmp_path):
     sweep = load_sweep(SMOKE_SWEEP, [f"run_dir={tmp_path}"])
     points = sweep.points()
