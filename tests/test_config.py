@@ -21,7 +21,7 @@ def test_quickstart_loads_typed():
     assert cfg.data.name == "shapes" and cfg.data.resolution == 32
     assert cfg.tokenizer.name == "vavae" and cfg.tokenizer.vfm == "local:shapes-vit"
     assert cfg.generator.transport.path == "linear"
-    assert isinstance(cfg.train.batch_size, int)
+    assert isinstance(cfg.train.generator_batch_size, int)
 
 
 def test_override_changes_value_and_type_is_converted():
@@ -45,8 +45,8 @@ def test_unknown_key_in_polymorphic_part(tmp_path):
 
 
 def test_wrong_type_names_key():
-    with pytest.raises(ConfigError, match=r"train\.batch_size"):
-        load_experiment(QUICKSTART, ["train.batch_size=many"])
+    with pytest.raises(ConfigError, match=r"train\.generator_batch_size"):
+        load_experiment(QUICKSTART, ["train.generator_batch_size=many"])
 
 
 def test_wrong_choice_names_key():
@@ -105,3 +105,22 @@ def test_every_asset_recipe_loads(path):
     from latentforge.platform.assets import AssetConfig
 
     load_config(path, AssetConfig)
+
+
+@pytest.mark.parametrize(
+    "override, changed",
+    [
+        ("train.tokenizer_batch_size=64", "tokenizer"),
+        ("train.generator_batch_size=64", "generator"),
+        ("sample.cfg_scale=5.0", "sample"),
+        ("sample.batch_size=7", None),  # compute settings change no result
+    ],
+)
+def test_stage_hashes_follow_the_stage_that_changed(override, changed):
+    from latentforge.platform.pipeline import STAGES, stage_hashes
+
+    base = stage_hashes(load_experiment(QUICKSTART))
+    new = stage_hashes(load_experiment(QUICKSTART, [override]))
+    first = STAGES.index(changed) if changed else len(STAGES)
+    for i, stage in enumerate(STAGES):
+        assert (base[stage] != new[stage]) == (i >= first), stage

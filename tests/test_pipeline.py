@@ -45,6 +45,7 @@ def test_all_artifacts(done_run):
         "class_accuracy",
         "rfd_shapesnet",
         "psnr",
+        "recon_class_accuracy",
     ):
         assert np.isfinite(metrics[key]), key
     assert metrics["num_samples"] == 40

@@ -33,7 +33,8 @@ class TrainConfig:
 
     tokenizer_images: float = 2.0e5
     generator_images: float = 6.0e5
-    batch_size: int = 128  # global, split over Ray Train workers
+    tokenizer_batch_size: int = 128  # global, split over Ray Train workers
+    generator_batch_size: int = 128
     tokenizer_lr: float = 2.0e-4
     generator_lr: float = 1.0e-3
     weight_decay: float = 0.0

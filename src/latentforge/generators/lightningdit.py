@@ -70,6 +70,7 @@ CONFIGS: dict[str, DiTArch] = {
     },
     # the embedded default (8x8 latents, CPU laptop) and tests
     "small": DiTArch(depth=6, hidden=192, heads=3, patch=2),
+    "micro": DiTArch(depth=4, hidden=128, heads=2, patch=2),  # the 2-core demo
     "tiny": DiTArch(depth=2, hidden=64, heads=2, patch=2),
 }
 

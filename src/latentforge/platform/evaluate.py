@@ -111,15 +111,19 @@ def reconstruction_metrics(cfg: ExperimentConfig, tokenizer, out_dir: Path) -> d
 
     from latentforge.platform.sample import grid_of
 
-    held, _ = real_images(cfg, "holdout", cfg.evaluate.num_recon)
+    held, held_labels = real_images(cfg, "holdout", cfg.evaluate.num_recon)
     recon = reconstruct(tokenizer, held, cfg.evaluate.batch_size)
     pairs = np.stack([held[:32], recon[:32]], axis=1).reshape(-1, *held.shape[1:])
     Image.fromarray(grid_of(pairs, cols=16)).save(out_dir / "recon.png")
     out = {"num_recon": len(held), "psnr": psnr(recon, held)}
+    recon_feats, recon_preds = classify(recon, cfg.evaluate.batch_size)
     out["rfd_shapesnet"] = frechet_distance(
-        FeatureStats.of(classify(recon, cfg.evaluate.batch_size)[0]),
+        FeatureStats.of(recon_feats),
         FeatureStats.of(classify(held, cfg.evaluate.batch_size)[0]),
     )
+    # the ceiling of class_accuracy through this tokenizer: a generator whose latents were
+    # perfect encodings would decode to images like these
+    out["recon_class_accuracy"] = float(np.mean(recon_preds == held_labels))
     return out
 
 

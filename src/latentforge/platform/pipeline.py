@@ -29,9 +29,9 @@ VERB_OF = {
     "evaluate": "evaluate",
     "report": "report",
 }
-TOKENIZER_TRAIN_KEYS = ("tokenizer_images", "tokenizer_lr")
-GENERATOR_TRAIN_KEYS = ("generator_images", "generator_lr", "ema_decay")
-SHARED_TRAIN_KEYS = ("batch_size", "weight_decay", "warmup_images", "grad_clip", "seed")
+TOKENIZER_TRAIN_KEYS = ("tokenizer_images", "tokenizer_lr", "tokenizer_batch_size")
+GENERATOR_TRAIN_KEYS = ("generator_images", "generator_lr", "generator_batch_size", "ema_decay")
+SHARED_TRAIN_KEYS = ("weight_decay", "warmup_images", "grad_clip", "seed")
 
 
 class StageNotReady(RuntimeError):
@@ -209,4 +209,4 @@ def connect(cfg: ExperimentConfig) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(include_dashboard=False)
+        ray.init()  # with the dashboard: Train V2 queries the State API it serves

@@ -60,7 +60,7 @@ def sample_images(
             generator,
             transport,
             noise,
-            torch.as_tensor(y, dtype=torch.long),
+            torch.tensor(y, dtype=torch.long),
             steps=sc.steps,
             method=sc.sampler,
             cfg_scale=sc.cfg_scale,

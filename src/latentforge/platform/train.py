@@ -140,6 +140,7 @@ class Job:
     model: nn.Module  # the model whose weights are the artifact
     objective: nn.Module  # forward(batch, nimg, generator) -> dict with "loss"
     total_images: int
+    batch_size: int  # global
     lr: float
     ema_decay: float
 
@@ -198,6 +199,7 @@ def tokenizer_job(cfg: ExperimentConfig) -> Job:
         model,
         TokenizerObjective(model),
         int(cfg.train.tokenizer_images),
+        cfg.train.tokenizer_batch_size,
         cfg.train.tokenizer_lr,
         cfg.train.ema_decay,
     )
@@ -213,6 +215,7 @@ def generator_job(cfg: ExperimentConfig, stats: dict[str, Any]) -> Job:
         model,
         objective,
         int(cfg.train.generator_images),
+        cfg.train.generator_batch_size,
         cfg.train.generator_lr,
         cfg.train.ema_decay,
     )
@@ -283,7 +286,7 @@ def fit(cfg: ExperimentConfig, job: Job, runtime: Runtime, log: Callable = print
             state, curve = load_checkpoint(ck, job, ema, opt)
             log(f"[{job.kind}] resumed at {state['nimg']} images")
     objective = runtime.wrap(job.objective)
-    local_bs = max(1, cfg.train.batch_size // runtime.world_size)
+    local_bs = max(1, job.batch_size // runtime.world_size)
     global_bs = local_bs * runtime.world_size
     next_log = state["nimg"] + tc.log_every_images
     next_ckpt = state["nimg"] + tc.checkpoint_every_images
