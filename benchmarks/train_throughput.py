@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from timing import median_seconds
 
 from latentforge.generators.lightningdit import LightningDiTConfig, build_lightningdit
 from latentforge.generators.transport import Transport, TransportConfig
@@ -24,14 +23,7 @@ from latentforge.tokenizers.vavae import VAVAEConfig, build_vavae
 
 
 def time_steps(step, repeats: int) -> float:
-    step()  # warm-up
-    step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(step, repeats, warmup=2)
 
 
 def tokenizer_case(config: str, resolution: int, batch: int, vfm: str | None, repeats: int) -> dict:

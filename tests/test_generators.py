@@ -231,3 +231,65 @@ def test_few_steps_lower_the_loss():
         opt.step()
         losses.append(out["loss"].item())
     assert losses[-1] < 0.8 * losses[0]
+
+
+# ------------------------------------------------------------------------ REPA
+
+
+def repa_model(depth: int = 1, dim: int = 16):
+    cfg = LightningDiTConfig(
+        config="tiny", repa_depth=depth, repa_projector_dim=32,
+        transport=TransportConfig(repa_weight=0.5),
+    )  # fmt: skip
+    return build_lightningdit(cfg, (4, 8, 8), 10, repa_dim=dim)
+
+
+def test_repa_projector_keys_and_shapes():
+    model = trained_like(repa_model())
+    keys = {k for k in model.state_dict() if k.startswith("projectors.")}
+    assert keys == {f"projectors.0.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 3])
+    out, projected = model(x, t, y, return_repa=True)
+    assert projected.shape == (2, 16, 16)  # 4x4 tokens of width 16
+    assert torch.equal(out, model(x, t, y))  # the projector does not change the prediction
+    # without repa_weight the projector is not built, so plain checkpoints load strictly
+    plain = build_lightningdit(LightningDiTConfig(config="tiny"), (4, 8, 8), 10, repa_dim=16)
+    assert not any(k.startswith("projectors.") for k in plain.state_dict())
+    with pytest.raises(ValueError, match="repa_dim"):
+        plain(x, t, y, return_repa=True)
+
+
+def test_repa_loss_values_and_grid_resize():
+    from latentforge.generators.transport import repa_loss
+
+    feats = torch.randn(2, 8, 4, 4)
+    tokens = feats.flatten(2).transpose(1, 2)  # row-major tokens of the same grid
+    assert repa_loss(tokens, feats, (4, 4)).item() == pytest.approx(-1.0, abs=1e-6)
+    assert repa_loss(-tokens, feats, (4, 4)).item() == pytest.approx(1.0, abs=1e-6)
+    # features on a finer grid are area-pooled to the token grid
+    fine = feats.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # (2, 8, 8, 8)
+    assert repa_loss(tokens, fine, (4, 4)).item() == pytest.approx(-1.0, abs=1e-6)
+    # a transposed token order is not the same alignment
+    swapped = feats.transpose(2, 3).flatten(2).transpose(1, 2)
+    assert repa_loss(swapped, feats, (4, 4)).item() > -0.9
+
+
+def test_transport_repa_term_trains_blocks_up_to_its_depth():
+    model = trained_like(repa_model(depth=1)).train()
+    tr = Transport(TransportConfig(repa_weight=0.5))
+    x1, y = torch.randn(3, 4, 8, 8), torch.tensor([1, 2, 3])
+    feats = torch.randn(3, 16, 8, 8)
+    with pytest.raises(ValueError, match="VFM features"):
+        tr.loss(model, x1, y)
+    out = tr.loss(model, x1, y, generator=torch.Generator().manual_seed(0), features=feats)
+    assert set(out) == {"loss", "mse", "cos", "repa"} and -1 <= out["repa"] <= 1
+    expected = out["mse"] + out["cos"] + 0.5 * out["repa"]
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    model.zero_grad()
+    projected = model(x1, torch.rand(3), y, return_repa=True)[1]
+    from latentforge.generators.transport import repa_loss
+
+    repa_loss(projected, feats, model.grid).backward()
+    assert model.projectors[0][0].weight.grad.abs().sum() > 0
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.blocks[1].attn.qkv.weight.grad is None  # after the aligned block

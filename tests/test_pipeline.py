@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from latentforge.config import load_experiment
+from latentforge.config import ConfigError, load_experiment
 from latentforge.platform.pipeline import STAGES, Pipeline, StageNotReady
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,3 +101,32 @@ def test_cli_dry_run_and_errors(done_run):
         [*cli, "run", str(SMOKE), "sample.cfg_scal=3", "--dry-run"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "sample.cfg_scal" in bad.stderr
+
+
+def test_repa_through_extract_generator_and_sampling(done_run):
+    """extract.vfm stores the VFM's patch features with the latents; the generator trains
+    with REPA on them, and its checkpoint (with the projector) loads for sampling."""
+    cfg, p = done_run
+    overrides = ["extract.vfm=local:shapes-vit", "generator.transport.repa_weight=0.5"]
+    too_deep = load_experiment(SMOKE, [f"run_dir={cfg.run_dir}", *overrides])
+    overrides.append("generator.repa_depth=1")  # the tiny config has 2 blocks
+    repa_cfg = load_experiment(SMOKE, [f"run_dir={cfg.run_dir}", *overrides])
+    q = Pipeline(repa_cfg)
+    assert q.hashes["tokenizer"] == p.hashes["tokenizer"]  # only extract onwards re-run
+    assert q.hashes["extract"] != p.hashes["extract"]
+    q.run(("extract",))
+    with pytest.raises(ConfigError, match="repa_depth 4 outside the 2 blocks"):
+        Pipeline(too_deep).run(("generator",))
+    q.run(("generator", "sample"))
+    stats = q.stats()
+    assert stats["vfm"] == "local:shapes-vit" and stats["vfm_shape"] == [128, 8, 8]
+    curve = json.loads((q.stage_dir("generator") / "curve.json").read_text())
+    assert all(np.isfinite(point["repa"]) for point in curve)
+    with np.load(q.stage_dir("sample") / "samples.npz") as f:
+        assert f["arr_0"].shape == (40, 32, 32, 3)
+    # REPA without stored features is a config error that names the key to set
+    no_feats = load_experiment(
+        SMOKE, [f"run_dir={cfg.run_dir}", "generator.transport.repa_weight=0.5"]
+    )
+    with pytest.raises(ConfigError, match="extract.vfm"):
+        Pipeline(no_feats).run(("generator",))

@@ -52,6 +52,9 @@ class ExtractConfig:
     shard_rows: int = 4096  # minimum rows per latent shard
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     actors: int = 1  # Ray Data actor-pool size for the encoder
+    # a VFM (tokenizers/vfm.py spec) whose last-layer patch features are stored next to each
+    # latent (column ``vfm``, float16 (D, h, w)), for REPA (generator.transport.repa_weight)
+    vfm: str | None = None
 
 
 @dataclass

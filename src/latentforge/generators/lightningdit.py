@@ -87,6 +87,10 @@ class LightningDiTConfig:
     use_rope: bool | None = None
     use_rmsnorm: bool | None = None
     wo_shift: bool | None = None
+    # REPA (Yu et al. 2025): block whose output a projector MLP maps to the VFM's patch
+    # features; active when transport.repa_weight > 0 (SiT-XL: 8, SiT-B: 4)
+    repa_depth: int = 4
+    repa_projector_dim: int = 2048  # hidden width of the projector (REPA: 2048)
     transport: TransportConfig = field(default_factory=TransportConfig)
 
 
@@ -303,7 +307,13 @@ class LightningDiT(Generator):
         latent_shape: tuple[int, int, int],
         num_classes: int,
         class_dropout: float = 0.1,
+        repa_dim: int = 0,
+        repa_depth: int = 4,
+        repa_projector_dim: int = 2048,
     ):
+        """``repa_dim > 0`` adds REPA's projector (keys ``projectors.0.{0,2,4}``, as in
+        sihyun-yu/REPA): an MLP hidden -> projector -> projector -> ``repa_dim`` with SiLU,
+        reading the output of block ``repa_depth`` (1-based)."""
         super().__init__()
         c, h, w = latent_shape
         if h % arch.patch or w % arch.patch:
@@ -322,6 +332,19 @@ class LightningDiT(Generator):
         self.feat_rope = VisionRoPE(d // arch.heads, *self.grid) if arch.use_rope else None
         self.blocks = nn.ModuleList(Block(arch) for _ in range(arch.depth))
         self.final_layer = FinalLayer(d, arch.patch, self.out_channels, arch.use_rmsnorm)
+        self.repa_depth = repa_depth if repa_dim else 0
+        if repa_dim:
+            if not 1 <= repa_depth <= arch.depth:
+                raise ValueError(f"repa_depth {repa_depth} outside the {arch.depth} blocks")
+            pd = repa_projector_dim
+            mlp = [
+                nn.Linear(d, pd),
+                nn.SiLU(),
+                nn.Linear(pd, pd),
+                nn.SiLU(),
+                nn.Linear(pd, repa_dim),
+            ]
+            self.projectors = nn.ModuleList([nn.Sequential(*mlp)])
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -358,16 +381,27 @@ class LightningDiT(Generator):
             x, "b (h w) (p q c) -> b c (h p) (w q)", h=self.grid[0], w=self.grid[1], p=p, q=p
         )
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_repa: bool = False
+    ):
         """Args: x_t (B, C, H, W), t (B,) flow time in [0, 1] (1 = data), y (B,) class ids
         (``num_classes`` = null). Shapes: returns (B, C, H, W) (the first C channels when
-        ``learn_sigma``)."""
+        ``learn_sigma``); with ``return_repa`` also the projected tokens of block
+        ``repa_depth``, (B, T, repa_dim) in row-major token order."""
         x = self.x_embedder(x_t) + self.pos_embed  # (B, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
-        for block in self.blocks:
+        projected = None
+        for i, block in enumerate(self.blocks, start=1):
             x = block(x, c, self.feat_rope)
+            if return_repa and i == self.repa_depth:
+                projected = self.projectors[0](x)
         out = self.unpatchify(self.final_layer(x, c))
-        return out[:, : self.in_channels] if self.arch.learn_sigma else out
+        out = out[:, : self.in_channels] if self.arch.learn_sigma else out
+        if return_repa:
+            if projected is None:
+                raise ValueError("return_repa needs a model built with repa_dim > 0")
+            return out, projected
+        return out
 
 
 def resolve_arch(cfg: LightningDiTConfig) -> DiTArch:
@@ -382,6 +416,15 @@ def resolve_arch(cfg: LightningDiTConfig) -> DiTArch:
 
 @GENERATORS.register("lightningdit", config=LightningDiTConfig)
 def build_lightningdit(
-    cfg: LightningDiTConfig, latent_shape: tuple[int, ...], num_classes: int
+    cfg: LightningDiTConfig, latent_shape: tuple[int, ...], num_classes: int, repa_dim: int = 0
 ) -> LightningDiT:
-    return LightningDiT(resolve_arch(cfg), tuple(latent_shape), num_classes, cfg.class_dropout)
+    """``repa_dim``: width of the VFM features REPA aligns to (0: no projector)."""
+    return LightningDiT(
+        resolve_arch(cfg),
+        tuple(latent_shape),
+        num_classes,
+        cfg.class_dropout,
+        repa_dim=repa_dim if cfg.transport.repa_weight > 0 else 0,
+        repa_depth=cfg.repa_depth,
+        repa_projector_dim=cfg.repa_projector_dim,
+    )

@@ -34,6 +34,9 @@ class TransportConfig:
     train_shift: float = 1.0  # shift of training times (1 = none); see shift_t
     cos_loss_weight: float = 1.0  # velocity-direction loss (LightningDiT); 0 disables
     train_eps: float = 0.0  # keep t in [eps, 1 - eps] (needed by vp / score)
+    # REPA (Yu et al. 2025, "Representation Alignment for Generation"): weight of
+    # -cos(projector(h_k), VFM patch features) on the clean image; 0 disables (REPA: 0.5)
+    repa_weight: float = 0.0
 
 
 def flip_time(t: torch.Tensor) -> torch.Tensor:
@@ -110,17 +113,27 @@ class Transport:
         return -x0 / s  # score of p(x_t | x1)
 
     def loss(
-        self, model, x1, y, generator: torch.Generator | None = None
+        self, model, x1, y, generator: torch.Generator | None = None, features=None
     ) -> dict[str, torch.Tensor]:
-        """MSE to the target, plus the velocity-direction (cosine over channels) loss.
+        """MSE to the target, plus the velocity-direction (cosine over channels) loss, plus
+        REPA's alignment loss when ``repa_weight > 0``.
 
-        Returns ``loss`` (to back-propagate), ``mse`` and ``cos`` (detached).
+        ``features``: the frozen VFM's patch features of the clean images, (B, D, h, w);
+        resized (area / bilinear) to the model's token grid when it differs.
+        Returns ``loss`` (to back-propagate), ``mse``, ``cos`` and ``repa`` (detached).
         """
         t = self.sample_t(x1.shape[0], x1.device, generator)
         x0 = torch.randn(x1.shape, device=x1.device, generator=generator, dtype=x1.dtype)
         a, s, _, _ = (_bcast(c, x1) for c in self.coefficients(t))
         xt = a * x1 + s * x0
-        pred = model(xt, t, y)
+        repa = None
+        if self.cfg.repa_weight > 0:
+            if features is None:
+                raise ValueError("transport.repa_weight > 0 needs the VFM features of x1")
+            pred, projected = model(xt, t, y, return_repa=True)
+            repa = repa_loss(projected, features, getattr(model, "grid", None))
+        else:
+            pred = model(xt, t, y)
         tgt = self.target(x0, x1, t)
         mse = (pred.float() - tgt.float()).pow(2).mean()
         # eps 1e-2 on the prediction's norm: the zero-initialised backbone outputs exactly 0
@@ -130,7 +143,12 @@ class Transport:
             - (F.normalize(pred.float(), dim=1, eps=1e-2) * F.normalize(tgt.float(), dim=1)).sum(1)
         ).mean()
         loss = mse + self.cfg.cos_loss_weight * cos if self.cfg.cos_loss_weight else mse
-        return {"loss": loss, "mse": mse.detach(), "cos": cos.detach()}
+        out = {"mse": mse.detach(), "cos": cos.detach()}
+        if repa is not None:
+            loss = loss + self.cfg.repa_weight * repa
+            out["repa"] = repa.detach()
+        out["loss"] = loss
+        return out
 
     def velocity(self, pred: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """dx/dt from the model's prediction at (x, t), whatever the prediction type."""
@@ -140,3 +158,24 @@ class Transport:
         noise = pred if self.cfg.prediction == "noise" else -pred * s
         x1 = (x - s * noise) / a.clamp(min=1e-5)
         return da * x1 + ds * noise
+
+
+def repa_loss(
+    projected: torch.Tensor, features: torch.Tensor, grid: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """REPA's alignment loss: minus the mean over tokens of cos(projected, features).
+
+    Shapes: projected (B, T, D) in row-major token order on ``grid`` (h, w) (a square grid
+    when None); features (B, D, h', w'), resized to ``grid`` (area pooling when shrinking,
+    bilinear otherwise) when the grids differ.
+    """
+    b, n, d = projected.shape
+    if grid is None:
+        side = int(round(n**0.5))
+        grid = (side, side)
+    if tuple(features.shape[-2:]) != tuple(grid):
+        shrink = features.shape[-2] >= grid[0] and features.shape[-1] >= grid[1]
+        mode = "area" if shrink else "bilinear"
+        features = F.interpolate(features.float(), size=grid, mode=mode)
+    target = features.flatten(2).transpose(1, 2).to(projected.dtype)  # (B, T, D)
+    return -F.cosine_similarity(projected, target, dim=-1).mean()

@@ -39,6 +39,11 @@ class Encoder:
         self.device = "cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu"
         self.model = load_tokenizer(cfg, weights, self.device)
         self.dtype = TORCH_DTYPES[dtype]
+        self.vfm = None
+        if cfg.extract.vfm:
+            from latentforge.tokenizers.vfm import load_vfm
+
+            self.vfm = load_vfm(cfg.extract.vfm).to(self.device)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -46,11 +51,15 @@ class Encoder:
 
         images = images_to_float(torch.from_numpy(np.ascontiguousarray(batch["image"])))
         latents = self.model.encode(images.to(self.device))
-        return {
+        out = {
             "latent": latents.float().cpu().numpy().astype(self.dtype),
             "label": batch["label"].astype(np.int64),
             "id": batch["id"],
         }
+        if self.vfm is not None:  # REPA targets: the VFM's patch grid of the clean image
+            feats = self.vfm(images.to(self.device)).patch[-1]
+            out["vfm"] = feats.float().cpu().numpy().astype(np.float16)
+        return out
 
 
 def extract(cfg: ExperimentConfig, tokenizer_weights: str | Path, out_dir: str | Path) -> dict:
@@ -76,6 +85,10 @@ def extract(cfg: ExperimentConfig, tokenizer_weights: str | Path, out_dir: str |
     shards = out_dir / "shards"
     ds.write_parquet(str(shards), min_rows_per_file=cfg.extract.shard_rows)
     stats = latent_stats(str(shards))
+    if cfg.extract.vfm:
+        row = ray.data.read_parquet(str(shards), columns=["vfm"]).take(1)[0]
+        stats["vfm"] = cfg.extract.vfm
+        stats["vfm_shape"] = [int(v) for v in np.asarray(row["vfm"]).shape]
     stats["num_skipped"] = source.num_skipped()
     stats["skipped_ids"] = source.skipped_ids()[:100]
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=1))
@@ -116,10 +129,9 @@ def latent_stats(shards: str) -> dict[str, Any]:
     }
 
 
-def latent_dataset(out_dir: str | Path):
-    """The extracted latents as a Ray Dataset (``latent``, ``label``)."""
+def latent_dataset(out_dir: str | Path, vfm: bool = False):
+    """The extracted latents as a Ray Dataset (``latent``, ``label``; ``vfm`` features)."""
     import ray
 
-    return ray.data.read_parquet(
-        str(Path(out_dir, "shards").resolve()), columns=["latent", "label"]
-    )
+    columns = ["latent", "label", "vfm"] if vfm else ["latent", "label"]
+    return ray.data.read_parquet(str(Path(out_dir, "shards").resolve()), columns=columns)

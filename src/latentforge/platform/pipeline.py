@@ -17,7 +17,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from latentforge.config import ExperimentConfig, config_hash, to_yaml
+import torch
+
+from latentforge.config import ConfigError, ExperimentConfig, config_hash, to_yaml
 
 STAGES = ("tokenizer", "extract", "generator", "sample", "evaluate", "report")
 UPSTREAM = dict(zip(STAGES[1:], STAGES[:-1], strict=True))
@@ -49,7 +51,8 @@ def stage_hashes(cfg: ExperimentConfig) -> dict[str, str]:
     h["tokenizer"] = config_hash(
         "tokenizer", cfg.data, cfg.tokenizer, _pick(train, TOKENIZER_TRAIN_KEYS + SHARED_TRAIN_KEYS)
     )
-    h["extract"] = config_hash("extract", h["tokenizer"], cfg.extract.dtype)
+    vfm = [cfg.extract.vfm] if cfg.extract.vfm else []  # absent: earlier hashes stay valid
+    h["extract"] = config_hash("extract", h["tokenizer"], cfg.extract.dtype, *vfm)
     h["generator"] = config_hash(
         "generator",
         h["extract"],
@@ -173,10 +176,17 @@ class Pipeline:
 
     def _generator(self, out: Path) -> dict:
         from latentforge.platform.extract import latent_dataset
+        from latentforge.platform.train import build_generator, repa_dim
 
-        return self._train(
-            "generator", latent_dataset(self.stage_dir("extract")).materialize(), out, self.stats()
-        )
+        # config errors surface here, in one line, not from inside the Ray Train workers
+        repa = repa_dim(self.cfg, self.stats()) > 0
+        with torch.device("meta"):
+            try:
+                build_generator(self.cfg, self.stats())
+            except (KeyError, ValueError) as e:
+                raise ConfigError(f"generator: {e}") from None
+        dataset = latent_dataset(self.stage_dir("extract"), vfm=repa).materialize()
+        return self._train("generator", dataset, out, self.stats())
 
     def _sample(self, out: Path) -> dict:
         from latentforge.platform.sample import run_sampling

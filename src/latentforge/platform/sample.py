@@ -28,7 +28,7 @@ def sample_seeds(cfg: ExperimentConfig, n: int) -> np.ndarray:
 def load_generator(cfg: ExperimentConfig, weights: str | Path, stats: dict, device="cpu"):
     from latentforge.platform.train import build_generator
 
-    model = build_generator(cfg, stats["latent_shape"])
+    model = build_generator(cfg, stats)
     model.load_state_dict(load_file(str(weights)), strict=True)
     return model.to(device).eval().requires_grad_(False)
 

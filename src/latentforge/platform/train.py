@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from latentforge.config import ExperimentConfig, from_dict, to_dict
+from latentforge.config import ConfigError, ExperimentConfig, from_dict, to_dict
 from latentforge.registry import GENERATORS, TOKENIZERS
 
 # --------------------------------------------------------------------------- runtime
@@ -168,7 +168,10 @@ class GeneratorObjective(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], nimg: int, generator=None):
         x1 = (batch["latent"].float() - self.mean) / self.std
-        return self.transport.loss(self.model, x1, batch["label"].long(), generator=generator)
+        feats = batch["vfm"].float() if "vfm" in batch else None
+        return self.transport.loss(
+            self.model, x1, batch["label"].long(), generator=generator, features=feats
+        )
 
 
 def images_to_float(images: torch.Tensor) -> torch.Tensor:
@@ -180,9 +183,30 @@ def build_tokenizer(cfg: ExperimentConfig) -> nn.Module:
     return TOKENIZERS.build(cfg.tokenizer.name, cfg.tokenizer, cfg.data.resolution)
 
 
-def build_generator(cfg: ExperimentConfig, latent_shape: tuple[int, ...]) -> nn.Module:
+def repa_dim(cfg: ExperimentConfig, stats: dict[str, Any]) -> int:
+    """Width of the stored VFM features REPA aligns to; 0 when REPA is off."""
+    transport = getattr(cfg.generator, "transport", None)
+    if transport is None or transport.repa_weight <= 0:
+        return 0
+    if "vfm_shape" not in stats:
+        raise ConfigError(
+            "generator.transport.repa_weight > 0 needs VFM features stored with the "
+            "latents: set extract.vfm (e.g. extract.vfm=local:shapes-vit)"
+        )
+    return int(stats["vfm_shape"][0])
+
+
+def build_generator(cfg: ExperimentConfig, stats: dict[str, Any]) -> nn.Module:
+    """The configured generator for the extracted latents described by ``stats``; with REPA,
+    its projector is sized to the stored VFM features."""
+    dim = repa_dim(cfg, stats)
+    extra = {"repa_dim": dim} if dim else {}
     return GENERATORS.build(
-        cfg.generator.name, cfg.generator, tuple(latent_shape), cfg.data.num_classes
+        cfg.generator.name,
+        cfg.generator,
+        tuple(stats["latent_shape"]),
+        cfg.data.num_classes,
+        **extra,
     )
 
 
@@ -206,7 +230,7 @@ def tokenizer_job(cfg: ExperimentConfig) -> Job:
 
 
 def generator_job(cfg: ExperimentConfig, stats: dict[str, Any]) -> Job:
-    model = build_generator(cfg, stats["latent_shape"])
+    model = build_generator(cfg, stats)
     mean = torch.tensor(stats["mean"], dtype=torch.float32)
     std = torch.tensor(stats["std"], dtype=torch.float32)
     objective = GeneratorObjective(model, build_transport(cfg), mean, std)

@@ -1,0 +1,144 @@
+"""Forward+backward time of a LightningDiT step (issue: generators), JSON out.
+
+Default case: LightningDiT-B/1 (release flags), batch 8, 16x16x32 latents (VA-VAE f16d32 at
+256 px), fp32, 2 threads; median of 5 timed steps after 2 warm-up steps. Reports seconds per
+step, images/s and achieved FLOP/s (FLOPs of one forward+backward counted by
+``torch.utils.flop_counter``).
+
+With ``--official PATH`` (a checkout of hustvl/LightningDiT; nothing is downloaded) the same
+step is timed on the official ``models.lightningdit.LightningDiT`` with the same weights,
+and the speed-up is reported. On CUDA, ``--device cuda --dtype bfloat16 --config
+LightningDiT-XL/1`` gives images/s and MFU against ``--peak-tflops``.
+
+    python benchmarks/generator_step.py --out runs/bench/generator_step.json
+    python benchmarks/generator_step.py --official ../LightningDiT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+from pathlib import Path
+
+import torch
+from timing import median_seconds
+from torch.utils.flop_counter import FlopCounterMode
+
+from latentforge.generators.lightningdit import CONFIGS, LightningDiT
+
+
+def official_model(repo: Path, arch, latent: tuple[int, int, int], classes: int):
+    """The official module with the same architecture (imported from the user's checkout)."""
+    # the official rmsnorm module imports fairscale's model-parallel layers, unused here
+    for name in (
+        "fairscale",
+        "fairscale.nn",
+        "fairscale.nn.model_parallel",
+        "fairscale.nn.model_parallel.initialize",
+        "fairscale.nn.model_parallel.layers",
+    ):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    layers = sys.modules["fairscale.nn.model_parallel.layers"]
+    for cls in ("ColumnParallelLinear", "ParallelEmbedding", "RowParallelLinear"):
+        setattr(layers, cls, getattr(layers, cls, object))
+    sys.path.insert(0, str(repo))
+    from models.lightningdit import LightningDiT as Official
+
+    return Official(
+        input_size=latent[1],
+        patch_size=arch.patch,
+        in_channels=latent[0],
+        hidden_size=arch.hidden,
+        depth=arch.depth,
+        num_heads=arch.heads,
+        num_classes=classes,
+        learn_sigma=arch.learn_sigma,
+        use_qknorm=arch.use_qknorm,
+        use_swiglu=arch.use_swiglu,
+        use_rope=arch.use_rope,
+        use_rmsnorm=arch.use_rmsnorm,
+        wo_shift=arch.wo_shift,
+    )
+
+
+def time_step(model, x, t, y, repeats: int, dtype) -> tuple[float, float]:
+    """Median seconds of forward+backward, and FLOPs of one such step."""
+    device = x.device
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(x, t, y).float().square().mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    with FlopCounterMode(display=False) as counter:
+        step()  # counted, and the first warm-up step
+    return median_seconds(step, repeats, warmup=1), float(counter.get_total_flops())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="LightningDiT-B/1", choices=sorted(CONFIGS))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--latent", default="32,16,16", help="C,H,W")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--peak-tflops", type=float, default=0.0, help="for MFU (GPU)")
+    ap.add_argument("--official", type=Path, help="checkout of hustvl/LightningDiT to compare")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/generator_step.json"))
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    latent = tuple(int(v) for v in args.latent.split(","))
+    arch = CONFIGS[args.config]
+    dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    ours = LightningDiT(arch, latent, 1000).to(device).train()
+    x = torch.randn(args.batch, *latent, device=device)
+    t = torch.rand(args.batch, device=device)
+    y = torch.randint(0, 1000, (args.batch,), device=device)
+
+    def row(name: str, model) -> dict:
+        sec, flops = time_step(model, x, t, y, args.repeats, dtype)
+        out = {
+            "implementation": name,
+            "step_s": sec,
+            "images_per_s": args.batch / sec,
+            "flops_per_step": flops,
+            "achieved_tflops": flops / sec / 1e12,
+        }
+        if args.peak_tflops:
+            out["mfu"] = out["achieved_tflops"] / args.peak_tflops
+        return out
+
+    results = {
+        "config": args.config,
+        "batch": args.batch,
+        "latent": list(latent),
+        "threads": args.threads,
+        "device": args.device,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "rows": [row("latentforge", ours)],
+    }
+    if args.official:
+        official = official_model(args.official, arch, latent, 1000).to(device).train()
+        official.load_state_dict(ours.state_dict(), strict=True)  # same keys, same weights
+        results["rows"].append(row("official", official))
+        results["speedup_vs_official"] = results["rows"][1]["step_s"] / results["rows"][0]["step_s"]
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
