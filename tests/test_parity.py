@@ -108,3 +108,39 @@ def test_legacy_three_channel_cfg_matches_official():
         )(t["input.x"], float(t["cfg.t"]))
     assert (out - t["output.cfg_legacy3"]).abs().max().item() <= 1e-5
     assert (full[:, 3:] - t["output.cfg_legacy3"][:, 3:]).abs().max().item() > 1e-3
+
+
+def vavae_from_fixture():
+    from latentforge.tokenizers.vavae import VAVAE, AEArch, VAVAEConfig
+
+    kw, weights, t = load_fixture("vavae")
+    arch = AEArch(
+        ch=kw["ch"],
+        ch_mult=tuple(kw["ch_mult"]),
+        num_res_blocks=kw["num_res_blocks"],
+        attn_levels=(1,),
+        z_channels=kw["z_channels"],
+    )
+    return VAVAE(arch, VAVAEConfig(vfm=None)).eval(), weights, t
+
+
+def test_published_checkpoint_file_loads(tmp_path):
+    """``tokenizer.weights``: an official-layout .pt (Lightning ``state_dict`` with the
+    training-only ``loss.*`` and ``foundation_model.*`` entries) loads and matches."""
+    from latentforge.tokenizers.vavae import load_published
+
+    model, weights, t = vavae_from_fixture()
+    extra = {
+        "loss.discriminator.main.0.weight": torch.ones(2),
+        "foundation_model.model.x": torch.ones(1),
+    }
+    torch.save({"state_dict": {**weights, **extra}}, tmp_path / "vavae.pt")
+    load_published(model, str(tmp_path / "vavae.pt"))
+    with torch.no_grad():
+        decoded = model.decode(model.moments(t["input.x"])[0])
+    assert (decoded - t["output.decoded"]).abs().max().item() <= 1e-5
+    with pytest.raises(FileNotFoundError, match="hustvl/vavae-imagenet256-f16d32-dinov2"):
+        load_published(model, str(tmp_path / "absent.pt"))
+    torch.save({"state_dict": {"encoder.conv_in.weight": torch.ones(1)}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="missing"):
+        load_published(model, str(tmp_path / "other.pt"))

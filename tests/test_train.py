@@ -89,3 +89,25 @@ def test_non_finite_loss_is_an_error(tmp_path, bad):
     data["latent"][:] = float(bad)
     with pytest.raises(FloatingPointError, match="generator loss"):
         fit(cfg, generator_job(cfg, STATS), LocalRuntime(data, tmp_path), log=lambda *_: None)
+
+
+def test_published_tokenizer_stage_uses_weights_as_they_are(tmp_path):
+    """train.tokenizer_images=0 with tokenizer.weights: no training, the stage's artifact is
+    the published autoencoder (VF projection absent from the file, as in official ones)."""
+    from safetensors.torch import save_file
+
+    from latentforge.config import ConfigError
+    from latentforge.platform.pipeline import Pipeline
+    from latentforge.platform.train import build_tokenizer, state_dict_of
+
+    base = [f"run_dir={tmp_path / 'run'}", "train.tokenizer_images=0"]
+    published = state_dict_of(build_tokenizer(load_experiment(SMOKE)))
+    published = {k: v + 0.01 for k, v in published.items() if not k.startswith("linear_proj.")}
+    save_file(published, str(tmp_path / "published.safetensors"))
+    cfg = load_experiment(SMOKE, [*base, f"tokenizer.weights={tmp_path}/published.safetensors"])
+    p = Pipeline(cfg, log=lambda *_: None)
+    p.run_stage("tokenizer")
+    stored = load_file(str(p.stage_dir("tokenizer") / "model.safetensors"))
+    assert all(torch.equal(stored[k], v) for k, v in published.items())
+    with pytest.raises(ConfigError, match="tokenizer.weights"):
+        Pipeline(load_experiment(SMOKE, base), log=lambda *_: None).run_stage("tokenizer")

@@ -162,10 +162,29 @@ class Pipeline:
     def _tokenizer(self, out: Path) -> dict:
         from latentforge.platform.data import load_images
 
+        if self.cfg.train.tokenizer_images == 0:
+            return self._published_tokenizer(out)
         source = load_images(self.cfg.data, "train")
         dataset = source.dataset.select_columns(["image", "label"]).materialize()
         info = self._train("tokenizer", dataset, out)
         info["num_skipped"] = source.num_skipped()
+        return info
+
+    def _published_tokenizer(self, out: Path) -> dict:
+        """``train.tokenizer_images: 0``: the tokenizer is ``tokenizer.weights`` as published."""
+        from safetensors.torch import save_file
+
+        from latentforge.platform.train import build_tokenizer, state_dict_of
+
+        weights = getattr(self.cfg.tokenizer, "weights", None)
+        if not weights:
+            raise ConfigError("train.tokenizer_images=0 needs tokenizer.weights (no training)")
+        sd = state_dict_of(build_tokenizer(self.cfg))
+        for name in ("model.safetensors", "ema.safetensors"):
+            save_file(sd, str(out / name))
+        (out / "curve.json").write_text("[]")
+        info = {"nimg": 0, "weights": str(weights)}
+        (out / "state.json").write_text(json.dumps(info))
         return info
 
     def _extract(self, out: Path) -> dict:

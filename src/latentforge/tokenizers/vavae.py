@@ -11,6 +11,7 @@ Models" (hustvl/LightningDiT, VA-VAE). Parameter names follow the official check
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -94,6 +95,9 @@ class VAVAEConfig:
     kl_weight: float = 1e-6
     recon: Literal["l1", "l2"] = "l1"
     sample_posterior: bool = True  # training decodes z ~ q(z|x); encode() returns the mean
+    # published weights to start from (or, with train.tokenizer_images=0, to use as they
+    # are): an official VA-VAE / LDM checkpoint (.pt/.ckpt with a state_dict) or safetensors
+    weights: str | None = None
 
 
 def norm(c: int, groups: int) -> nn.GroupNorm:
@@ -335,4 +339,41 @@ def build_vavae(cfg: VAVAEConfig, resolution: int) -> VAVAE:
         from latentforge.tokenizers.vfm import load_vfm
 
         vfm = load_vfm(cfg.vfm, normalize=cfg.vfm_normalize, weights=cfg.vfm_weights)
-    return VAVAE(arch, cfg, vfm)
+    model = VAVAE(arch, cfg, vfm)
+    if cfg.weights:
+        load_published(model, cfg.weights)
+    return model
+
+
+PUBLISHED_HINT = (
+    "the published VA-VAE is vavae-imagenet256-f16d32-dinov2.pt in the Hugging Face repo "
+    "hustvl/vavae-imagenet256-f16d32-dinov2; download it and set tokenizer.weights=<path>"
+)
+
+
+def load_published(model: VAVAE, path: str) -> None:
+    """Load an official checkpoint strictly: every autoencoder key must be present and
+    match. Training-only entries of the official files (``loss.*``: LPIPS and the
+    discriminator; ``foundation_model.*``: the frozen VFM) are dropped; ``linear_proj``
+    (the VF projection) may be absent, as it is only used in training."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"tokenizer.weights: {file} does not exist ({PUBLISHED_HINT})")
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(file))
+    else:
+        sd = torch.load(str(file), map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd.get("model", sd))
+    sd = {k: v for k, v in sd.items() if not k.startswith(("loss.", "foundation_model."))}
+    ours = model.state_dict()
+    missing = [k for k in ours if k not in sd and not k.startswith("linear_proj.")]
+    unexpected = [k for k in sd if k not in ours]
+    shapes = [k for k in sd if k in ours and sd[k].shape != ours[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"tokenizer.weights {file}: not a VA-VAE {model.cfg.config} checkpoint "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {shapes[:3]})"
+        )
+    model.load_state_dict(sd, strict=False)
