@@ -90,6 +90,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="for MFU (GPU)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile our model")
     ap.add_argument("--official", type=Path, help="checkout of hustvl/LightningDiT to compare")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/generator_step.json"))
     args = ap.parse_args()
@@ -118,15 +119,17 @@ def main() -> None:
             out["mfu"] = out["achieved_tflops"] / args.peak_tflops
         return out
 
+    model = torch.compile(ours) if args.compile else ours
     results = {
         "config": args.config,
+        "compiled": args.compile,
         "batch": args.batch,
         "latent": list(latent),
         "threads": args.threads,
         "device": args.device,
         "dtype": args.dtype,
         "torch": torch.__version__,
-        "rows": [row("latentforge", ours)],
+        "rows": [row("latentforge", model)],
     }
     if args.official:
         official = official_model(args.official, arch, latent, 1000).to(device).train()
