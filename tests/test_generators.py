@@ -293,3 +293,15 @@ def test_transport_repa_term_trains_blocks_up_to_its_depth():
     assert model.projectors[0][0].weight.grad.abs().sum() > 0
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert model.blocks[1].attn.qkv.weight.grad is None  # after the aligned block
+
+
+def test_adaptive_dopri5_matches_a_fine_fixed_grid():
+    model, tr = trained_like(tiny()), Transport(TransportConfig())
+    noise, y = noise_for_seeds(range(3), (4, 8, 8)), torch.tensor([1, 2, 3])
+    kw = dict(cfg_scale=2.0, null_class=10)
+    fine, _ = sample(model, tr, noise, y, steps=200, method="heun", **kw)
+    adaptive, nfe = sample(model, tr, noise, y, method="dopri5", **kw)
+    assert (adaptive - fine).abs().max().item() < 1e-3
+    assert nfe > 0 and nfe % 2 == 0  # guided everywhere: two passes per evaluation
+    with pytest.raises(ValueError, match="timestep_shift"):
+        sample(model, tr, noise, y, method="dopri5", timestep_shift=0.3, **kw)

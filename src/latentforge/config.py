@@ -61,7 +61,7 @@ class ExtractConfig:
 class SampleConfig:
     num_images: int = 1000
     steps: int = 50
-    sampler: Literal["euler", "heun"] = "euler"
+    sampler: Literal["euler", "heun", "dopri5"] = "euler"  # dopri5: adaptive (torchdiffeq)
     cfg_scale: float = 3.0
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     cfg_channels: int | None = None  # None = all channels; 3 reproduces DiT/LightningDiT
