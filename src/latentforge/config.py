@@ -40,6 +40,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_images: float = 1.0e4
     grad_clip: float = 1.0
+    grad_accum: int = 1  # micro-batches per optimizer step (batch sizes stay global)
+    compile: str | None = None  # torch.compile backend for the training step ("inductor")
     ema_decay: float = 0.999
     log_every_images: float = 1.0e4
     checkpoint_every_images: float = 5.0e4

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from latentforge.generators.base import Generator
 from latentforge.generators.transport import TransportConfig
@@ -91,6 +92,7 @@ class LightningDiTConfig:
     # features; active when transport.repa_weight > 0 (SiT-XL: 8, SiT-B: 4)
     repa_depth: int = 4
     repa_projector_dim: int = 2048  # hidden width of the projector (REPA: 2048)
+    grad_checkpointing: bool = False  # recompute block activations in backward (memory)
     transport: TransportConfig = field(default_factory=TransportConfig)
 
 
@@ -310,6 +312,7 @@ class LightningDiT(Generator):
         repa_dim: int = 0,
         repa_depth: int = 4,
         repa_projector_dim: int = 2048,
+        grad_checkpointing: bool = False,
     ):
         """``repa_dim > 0`` adds REPA's projector (keys ``projectors.0.{0,2,4}``, as in
         sihyun-yu/REPA): an MLP hidden -> projector -> projector -> ``repa_dim`` with SiLU,
@@ -332,6 +335,7 @@ class LightningDiT(Generator):
         self.feat_rope = VisionRoPE(d // arch.heads, *self.grid) if arch.use_rope else None
         self.blocks = nn.ModuleList(Block(arch) for _ in range(arch.depth))
         self.final_layer = FinalLayer(d, arch.patch, self.out_channels, arch.use_rmsnorm)
+        self.grad_checkpointing = grad_checkpointing
         self.repa_depth = repa_depth if repa_dim else 0
         if repa_dim:
             if not 1 <= repa_depth <= arch.depth:
@@ -392,7 +396,10 @@ class LightningDiT(Generator):
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
         projected = None
         for i, block in enumerate(self.blocks, start=1):
-            x = block(x, c, self.feat_rope)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, self.feat_rope, use_reentrant=False)
+            else:
+                x = block(x, c, self.feat_rope)
             if return_repa and i == self.repa_depth:
                 projected = self.projectors[0](x)
         out = self.unpatchify(self.final_layer(x, c))
@@ -427,4 +434,5 @@ def build_lightningdit(
         repa_dim=repa_dim if cfg.transport.repa_weight > 0 else 0,
         repa_depth=cfg.repa_depth,
         repa_projector_dim=cfg.repa_projector_dim,
+        grad_checkpointing=cfg.grad_checkpointing,
     )

@@ -310,8 +310,11 @@ def fit(cfg: ExperimentConfig, job: Job, runtime: Runtime, log: Callable = print
             state, curve = load_checkpoint(ck, job, ema, opt)
             log(f"[{job.kind}] resumed at {state['nimg']} images")
     objective = runtime.wrap(job.objective)
-    local_bs = max(1, job.batch_size // runtime.world_size)
-    global_bs = local_bs * runtime.world_size
+    if tc.compile:
+        objective = torch.compile(objective, backend=tc.compile)
+    accum = max(1, tc.grad_accum)
+    local_bs = max(1, job.batch_size // (runtime.world_size * accum))
+    global_bs = local_bs * runtime.world_size * accum  # images per optimizer step
     next_log = state["nimg"] + tc.log_every_images
     next_ckpt = state["nimg"] + tc.checkpoint_every_images
     sums, count, t0 = {}, 0, time.time()
@@ -320,9 +323,11 @@ def fit(cfg: ExperimentConfig, job: Job, runtime: Runtime, log: Callable = print
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         gen = torch.Generator(device=runtime.device).manual_seed(seed)
-        for batch in runtime.batches(local_bs, seed):
-            batch = {k: v.to(runtime.device, non_blocking=True) for k, v in batch.items()}
-            parts = train_step(objective, opt, batch, state["nimg"], gen, job, tc)
+        for group in grouped(runtime.batches(local_bs, seed), accum):
+            group = [
+                {k: v.to(runtime.device, non_blocking=True) for k, v in b.items()} for b in group
+            ]
+            parts = train_step(objective, opt, group, state["nimg"], gen, job, tc)
             ema_update(ema, job.model, ema_decay_at(state["nimg"] // global_bs, job.ema_decay))
             state["nimg"] += global_bs
             for k, v in parts.items():
@@ -345,18 +350,38 @@ def fit(cfg: ExperimentConfig, job: Job, runtime: Runtime, log: Callable = print
     return {"nimg": state["nimg"], "curve": curve}
 
 
-def train_step(objective, opt, batch, nimg, gen, job: Job, tc) -> dict[str, float]:
+def grouped(batches: Iterator, n: int) -> Iterator[list]:
+    """Consecutive groups of ``n`` batches (a trailing incomplete group is dropped)."""
+    group = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == n:
+            yield group
+            group = []
+
+
+def train_step(objective, opt, batches: list, nimg, gen, job: Job, tc) -> dict[str, float]:
+    """One optimizer step over ``batches`` (gradient accumulation: each micro-batch's loss
+    is divided by their number; DDP synchronises gradients on the last one only)."""
+    from contextlib import nullcontext
+
     for group in opt.param_groups:
         group["lr"] = lr_at(nimg, job.lr, tc.warmup_images)
-    with autocast_for(batch):
-        parts = objective(batch, nimg, gen)
     opt.zero_grad(set_to_none=True)
-    parts["loss"].backward()
+    out: dict[str, float] = {}
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        no_sync = getattr(objective, "no_sync", None)
+        with nullcontext() if last or no_sync is None else no_sync(), autocast_for(batch):
+            parts = objective(batch, nimg, gen)
+            (parts["loss"] / len(batches)).backward()
+        for k, v in parts.items():
+            if torch.is_tensor(v) and v.numel() == 1:
+                out[k] = out.get(k, 0.0) + float(v.detach()) / len(batches)
     if tc.grad_clip > 0:
         gnorm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), tc.grad_clip)
-        parts["grad_norm"] = gnorm
+        out["grad_norm"] = float(gnorm)
     opt.step()
-    out = {k: float(v.detach()) for k, v in parts.items() if torch.is_tensor(v) and v.numel() == 1}
     if not math.isfinite(out["loss"]):
         raise FloatingPointError(f"{job.kind} loss is {out['loss']} at {nimg} images")
     return out
