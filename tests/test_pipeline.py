@@ -130,3 +130,18 @@ def test_repa_through_extract_generator_and_sampling(done_run):
     )
     with pytest.raises(ConfigError, match="extract.vfm"):
         Pipeline(no_feats).run(("generator",))
+
+
+def test_fid_in_the_evaluate_stage(done_run, tmp_path):
+    from tests.test_fid import random_inception_file
+
+    cfg, p = done_run
+    weights = random_inception_file(tmp_path)
+    overrides = ["evaluate.metrics=[fid]", f"evaluate.inception_weights={weights}"]
+    q = Pipeline(load_experiment(SMOKE, [f"run_dir={cfg.run_dir}", *overrides]))
+    q.run(("evaluate",))
+    metrics = json.loads((q.stage_dir("evaluate") / "metrics.json").read_text())
+    assert np.isfinite(metrics["fid"]) and metrics["fid"] > 0
+    assert metrics["fid_num_samples"] == 40
+    assert metrics["fid_reference"] == f"{cfg.evaluate.num_real} training images"
+    assert "inception" in metrics["fid_extractor"]

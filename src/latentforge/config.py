@@ -81,6 +81,8 @@ class EvaluateConfig:
     num_real: int = 2000  # reference images for Fréchet distances
     num_recon: int = 500  # held-out images for reconstruction metrics
     batch_size: int = 250
+    inception_weights: str | None = None  # FID: local InceptionV3 file (else torch hub cache)
+    fid_reference: str | None = None  # FID: an ADM reference batch .npz (else real images)
 
 
 @dataclass

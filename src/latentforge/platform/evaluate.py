@@ -21,7 +21,7 @@ import torch
 from latentforge.config import ExperimentConfig, config_hash
 from latentforge.metrics.frechet import FeatureStats, frechet_distance
 
-METRICS = ("fd_shapesnet", "class_accuracy", "rfd_shapesnet", "psnr")
+METRICS = ("fd_shapesnet", "class_accuracy", "rfd_shapesnet", "psnr", "fid")
 
 
 def check_metrics(names: list[str]) -> None:
@@ -67,6 +67,37 @@ def reference_stats(cfg: ExperimentConfig, split: str, n: int) -> FeatureStats:
     path.parent.mkdir(parents=True, exist_ok=True)
     stats.save(path)
     return stats
+
+
+def fid_metrics(cfg: ExperimentConfig, samples: np.ndarray) -> dict:
+    """FID (torch-fidelity's InceptionV3, our float64 Fréchet distance) of the samples
+    against ``evaluate.fid_reference`` (an ADM batch .npz) or, when unset, against
+    ``evaluate.num_real`` training images (statistics cached under run_dir/cache)."""
+    from latentforge.metrics.inception import inception_features, load_inception
+    from latentforge.metrics.inception import reference_stats as adm_stats
+
+    ec = cfg.evaluate
+    extractor = load_inception(ec.inception_weights)
+    if ec.fid_reference:
+        ref, source = adm_stats(ec.fid_reference, extractor, ec.batch_size), ec.fid_reference
+    else:
+        key = config_hash("inception", cfg.data, ec.num_real)
+        path = Path(cfg.run_dir, "cache", f"real-train-{ec.num_real}-inception-{key}.npz")
+        if path.exists():
+            ref = FeatureStats.load(path)
+        else:
+            images, _ = real_images(cfg, "train", ec.num_real)
+            ref = FeatureStats.of(inception_features(images, extractor, ec.batch_size))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ref.save(path)
+        source = f"{ref.n} training images"
+    feats = inception_features(samples, extractor, ec.batch_size)
+    return {
+        "fid": frechet_distance(FeatureStats.of(feats), ref),
+        "fid_num_samples": len(samples),
+        "fid_reference": source,
+        "fid_extractor": "torch-fidelity inception-v3-compat pool3 (2048)",
+    }
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -138,6 +169,9 @@ def evaluate(cfg: ExperimentConfig, paths: dict, out_dir: str | Path) -> dict:
         with np.load(Path(paths["samples"], "samples.npz")) as f:
             samples, labels = f["arr_0"], f["labels"]
         metrics.update(generation_metrics(cfg, samples, labels))
+    if "fid" in wanted:
+        with np.load(Path(paths["samples"], "samples.npz")) as f:
+            metrics.update(fid_metrics(cfg, f["arr_0"]))
     if wanted & {"rfd_shapesnet", "psnr"}:
         tokenizer = load_tokenizer(cfg, paths["tokenizer"])
         metrics.update(reconstruction_metrics(cfg, tokenizer, Path(out_dir)))

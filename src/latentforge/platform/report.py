@@ -18,6 +18,7 @@ METRIC_NOTES = {
     "class_accuracy": "embedded classifier agrees with the requested class (chance = 1/classes)",
     "rfd_shapesnet": "Fréchet distance, held-out reconstructions vs held-out images",
     "psnr": "reconstruction PSNR on held-out images (dB)",
+    "fid": "Fréchet Inception distance (torch-fidelity InceptionV3), samples vs fid_reference",
     "recon_class_accuracy": "embedded classifier on held-out reconstructions: the ceiling of class_accuracy",
 }
 

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from latentforge.config import ExperimentConfig, from_dict, to_dict
+from latentforge.metrics.inception import write_adm_npz
 
 MICRO_BATCH = 16  # the network always sees this many samples: bit-identical across splits
 
@@ -120,7 +121,7 @@ def run_sampling(cfg: ExperimentConfig, paths: dict, stats: dict, out_dir: str |
     ]
     images = np.concatenate(ray.get(refs))
     out_dir = Path(out_dir)
-    np.savez(out_dir / "samples.npz", arr_0=images, labels=labels, seeds=seeds)
+    write_adm_npz(out_dir / "samples.npz", images, labels=labels, seeds=seeds)
     save_grid(images, labels, out_dir / "grid.png", cfg.sample.grid_images, cfg.data.num_classes)
     meta = {"num_images": int(n), "shape": list(images.shape)}
     (out_dir / "samples.json").write_text(json.dumps(meta))
