@@ -324,3 +324,27 @@ def test_grad_checkpointing_gives_the_same_gradients():
             assert b.grad is None, name
             continue
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_one_d_tokens_train_and_sample():
+    """A 1-D token latent (C, N) = (8, 16), as from MAETok / SoftVQ-VAE: patch 1, tokens on
+    a 1 x N grid; the transport, CFG and samplers work on (B, C, N) unchanged."""
+    from dataclasses import replace
+
+    cfg = LightningDiTConfig(config="tiny")
+    with pytest.raises(ValueError, match="patch 1"):
+        build_lightningdit(cfg, (8, 16), 10)
+    model = LightningDiT(replace(CONFIGS["tiny"], patch=1), (8, 16), 10)
+    assert model.grid == (1, 16) and model.pos_embed.shape == (1, 16, 64)
+    trained_like(model)
+    x, t, y = torch.randn(3, 8, 16), torch.rand(3), torch.tensor([0, 4, 10])
+    assert model(x, t, y).shape == (3, 8, 16)
+    # token order matters (position embedding / RoPE): permuting tokens changes the output
+    assert not torch.allclose(model(x.flip(-1), t, y).flip(-1), model(x, t, y), atol=1e-4)
+    model.train()
+    out = Transport(TransportConfig()).loss(model, x, y[:3].clamp(max=9))
+    out["loss"].backward()
+    noise = noise_for_seeds(range(4), (8, 16))
+    z, nfe = sample(model.eval(), Transport(TransportConfig()), noise, balanced_labels(4, 10),
+                    steps=3, cfg_scale=2.0, null_class=10)  # fmt: skip
+    assert z.shape == (4, 8, 16) and torch.isfinite(z).all() and nfe == 6

@@ -158,3 +158,19 @@ def test_fit_with_accumulation_and_compile(tmp_path):
         cfg, generator_job(cfg, STATS), LocalRuntime(latents(), tmp_path), log=lambda *_: None
     )
     assert [p["nimg"] for p in out["curve"]] == [64, 128]
+
+
+def test_generator_fit_and_stats_on_one_d_token_latents(tmp_path):
+    """1-D token latents (B, C, N): per-channel statistics and the generator job."""
+    from latentforge.platform.extract import _partial_sums
+
+    z = np.random.default_rng(0).normal(2.0, 3.0, size=(64, 8, 16)).astype(np.float32)
+    parts = _partial_sums({"latent": z})
+    assert parts["shape"].tolist() == [[8, 16]] and int(parts["n"][0]) == 64 * 16
+    mean = parts["s"][0] / parts["n"][0]
+    assert np.allclose(mean, z.mean(axis=(0, 2)), atol=1e-6)
+    stats = {"latent_shape": [8, 16], "mean": mean.tolist(), "std": [3.0] * 8}
+    cfg = load_experiment(SMOKE, ["generator.config=tiny/1", "train.generator_images=64"])
+    data = {"latent": z, "label": (np.arange(64) % 10).astype(np.int64)}
+    out = fit(cfg, generator_job(cfg, stats), LocalRuntime(data, tmp_path), log=lambda *_: None)
+    assert out["nimg"] == 64 and np.isfinite(out["curve"][-1]["loss"])

@@ -73,6 +73,7 @@ CONFIGS: dict[str, DiTArch] = {
     "small": DiTArch(depth=6, hidden=192, heads=3, patch=2),
     "micro": DiTArch(depth=4, hidden=128, heads=2, patch=2),  # the 2-core demo
     "tiny": DiTArch(depth=2, hidden=64, heads=2, patch=2),
+    "tiny/1": DiTArch(depth=2, hidden=64, heads=2, patch=1),  # also for 1-D token latents
 }
 
 
@@ -318,7 +319,18 @@ class LightningDiT(Generator):
         sihyun-yu/REPA): an MLP hidden -> projector -> projector -> ``repa_dim`` with SiLU,
         reading the output of block ``repa_depth`` (1-based)."""
         super().__init__()
-        c, h, w = latent_shape
+        # 1-D tokenizers (MAETok, SoftVQ-VAE) give (C, N): N tokens of C channels, channels
+        # first like images; they run as a 1 x N grid with patch 1 (half of the sin-cos and
+        # RoPE dimensions then carry the token index, the other half are constant)
+        self.tokens_1d = len(latent_shape) == 2
+        if self.tokens_1d:
+            if arch.patch != 1:
+                raise ValueError(
+                    f"1-D latents {tuple(latent_shape)} need patch 1, not {arch.patch}"
+                )
+            c, h, w = latent_shape[0], 1, latent_shape[1]
+        else:
+            c, h, w = latent_shape
         if h % arch.patch or w % arch.patch:
             raise ValueError(f"latent {h}x{w} is not divisible by patch {arch.patch}")
         self.arch = arch
@@ -392,7 +404,8 @@ class LightningDiT(Generator):
         (``num_classes`` = null). Shapes: returns (B, C, H, W) (the first C channels when
         ``learn_sigma``); with ``return_repa`` also the projected tokens of block
         ``repa_depth``, (B, T, repa_dim) in row-major token order."""
-        x = self.x_embedder(x_t) + self.pos_embed  # (B, T, D)
+        x_in = x_t.unsqueeze(2) if self.tokens_1d else x_t  # (B, C, N) -> (B, C, 1, N)
+        x = self.x_embedder(x_in) + self.pos_embed  # (B, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
         projected = None
         for i, block in enumerate(self.blocks, start=1):
@@ -404,6 +417,7 @@ class LightningDiT(Generator):
                 projected = self.projectors[0](x)
         out = self.unpatchify(self.final_layer(x, c))
         out = out[:, : self.in_channels] if self.arch.learn_sigma else out
+        out = out.squeeze(2) if self.tokens_1d else out
         if return_repa:
             if projected is None:
                 raise ValueError("return_repa needs a model built with repa_dim > 0")

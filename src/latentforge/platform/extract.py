@@ -97,7 +97,7 @@ def extract(cfg: ExperimentConfig, tokenizer_weights: str | Path, out_dir: str |
 
 def _partial_sums(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     z = np.asarray(batch["latent"], dtype=np.float64)  # (B, C, H, W)
-    axes = (0, 2, 3) if z.ndim == 4 else (0, 1)
+    axes = (0, *range(2, z.ndim))  # per channel: (B, C, H, W) or 1-D tokens (B, C, N)
     return {
         "n": np.array([z.shape[0] * z[0].size // z.shape[1]]),
         "s": z.sum(axis=axes)[None],

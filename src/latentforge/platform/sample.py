@@ -50,8 +50,9 @@ def sample_images(
 
     sc = cfg.sample
     transport = build_transport(cfg)
-    mean = torch.tensor(stats["mean"], dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(stats["std"], dtype=torch.float32).view(1, -1, 1, 1)
+    per_channel = (1, -1) + (1,) * (len(stats["latent_shape"]) - 1)
+    mean = torch.tensor(stats["mean"], dtype=torch.float32).view(per_channel)
+    std = torch.tensor(stats["std"], dtype=torch.float32).view(per_channel)
     out = []
     step = max(MICRO_BATCH, sc.batch_size // MICRO_BATCH * MICRO_BATCH)
     for i in range(0, len(seeds), step):

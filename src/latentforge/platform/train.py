@@ -163,11 +163,13 @@ class GeneratorObjective(nn.Module):
         super().__init__()
         self.model = model
         self.transport = transport
-        self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", std.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("mean", mean.view(1, -1), persistent=False)
+        self.register_buffer("std", std.view(1, -1), persistent=False)
 
     def forward(self, batch: dict[str, torch.Tensor], nimg: int, generator=None):
-        x1 = (batch["latent"].float() - self.mean) / self.std
+        latent = batch["latent"].float()
+        shape = (1, -1) + (1,) * (latent.ndim - 2)  # (B, C, H, W) or 1-D tokens (B, C, N)
+        x1 = (latent - self.mean.view(shape)) / self.std.view(shape)
         feats = batch["vfm"].float() if "vfm" in batch else None
         return self.transport.loss(
             self.model, x1, batch["label"].long(), generator=generator, features=feats
