@@ -37,3 +37,12 @@ def test_generator_step_benchmark(tmp_path):
     # both rows run the same architecture, so they count the same FLOPs
     assert result["rows"][0]["flops_per_step"] == result["rows"][1]["flops_per_step"]
     assert result["speedup_vs_official"] > 0
+
+
+def test_fd_benchmark_agrees_with_scipy(tmp_path):
+    out = tmp_path / "fd.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "fd.py"), "--dim", "32", "--n", "20", "200"]
+    subprocess.run([*cmd, "--repeats", "1", "--out", str(out)], check=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["n"] for r in rows] == [20, 200]
+    assert all(r["relative_difference"] < 1e-6 and r["ours_s"] > 0 for r in rows)

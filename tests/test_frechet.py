@@ -51,3 +51,21 @@ def test_save_load(tmp_path):
     s.save(tmp_path / "s.npz")
     t = FeatureStats.load(tmp_path / "s.npz")
     assert t.n == 20 and np.allclose(t.sigma, s.sigma)
+
+
+@pytest.mark.parametrize("dim, n", [(64, 500), (512, 300), (2048, 600), (2048, 4000)])
+def test_matches_reference_across_dimensions(dim, n):
+    """Dimensions 64-2048, with fewer samples than dimensions (rank-deficient) included."""
+    rng = np.random.default_rng(dim + n)
+    a = FeatureStats.of(rng.normal(size=(n, dim)))
+    b = FeatureStats.of(rng.normal(size=(n, dim)) * 1.1 + 0.05)
+    expected = reference_fd(a.mu, a.sigma, b.mu, b.sigma)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+
+
+def test_invariant_to_sample_order():
+    x = np.random.default_rng(3).normal(size=(200, 32))
+    y = np.random.default_rng(4).normal(size=(150, 32))
+    fd = frechet_distance(FeatureStats.of(x), FeatureStats.of(y))
+    shuffled = FeatureStats.of(x[np.random.default_rng(5).permutation(200)])
+    assert frechet_distance(shuffled, FeatureStats.of(y)) == pytest.approx(fd, rel=1e-9)
