@@ -169,7 +169,7 @@ def repa_loss(
     when None); features (B, D, h', w'), resized to ``grid`` (area pooling when shrinking,
     bilinear otherwise) when the grids differ.
     """
-    b, n, d = projected.shape
+    n = projected.shape[1]
     if grid is None:
         side = int(round(n**0.5))
         grid = (side, side)

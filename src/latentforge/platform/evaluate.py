@@ -56,14 +56,22 @@ def classify(images: np.ndarray, batch_size: int = 250) -> tuple[np.ndarray, np.
     return np.concatenate(feats), np.concatenate(preds)
 
 
-def reference_stats(cfg: ExperimentConfig, split: str, n: int) -> FeatureStats:
-    """Shapesnet feature statistics of ``n`` real images, cached under run_dir/cache."""
-    key = config_hash("shapesnet", cfg.data, split, n)
-    path = Path(cfg.run_dir, "cache", f"real-{split}-{n}-shapesnet-{key}.npz")
+def reference_stats(
+    cfg: ExperimentConfig, split: str, n: int, extractor: str = "shapesnet", featurize=None
+) -> FeatureStats:
+    """Feature statistics of ``n`` real images of ``split`` under ``extractor`` (named in
+    the cache key; ``featurize`` maps uint8 images to features, the embedded classifier's by
+    default), cached under run_dir/cache."""
+    key = config_hash(extractor, cfg.data, split, n)
+    path = Path(cfg.run_dir, "cache", f"real-{split}-{n}-{extractor}-{key}.npz")
     if path.exists():
         return FeatureStats.load(path)
     images, _ = real_images(cfg, split, n)
-    stats = FeatureStats.of(classify(images, cfg.evaluate.batch_size)[0])
+    if featurize is None:
+        feats = classify(images, cfg.evaluate.batch_size)[0]
+    else:
+        feats = featurize(images)
+    stats = FeatureStats.of(feats)
     path.parent.mkdir(parents=True, exist_ok=True)
     stats.save(path)
     return stats
@@ -78,20 +86,16 @@ def fid_metrics(cfg: ExperimentConfig, samples: np.ndarray) -> dict:
 
     ec = cfg.evaluate
     extractor = load_inception(ec.inception_weights)
+
+    def featurize(images: np.ndarray) -> np.ndarray:
+        return inception_features(images, extractor, ec.batch_size)
+
     if ec.fid_reference:
         ref, source = adm_stats(ec.fid_reference, extractor, ec.batch_size), ec.fid_reference
     else:
-        key = config_hash("inception", cfg.data, ec.num_real)
-        path = Path(cfg.run_dir, "cache", f"real-train-{ec.num_real}-inception-{key}.npz")
-        if path.exists():
-            ref = FeatureStats.load(path)
-        else:
-            images, _ = real_images(cfg, "train", ec.num_real)
-            ref = FeatureStats.of(inception_features(images, extractor, ec.batch_size))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            ref.save(path)
+        ref = reference_stats(cfg, "train", ec.num_real, "inception", featurize)
         source = f"{ref.n} training images"
-    feats = inception_features(samples, extractor, ec.batch_size)
+    feats = featurize(samples)
     return {
         "fid": frechet_distance(FeatureStats.of(feats), ref),
         "fid_num_samples": len(samples),
@@ -165,13 +169,13 @@ def evaluate(cfg: ExperimentConfig, paths: dict, out_dir: str | Path) -> dict:
     check_metrics(cfg.evaluate.metrics)
     wanted = set(cfg.evaluate.metrics)
     metrics: dict = {}
-    if wanted & {"fd_shapesnet", "class_accuracy"}:
+    if wanted & {"fd_shapesnet", "class_accuracy", "fid"}:
         with np.load(Path(paths["samples"], "samples.npz")) as f:
             samples, labels = f["arr_0"], f["labels"]
+    if wanted & {"fd_shapesnet", "class_accuracy"}:
         metrics.update(generation_metrics(cfg, samples, labels))
     if "fid" in wanted:
-        with np.load(Path(paths["samples"], "samples.npz")) as f:
-            metrics.update(fid_metrics(cfg, f["arr_0"]))
+        metrics.update(fid_metrics(cfg, samples))
     if wanted & {"rfd_shapesnet", "psnr"}:
         tokenizer = load_tokenizer(cfg, paths["tokenizer"])
         metrics.update(reconstruction_metrics(cfg, tokenizer, Path(out_dir)))

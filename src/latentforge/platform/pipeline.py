@@ -17,8 +17,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from latentforge.config import ConfigError, ExperimentConfig, config_hash, to_yaml
 
 STAGES = ("tokenizer", "extract", "generator", "sample", "evaluate", "report")
@@ -194,18 +192,21 @@ class Pipeline:
         return {"count": stats["count"], "num_skipped": stats["num_skipped"]}
 
     def _generator(self, out: Path) -> dict:
+        import torch
+
         from latentforge.platform.extract import latent_dataset
         from latentforge.platform.train import build_generator, repa_dim
 
+        stats = self.stats()
         # config errors surface here, in one line, not from inside the Ray Train workers
-        repa = repa_dim(self.cfg, self.stats()) > 0
+        repa = repa_dim(self.cfg, stats) > 0
         with torch.device("meta"):
             try:
-                build_generator(self.cfg, self.stats())
+                build_generator(self.cfg, stats)
             except (KeyError, ValueError) as e:
                 raise ConfigError(f"generator: {e}") from None
         dataset = latent_dataset(self.stage_dir("extract"), vfm=repa).materialize()
-        return self._train("generator", dataset, out, self.stats())
+        return self._train("generator", dataset, out, stats)
 
     def _sample(self, out: Path) -> dict:
         from latentforge.platform.sample import run_sampling

@@ -371,9 +371,9 @@ def train_step(objective, opt, batches: list, nimg, gen, job: Job, tc) -> dict[s
         group["lr"] = lr_at(nimg, job.lr, tc.warmup_images)
     opt.zero_grad(set_to_none=True)
     out: dict[str, float] = {}
+    no_sync = getattr(objective, "no_sync", None)  # DDP only
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
-        no_sync = getattr(objective, "no_sync", None)
         with nullcontext() if last or no_sync is None else no_sync(), autocast_for(batch):
             parts = objective(batch, nimg, gen)
             (parts["loss"] / len(batches)).backward()
