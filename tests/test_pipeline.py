@@ -46,9 +46,17 @@ def test_all_artifacts(done_run):
         "rfd_shapesnet",
         "psnr",
         "recon_class_accuracy",
+        "fd_shapesnet_inf",
+        "fd_shapes_vit",  # fd_vfm on the embedded VFM, named by it
+        "ssim",
     ):
         assert np.isfinite(metrics[key]), key
+        assert metrics[f"{key}_num_samples"] in (40, cfg.evaluate.num_recon), key
+        assert metrics[f"{key}_extractor"], key
     assert metrics["num_samples"] == 40
+    assert len(metrics["class_accuracy_per_class"]) == cfg.data.num_classes
+    report = (p.run_dir / "report.md").read_text()
+    assert "| fd_shapes_vit |" in report and "local:shapes-vit class token" in report
     for name in ("report.html", "report.md", "grid.png", "curves.png", "recon.png"):
         assert (p.run_dir / name).stat().st_size > 0
     curve = json.loads((p.stage_dir("generator") / "curve.json").read_text())
@@ -137,11 +145,14 @@ def test_fid_in_the_evaluate_stage(done_run, tmp_path):
 
     cfg, p = done_run
     weights = random_inception_file(tmp_path)
-    overrides = ["evaluate.metrics=[fid]", f"evaluate.inception_weights={weights}"]
+    inception_set = ["fid", "is", "kid", "precision", "recall"]
+    overrides = [f"evaluate.metrics={inception_set}", f"evaluate.inception_weights={weights}"]
     q = Pipeline(load_experiment(SMOKE, [f"run_dir={cfg.run_dir}", *overrides]))
     q.run(("evaluate",))
     metrics = json.loads((q.stage_dir("evaluate") / "metrics.json").read_text())
     assert np.isfinite(metrics["fid"]) and metrics["fid"] > 0
-    assert metrics["fid_num_samples"] == 40
     assert metrics["fid_reference"] == f"{cfg.evaluate.num_real} training images"
-    assert "inception" in metrics["fid_extractor"]
+    for name in inception_set:
+        assert np.isfinite(metrics[name]), name
+        assert metrics[f"{name}_num_samples"] == 40, name
+        assert "inception" in metrics[f"{name}_extractor"], name

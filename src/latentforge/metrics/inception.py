@@ -1,5 +1,7 @@
-"""FID features: torch-fidelity's InceptionV3 (the TF-compatible port used for published
-FID numbers), loaded only from a local file, and the ADM reference-batch format.
+"""Inception metrics: torch-fidelity's InceptionV3 (the TF-compatible port used for
+published FID numbers), loaded only from a local file, the ADM reference-batch format, and
+IS / KID / precision-recall computed by torch-fidelity's own functions from features of one
+forward pass (pool-3 features and the logits come out of the same call).
 
 Weights are never downloaded here. They come from an explicit path, or from torch's hub
 cache where torch-fidelity itself keeps them
@@ -22,6 +24,7 @@ import torch
 from latentforge.metrics.frechet import FeatureStats
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_OUTPUTS = ("2048", "logits_unbiased")  # torch-fidelity's names: pool-3, logits
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
 )
@@ -45,26 +48,44 @@ def inception_weights_path(weights: str | Path | None = None) -> Path:
 
 
 def load_inception(weights: str | Path | None = None, device="cpu") -> torch.nn.Module:
-    """torch-fidelity's ``inception-v3-compat`` extractor returning pool-3 (2048) features."""
+    """torch-fidelity's ``inception-v3-compat`` extractor returning, from one forward pass,
+    pool-3 features (N, 2048) and the bias-free logits (N, 1008) that the Inception Score
+    uses (torch-fidelity's ``logits_unbiased``)."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     path = inception_weights_path(weights)
     return FeatureExtractorInceptionV3(
-        "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
+        "inception-v3-compat", list(INCEPTION_OUTPUTS), feature_extractor_weights_path=str(path)
     ).to(device)
 
 
 @torch.no_grad()
-def inception_features(images: np.ndarray, extractor, batch_size: int = 100) -> np.ndarray:
-    """Pool-3 features (N, 2048) float64 of uint8 images (N, H, W, 3), any size (resized to
-    299 inside the extractor, TF1-style, as for published FID)."""
+def inception_outputs(
+    images: np.ndarray, extractor, batch_size: int = 100
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Pool-3 features (N, 2048) and logits (N, 1008), float64, of uint8 images (N, H, W, 3)
+    of any size (resized to 299 inside the extractor, TF1-style, as for published FID), from
+    one pass. The logits are None for an extractor built without them."""
     device = next(extractor.parameters()).device
-    feats = []
+    pool, logits = [], []
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).permute(0, 3, 1, 2)
-        (out,) = extractor(x.to(device))
-        feats.append(out.double().cpu().numpy())
-    return np.concatenate(feats)
+        out = extractor(x.to(device))
+        pool.append(out[0].double().cpu().numpy())
+        if len(out) > 1:
+            logits.append(out[1].double().cpu().numpy())
+    return np.concatenate(pool), (np.concatenate(logits) if logits else None)
+
+
+def inception_features(images: np.ndarray, extractor, batch_size: int = 100) -> np.ndarray:
+    """Pool-3 features (N, 2048) float64 of uint8 images (N, H, W, 3)."""
+    return inception_outputs(images, extractor, batch_size)[0]
+
+
+def adm_has_images(path: str | Path) -> bool:
+    """Whether an ADM batch holds images (``arr_0``), not only precomputed statistics."""
+    with np.load(path) as f:
+        return "arr_0" in f
 
 
 def reference_stats(path: str | Path, extractor=None, batch_size: int = 100) -> FeatureStats:
@@ -76,10 +97,89 @@ def reference_stats(path: str | Path, extractor=None, batch_size: int = 100) -> 
             return FeatureStats(f["mu"].astype(np.float64), f["sigma"].astype(np.float64), n)
         if "arr_0" not in f:
             raise ValueError(f"{path}: neither mu/sigma nor arr_0 images (not an ADM batch)")
+    return FeatureStats.of(adm_features(path, extractor, batch_size))
+
+
+def adm_features(path: str | Path, extractor=None, batch_size: int = 100) -> np.ndarray:
+    """Pool-3 features (N, 2048) of an ADM batch's images ``arr_0`` (all of them, as ADM's
+    evaluator uses its whole reference batch for precision/recall)."""
+    with np.load(path) as f:
+        if "arr_0" not in f:
+            raise ValueError(f"{path} holds no images (arr_0), only precomputed statistics")
         images = f["arr_0"]
     if extractor is None:
         raise ValueError(f"{path} holds images only: pass the Inception extractor")
-    return FeatureStats.of(inception_features(images, extractor, batch_size))
+    return inception_features(images, extractor, batch_size)
+
+
+def inception_score(logits: np.ndarray, splits: int = 10, seed: int = 2020) -> tuple[float, float]:
+    """Inception Score (Salimans et al. 2016), ``exp E_x KL(p(y|x) || p(y))``, mean and std
+    over ``splits`` disjoint splits (fewer when there are fewer samples), by torch-fidelity's
+    ``isc_features_to_metric`` on the logits of :func:`inception_outputs`."""
+    from torch_fidelity.metric_isc import (
+        KEY_METRIC_ISC_MEAN,
+        KEY_METRIC_ISC_STD,
+        isc_features_to_metric,
+    )
+
+    logits = torch.from_numpy(np.asarray(logits, dtype=np.float64))
+    out = isc_features_to_metric(logits, splits=min(splits, len(logits)), rng_seed=seed)
+    return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
+
+
+def kernel_inception_distance(
+    samples: np.ndarray,
+    reference: np.ndarray,
+    subset_size: int = 1000,
+    subsets: int = 100,
+    seed: int = 2020,
+) -> tuple[float, float, int]:
+    """Kernel Inception Distance (Bińkowski et al. 2018, "Demystifying MMD GANs"): the
+    unbiased MMD^2 estimate with the cubic kernel ``(x.y / d + 1)^3``, mean and std over
+    ``subsets`` random subsets of ``subset_size`` from each set (clamped to the smaller set),
+    by torch-fidelity's ``kid_features_to_metric``. Returns (mean, std, subset size used)."""
+    from torch_fidelity.metric_kid import (
+        KEY_METRIC_KID_MEAN,
+        KEY_METRIC_KID_STD,
+        kid_features_to_metric,
+    )
+
+    size = min(subset_size, len(samples), len(reference))
+    out = kid_features_to_metric(
+        torch.from_numpy(np.asarray(samples, dtype=np.float64)),
+        torch.from_numpy(np.asarray(reference, dtype=np.float64)),
+        kid_subsets=subsets,
+        kid_subset_size=size,
+        rng_seed=seed,
+        verbose=False,
+    )
+    return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD], size
+
+
+def precision_recall(
+    samples: np.ndarray, reference: np.ndarray, k: int = 3, batch_size: int = 2048
+) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019): each set's manifold is the
+    union of balls reaching every point's k-th nearest neighbour; precision is the fraction
+    of samples inside the reference manifold, recall the fraction of reference points inside
+    the samples' manifold. ADM's evaluator uses k = 3 on pool-3 features. Computed by
+    torch-fidelity's ``prc_features_to_metric`` in row blocks of ``batch_size`` (memory
+    ``batch_size x N``)."""
+    from torch_fidelity.metric_prc import (
+        KEY_METRIC_PRECISION,
+        KEY_METRIC_RECALL,
+        prc_features_to_metric,
+    )
+
+    out = prc_features_to_metric(
+        torch.from_numpy(np.asarray(samples, dtype=np.float32)),  # generated first
+        torch.from_numpy(np.asarray(reference, dtype=np.float32)),
+        prc_neighborhood=k,
+        prc_batch_size=batch_size,
+        save_cpu_ram=True,
+        verbose=False,
+    )
+    return out[KEY_METRIC_PRECISION], out[KEY_METRIC_RECALL]
 
 
 def write_adm_npz(path: str | Path, images: np.ndarray, **extra: np.ndarray) -> None:

@@ -1,33 +1,102 @@
 """Evaluation of one run: generation and reconstruction metrics, named honestly.
 
-Metrics of the embedded default use the embedded classifier (``shapesnet``):
-``fd_shapesnet`` (Fréchet distance of its penultimate features, samples vs real training
-images), ``class_accuracy`` (its predictions on class-conditional samples vs the
-requested labels), ``rfd_shapesnet`` (held-out reconstructions vs held-out images) and
-``psnr``. ``fid`` is reserved for Inception features. Every Fréchet distance is reported
-with its sample counts, and with a real-vs-real baseline (held-out real images vs the same
-reference set, same count) for scale. Reference statistics are cached on disk, keyed by
-the data config, split, count and extractor.
+``evaluate.metrics`` names (see :data:`METRICS`):
+
+- generation, class-conditional samples vs real training images:
+  ``fd_shapesnet`` (Fréchet distance of the embedded classifier's penultimate features, with
+  a real-vs-real baseline: held-out real images vs the same reference, same count, for
+  scale), ``fd_shapesnet_inf`` (its FD∞ extrapolation), ``class_accuracy`` (the embedded
+  classifier's predictions vs the requested labels, overall and per class); the Inception
+  family ``fid``, ``fid_inf``, ``is``, ``kid``, ``precision``, ``recall``, all from one
+  InceptionV3 pass over the samples; ``fd_vfm``, FD on a VFM's class token (FD_DINOv2 of
+  Stein et al. 2023), reported under a key naming the VFM (``fd_shapes_vit``, ...).
+- reconstruction, held-out images vs their reconstructions: ``rfd_shapesnet``, ``psnr``,
+  ``ssim``, ``lpips``.
+
+``fid`` is reserved for Inception features. In ``metrics.json`` every metric ``m`` comes
+with ``m_num_samples``, ``m_extractor`` and, where it compares with a reference set,
+``m_reference``. Reference features and statistics are cached on disk under
+run_dir/cache, keyed by the data config, split, count and extractor (or, for an ADM
+reference batch, by the file and the extractor).
 """
 
 from __future__ import annotations
 
 import json
+import re
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from latentforge.config import ExperimentConfig, config_hash
-from latentforge.metrics.frechet import FeatureStats, frechet_distance
+from latentforge.metrics.frechet import FeatureStats, frechet_distance, frechet_distance_inf
 
-METRICS = ("fd_shapesnet", "class_accuracy", "rfd_shapesnet", "psnr", "fid")
+METRICS = (
+    "fd_shapesnet",
+    "fd_shapesnet_inf",
+    "class_accuracy",
+    "fid",
+    "fid_inf",
+    "is",
+    "kid",
+    "precision",
+    "recall",
+    "fd_vfm",
+    "rfd_shapesnet",
+    "psnr",
+    "ssim",
+    "lpips",
+)
+SHAPESNET_METRICS = frozenset({"fd_shapesnet", "fd_shapesnet_inf", "class_accuracy"})
+INCEPTION_METRICS = frozenset({"fid", "fid_inf", "is", "kid", "precision", "recall"})
+FEATURE_SET_METRICS = frozenset({"kid", "precision", "recall"})  # need reference features
+SAMPLE_METRICS = SHAPESNET_METRICS | INCEPTION_METRICS | {"fd_vfm"}
+RECON_METRICS = frozenset({"rfd_shapesnet", "psnr", "ssim", "lpips"})
+
+SHAPESNET = "shapesnet penultimate features"
+INCEPTION_POOL = "torch-fidelity inception-v3-compat pool3 (2048)"
+INCEPTION_LOGITS = "torch-fidelity inception-v3-compat logits_unbiased (1008)"
+SSIM = "pytorch-msssim SSIM (11x11 Gaussian window, sigma 1.5, RGB mean)"
+PR_NEIGHBOURS = 3  # k of Kynkäänniemi et al. 2019, as in ADM's evaluator
 
 
 def check_metrics(names: list[str]) -> None:
     unknown = [m for m in names if m not in METRICS]
     if unknown:
         raise ValueError(f"evaluate.metrics: unknown {unknown}; known: {list(METRICS)}")
+
+
+def check_inputs(cfg: ExperimentConfig, wanted: set[str]) -> None:
+    """Fail before any work on what is missing: a weights file, reference images."""
+    from latentforge.metrics.inception import adm_has_images, inception_weights_path
+    from latentforge.metrics.reconstruction import require_lpips_backbone
+
+    ec = cfg.evaluate
+    if wanted & INCEPTION_METRICS:
+        inception_weights_path(ec.inception_weights)  # raises, naming the file
+    needs = sorted(FEATURE_SET_METRICS & wanted)
+    if needs and ec.fid_reference and not adm_has_images(ec.fid_reference):
+        raise ValueError(
+            f"evaluate.metrics {needs} compare feature sets, but evaluate.fid_reference "
+            f"{ec.fid_reference} holds only precomputed mu/sigma (no arr_0 images). Use a "
+            "reference batch with images (ADM's VIRTUAL_*.npz have them), unset "
+            "evaluate.fid_reference to compare with evaluate.num_real training images, or "
+            f"drop {needs} from evaluate.metrics"
+        )
+    if "lpips" in wanted:
+        require_lpips_backbone(ec.lpips_net)
+
+
+def described(
+    name: str, value, num_samples: int, extractor: str, reference: str | None = None
+) -> dict:
+    """``name`` with its sample count, extractor and (when compared with one) reference."""
+    out = {name: value, f"{name}_num_samples": num_samples, f"{name}_extractor": extractor}
+    if reference is not None:
+        out[f"{name}_reference"] = reference
+    return out
 
 
 def real_images(cfg: ExperimentConfig, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,52 +125,240 @@ def classify(images: np.ndarray, batch_size: int = 250) -> tuple[np.ndarray, np.
     return np.concatenate(feats), np.concatenate(preds)
 
 
+def _cache_file(cfg: ExperimentConfig, split: str, n: int, extractor: str, suffix: str) -> Path:
+    key = config_hash(extractor, cfg.data, split, n)
+    name = re.sub(r"[^\w.-]+", "_", extractor)
+    return Path(cfg.run_dir, "cache", f"real-{split}-{n}-{name}-{key}{suffix}.npz")
+
+
+def _save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Write through a temporary file, so an interrupted run leaves no broken cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def _featurize(cfg: ExperimentConfig, featurize):
+    return featurize or (lambda images: classify(images, cfg.evaluate.batch_size)[0])
+
+
+def reference_features(
+    cfg: ExperimentConfig, split: str, n: int, extractor: str = "shapesnet", featurize=None
+) -> np.ndarray:
+    """Features (N, D) of ``n`` real images of ``split`` under ``extractor`` (``featurize``
+    maps uint8 images to features, the embedded classifier's by default), cached under
+    run_dir/cache as float32 (exact: every extractor here computes in float32)."""
+    path = _cache_file(cfg, split, n, extractor, "-features")
+    if path.exists():
+        with np.load(path) as f:
+            return f["features"].astype(np.float64)
+    images, _ = real_images(cfg, split, n)
+    feats = np.asarray(_featurize(cfg, featurize)(images), dtype=np.float64)
+    _save_npz(path, features=feats.astype(np.float32))
+    return feats
+
+
 def reference_stats(
     cfg: ExperimentConfig, split: str, n: int, extractor: str = "shapesnet", featurize=None
 ) -> FeatureStats:
     """Feature statistics of ``n`` real images of ``split`` under ``extractor`` (named in
-    the cache key; ``featurize`` maps uint8 images to features, the embedded classifier's by
-    default), cached under run_dir/cache."""
-    key = config_hash(extractor, cfg.data, split, n)
-    path = Path(cfg.run_dir, "cache", f"real-{split}-{n}-{extractor}-{key}.npz")
+    the cache key; ``featurize`` as in :func:`reference_features`, whose cache is reused when
+    present), cached under run_dir/cache."""
+    path = _cache_file(cfg, split, n, extractor, "")
     if path.exists():
         return FeatureStats.load(path)
-    images, _ = real_images(cfg, split, n)
-    if featurize is None:
-        feats = classify(images, cfg.evaluate.batch_size)[0]
+    if _cache_file(cfg, split, n, extractor, "-features").exists():
+        feats = reference_features(cfg, split, n, extractor, featurize)
     else:
-        feats = featurize(images)
+        images, _ = real_images(cfg, split, n)
+        feats = _featurize(cfg, featurize)(images)
     stats = FeatureStats.of(feats)
     path.parent.mkdir(parents=True, exist_ok=True)
     stats.save(path)
     return stats
 
 
-def fid_metrics(cfg: ExperimentConfig, samples: np.ndarray) -> dict:
-    """FID (torch-fidelity's InceptionV3, our float64 Fréchet distance) of the samples
-    against ``evaluate.fid_reference`` (an ADM batch .npz) or, when unset, against
-    ``evaluate.num_real`` training images (statistics cached under run_dir/cache)."""
-    from latentforge.metrics.inception import inception_features, load_inception
+def adm_reference_features(cfg: ExperimentConfig, extractor) -> np.ndarray:
+    """Inception pool-3 features of the images of the ADM batch ``evaluate.fid_reference``,
+    cached under run_dir/cache keyed by the file (path, size, mtime) and the extractor."""
+    from latentforge.metrics.inception import adm_features
+
+    src = Path(cfg.evaluate.fid_reference)
+    st = src.stat()
+    key = config_hash("inception", str(src.resolve()), st.st_size, st.st_mtime_ns)
+    path = Path(cfg.run_dir, "cache", f"adm-{src.stem}-inception-{key}-features.npz")
+    if path.exists():
+        with np.load(path) as f:
+            return f["features"].astype(np.float64)
+    feats = adm_features(src, extractor, cfg.evaluate.batch_size)
+    _save_npz(path, features=feats.astype(np.float32))
+    return feats
+
+
+def inception_reference_features(cfg: ExperimentConfig, extractor) -> tuple[np.ndarray, str]:
+    """Reference pool-3 features for KID and precision/recall, and what they are: the ADM
+    batch's images, or ``evaluate.num_real`` training images (cached either way)."""
+    from latentforge.metrics.inception import inception_features
+
+    ec = cfg.evaluate
+    if ec.fid_reference:
+        feats = adm_reference_features(cfg, extractor)
+        return feats, f"{ec.fid_reference} arr_0 ({len(feats)} images)"
+    featurize = partial(inception_features, extractor=extractor, batch_size=ec.batch_size)
+    feats = reference_features(cfg, "train", ec.num_real, "inception", featurize)
+    return feats, f"{len(feats)} training images"
+
+
+def inception_reference_stats(cfg: ExperimentConfig, extractor) -> tuple[FeatureStats, str]:
+    """Reference pool-3 statistics for FID: the ADM batch's stored ``mu``/``sigma`` (else
+    those of its images), or ``evaluate.num_real`` training images (cached either way)."""
+    from latentforge.metrics.inception import inception_features
     from latentforge.metrics.inception import reference_stats as adm_stats
 
     ec = cfg.evaluate
-    extractor = load_inception(ec.inception_weights)
-
-    def featurize(images: np.ndarray) -> np.ndarray:
-        return inception_features(images, extractor, ec.batch_size)
-
     if ec.fid_reference:
-        ref, source = adm_stats(ec.fid_reference, extractor, ec.batch_size), ec.fid_reference
-    else:
-        ref = reference_stats(cfg, "train", ec.num_real, "inception", featurize)
-        source = f"{ref.n} training images"
-    feats = featurize(samples)
-    return {
-        "fid": frechet_distance(FeatureStats.of(feats), ref),
-        "fid_num_samples": len(samples),
-        "fid_reference": source,
-        "fid_extractor": "torch-fidelity inception-v3-compat pool3 (2048)",
-    }
+        with np.load(ec.fid_reference) as f:
+            stored = "mu" in f and "sigma" in f
+        if stored:
+            return adm_stats(ec.fid_reference), ec.fid_reference
+        feats = adm_reference_features(cfg, extractor)
+        return FeatureStats.of(feats), f"{ec.fid_reference} arr_0 ({len(feats)} images)"
+    featurize = partial(inception_features, extractor=extractor, batch_size=ec.batch_size)
+    ref = reference_stats(cfg, "train", ec.num_real, "inception", featurize)
+    return ref, f"{ref.n} training images"
+
+
+def fd_inf_metrics(name: str, feats: np.ndarray, ref: FeatureStats, extractor, reference) -> dict:
+    """FD∞ (Chong & Forsyth 2020) under ``name``, with the fit's slope and subset sizes."""
+    fit = frechet_distance_inf(feats, ref)
+    out = described(name, fit.value, len(feats), extractor, reference)
+    out[f"{name}_slope"] = fit.slope
+    out[f"{name}_sizes"] = fit.sizes
+    return out
+
+
+def fid_metrics(cfg: ExperimentConfig, samples: np.ndarray, wanted=("fid",)) -> dict:
+    """The Inception metrics in ``wanted`` (FID, FID∞, IS, KID, precision/recall) from one
+    InceptionV3 pass over the samples, against ``evaluate.fid_reference`` (an ADM batch)
+    or, when unset, ``evaluate.num_real`` training images (reference cached on disk). FD is
+    our float64 one; IS, KID and precision/recall are torch-fidelity's functions."""
+    from latentforge.metrics import inception as inc
+
+    ec = cfg.evaluate
+    wanted = set(wanted) & INCEPTION_METRICS
+    check_inputs(cfg, wanted)
+    extractor = inc.load_inception(ec.inception_weights)
+    pool, logits = inc.inception_outputs(samples, extractor, ec.batch_size)
+    n = len(samples)
+    out: dict = {}
+    if wanted & FEATURE_SET_METRICS:  # first: the statistics below then reuse its cache
+        real, real_source = inception_reference_features(cfg, extractor)
+    if wanted & {"fid", "fid_inf"}:
+        ref, source = inception_reference_stats(cfg, extractor)
+    if "fid" in wanted:
+        out |= described(
+            "fid", frechet_distance(FeatureStats.of(pool), ref), n, INCEPTION_POOL, source
+        )
+    if "fid_inf" in wanted:
+        out |= fd_inf_metrics("fid_inf", pool, ref, INCEPTION_POOL, source)
+    if "is" in wanted:
+        mean, std = inc.inception_score(logits)
+        out |= described("is", mean, n, INCEPTION_LOGITS) | {"is_std": std}
+    if "kid" in wanted:
+        mean, std, size = inc.kernel_inception_distance(
+            pool, real, ec.kid_subset_size, ec.kid_subsets
+        )
+        out |= described("kid", mean, n, INCEPTION_POOL, real_source)
+        out |= {"kid_std": std, "kid_subset_size": size, "kid_subsets": ec.kid_subsets}
+    if wanted & {"precision", "recall"}:
+        precision, recall = inc.precision_recall(pool, real, k=PR_NEIGHBOURS)
+        pr = f"{INCEPTION_POOL}, k={PR_NEIGHBOURS}"
+        for name, value in (("precision", precision), ("recall", recall)):
+            if name in wanted:
+                out |= described(name, value, n, pr, real_source)
+    return out
+
+
+def vfm_metric_name(spec: str) -> str:
+    """The metrics.json key of ``fd_vfm`` for a VFM spec: ``local:shapes-vit`` ->
+    ``fd_shapes_vit``, ``hf:facebook/dinov2-base`` -> ``fd_dinov2_base``."""
+    name = spec.partition(":")[2].rstrip("/").rsplit("/", 1)[-1].removesuffix(".safetensors")
+    return "fd_" + re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+@torch.no_grad()
+def vfm_features(images: np.ndarray, vfm, batch_size: int) -> tuple[np.ndarray, str]:
+    """A VFM's class token (the mean patch token of its last layer when it has none) of
+    uint8 images: features (N, C) float64 and which token was used."""
+    from latentforge.platform.train import images_to_float
+
+    device = next(vfm.parameters()).device
+    feats, token = [], "class token"
+    for i in range(0, len(images), batch_size):
+        out = vfm(images_to_float(torch.from_numpy(images[i : i + batch_size])).to(device))
+        if out.cls is None:
+            token = "mean patch token"
+        pooled = out.cls if out.cls is not None else out.patch[-1].mean(dim=(2, 3))  # (B, C)
+        feats.append(pooled.double().cpu().numpy())
+    return np.concatenate(feats), token
+
+
+def vfm_metrics(cfg: ExperimentConfig, samples: np.ndarray) -> dict:
+    """FD_VFM (Stein et al. 2023, "Exposing flaws of generative model evaluation metrics",
+    FD_DINOv2): our Fréchet distance on the class token of ``evaluate.fd_vfm``, samples vs
+    ``evaluate.num_real`` training images, under a key naming the VFM."""
+    from latentforge.tokenizers.vfm import load_vfm
+
+    ec = cfg.evaluate
+    vfm = load_vfm(ec.fd_vfm, weights=ec.fd_vfm_weights)
+    cache_name = f"vfm-{ec.fd_vfm}" + (
+        f"@{Path(ec.fd_vfm_weights).name}" if ec.fd_vfm_weights else ""
+    )
+    ref = reference_stats(
+        cfg,
+        "train",
+        ec.num_real,
+        cache_name,
+        lambda images: vfm_features(images, vfm, ec.batch_size)[0],
+    )
+    feats, token = vfm_features(samples, vfm, ec.batch_size)
+    fd = frechet_distance(FeatureStats.of(feats), ref)
+    extractor = f"{ec.fd_vfm} {token} ({feats.shape[1]})"
+    return described(
+        vfm_metric_name(ec.fd_vfm), fd, len(samples), extractor, f"{ref.n} training images"
+    )
+
+
+def generation_metrics(
+    cfg: ExperimentConfig, samples: np.ndarray, labels: np.ndarray, wanted=None
+) -> dict:
+    """Embedded-classifier metrics of class-conditional samples: fd_shapesnet (with its
+    real-vs-real baseline and, when wanted, FD∞) and class accuracy overall and per class."""
+    wanted = set(cfg.evaluate.metrics if wanted is None else wanted)
+    feats, preds = classify(samples, cfg.evaluate.batch_size)
+    ref = reference_stats(cfg, "train", cfg.evaluate.num_real)
+    n = len(samples)
+    extractor, reference = f"{SHAPESNET} ({feats.shape[1]})", f"{ref.n} training images"
+    out: dict = {"num_samples": n, "num_real": ref.n}
+    out |= described(
+        "fd_shapesnet", frechet_distance(FeatureStats.of(feats), ref), n, extractor, reference
+    )
+    held, _ = real_images(cfg, "holdout", n)
+    baseline = frechet_distance(FeatureStats.of(classify(held, cfg.evaluate.batch_size)[0]), ref)
+    out |= described("fd_shapesnet_real_baseline", baseline, len(held), extractor, reference)
+    out["num_baseline"] = len(held)
+    if "fd_shapesnet_inf" in wanted:
+        out |= fd_inf_metrics("fd_shapesnet_inf", feats, ref, extractor, reference)
+    out |= described("class_accuracy", float(np.mean(preds == labels)), n, "shapesnet classifier")
+    classes = range(cfg.data.num_classes)
+    counts = [int(np.sum(labels == c)) for c in classes]
+    out["class_accuracy_per_class"] = [
+        float(np.mean(preds[labels == c] == c)) if k else None
+        for c, k in zip(classes, counts, strict=True)
+    ]
+    out["class_accuracy_per_class_num_samples"] = counts
+    return out
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -123,42 +380,47 @@ def reconstruct(tokenizer, images: np.ndarray, batch_size: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def generation_metrics(cfg: ExperimentConfig, samples: np.ndarray, labels: np.ndarray) -> dict:
-    feats, preds = classify(samples, cfg.evaluate.batch_size)
-    ref = reference_stats(cfg, "train", cfg.evaluate.num_real)
-    n = len(samples)
-    out: dict = {"num_samples": n, "num_real": ref.n}
-    out["fd_shapesnet"] = frechet_distance(FeatureStats.of(feats), ref)
-    held, _ = real_images(cfg, "holdout", n)
-    out["fd_shapesnet_real_baseline"] = frechet_distance(
-        FeatureStats.of(classify(held, cfg.evaluate.batch_size)[0]), ref
-    )
-    out["num_baseline"] = len(held)
-    out["class_accuracy"] = float(np.mean(preds == labels))
-    out["class_accuracy_per_class"] = [
-        float(np.mean(preds[labels == c] == c)) for c in range(cfg.data.num_classes)
-    ]
-    return out
+def lpips_description(model) -> str:
+    rand = " (random backbone: tests only)" if getattr(model, "pnet_rand", False) else ""
+    return f"lpips v{model.version} {model.pnet_type}{rand}"
 
 
-def reconstruction_metrics(cfg: ExperimentConfig, tokenizer, out_dir: Path) -> dict:
+def reconstruction_metrics(
+    cfg: ExperimentConfig, tokenizer, out_dir: Path, lpips_model=None
+) -> dict:
+    """The wanted reconstruction metrics (rfd_shapesnet, psnr, ssim, lpips) of held-out
+    images vs their reconstructions; ``lpips_model`` defaults to :func:`load_lpips`."""
     from PIL import Image
 
+    from latentforge.metrics.reconstruction import load_lpips, lpips_distance, ssim
     from latentforge.platform.sample import grid_of
 
-    held, held_labels = real_images(cfg, "holdout", cfg.evaluate.num_recon)
-    recon = reconstruct(tokenizer, held, cfg.evaluate.batch_size)
+    ec, wanted = cfg.evaluate, set(cfg.evaluate.metrics)
+    held, held_labels = real_images(cfg, "holdout", ec.num_recon)
+    recon = reconstruct(tokenizer, held, ec.batch_size)
     pairs = np.stack([held[:32], recon[:32]], axis=1).reshape(-1, *held.shape[1:])
     Image.fromarray(grid_of(pairs, cols=16)).save(out_dir / "recon.png")
-    out = {"num_recon": len(held), "psnr": psnr(recon, held)}
-    recon_feats, recon_preds = classify(recon, cfg.evaluate.batch_size)
-    out["rfd_shapesnet"] = frechet_distance(
-        FeatureStats.of(recon_feats),
-        FeatureStats.of(classify(held, cfg.evaluate.batch_size)[0]),
-    )
-    # the ceiling of class_accuracy through this tokenizer: a generator whose latents were
-    # perfect encodings would decode to images like these
-    out["recon_class_accuracy"] = float(np.mean(recon_preds == held_labels))
+    n, reference = len(held), f"{len(held)} held-out images"
+    out: dict = {"num_recon": n}
+    if "psnr" in wanted:
+        out |= described("psnr", psnr(recon, held), n, "pixels (uint8)", reference)
+    if "ssim" in wanted:
+        out |= described("ssim", ssim(recon, held, ec.batch_size), n, SSIM, reference)
+    if "lpips" in wanted:
+        model = lpips_model if lpips_model is not None else load_lpips(ec.lpips_net)
+        value = lpips_distance(recon, held, model, ec.batch_size)
+        out |= described("lpips", value, n, lpips_description(model), reference)
+    if "rfd_shapesnet" in wanted:
+        recon_feats, recon_preds = classify(recon, ec.batch_size)
+        rfd = frechet_distance(
+            FeatureStats.of(recon_feats), FeatureStats.of(classify(held, ec.batch_size)[0])
+        )
+        extractor = f"{SHAPESNET} ({recon_feats.shape[1]})"
+        out |= described("rfd_shapesnet", rfd, n, extractor, reference)
+        # the ceiling of class_accuracy through this tokenizer: a generator whose latents were
+        # perfect encodings would decode to images like these
+        accuracy = float(np.mean(recon_preds == held_labels))
+        out |= described("recon_class_accuracy", accuracy, n, "shapesnet classifier")
     return out
 
 
@@ -168,15 +430,18 @@ def evaluate(cfg: ExperimentConfig, paths: dict, out_dir: str | Path) -> dict:
 
     check_metrics(cfg.evaluate.metrics)
     wanted = set(cfg.evaluate.metrics)
+    check_inputs(cfg, wanted)
     metrics: dict = {}
-    if wanted & {"fd_shapesnet", "class_accuracy", "fid"}:
+    if wanted & SAMPLE_METRICS:
         with np.load(Path(paths["samples"], "samples.npz")) as f:
             samples, labels = f["arr_0"], f["labels"]
-    if wanted & {"fd_shapesnet", "class_accuracy"}:
-        metrics.update(generation_metrics(cfg, samples, labels))
-    if "fid" in wanted:
-        metrics.update(fid_metrics(cfg, samples))
-    if wanted & {"rfd_shapesnet", "psnr"}:
+    if wanted & SHAPESNET_METRICS:
+        metrics.update(generation_metrics(cfg, samples, labels, wanted))
+    if wanted & INCEPTION_METRICS:
+        metrics.update(fid_metrics(cfg, samples, wanted))
+    if "fd_vfm" in wanted:
+        metrics.update(vfm_metrics(cfg, samples))
+    if wanted & RECON_METRICS:
         tokenizer = load_tokenizer(cfg, paths["tokenizer"])
         metrics.update(reconstruction_metrics(cfg, tokenizer, Path(out_dir)))
     Path(out_dir, "metrics.json").write_text(json.dumps(metrics, indent=1))

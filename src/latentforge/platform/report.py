@@ -15,12 +15,32 @@ from pathlib import Path
 METRIC_NOTES = {
     "fd_shapesnet": "Fréchet distance of embedded-classifier features, samples vs real (lower is better; not FID)",
     "fd_shapesnet_real_baseline": "same distance for held-out real images vs the same reference (the floor)",
+    "fd_shapesnet_inf": "fd_shapesnet extrapolated to infinitely many samples (FD∞, Chong & Forsyth 2020)",
+    "fd_shapesnet_inf_slope": "slope k of the FD∞ fit FD_N = FD∞ + k/N (the small-N bias)",
     "class_accuracy": "embedded classifier agrees with the requested class (chance = 1/classes)",
+    "class_accuracy_per_class": "class_accuracy of each class, in class order",
     "rfd_shapesnet": "Fréchet distance, held-out reconstructions vs held-out images",
-    "psnr": "reconstruction PSNR on held-out images (dB)",
+    "psnr": "reconstruction PSNR on held-out images (dB, higher is better)",
+    "ssim": "reconstruction structural similarity (Wang et al. 2004; 1 = identical)",
+    "lpips": "reconstruction perceptual distance (Zhang et al. 2018; lower is better)",
     "fid": "Fréchet Inception distance (torch-fidelity InceptionV3), samples vs fid_reference",
+    "fid_inf": "FID extrapolated to infinitely many samples (FID∞, Chong & Forsyth 2020)",
+    "fid_inf_slope": "slope k of the FID∞ fit FID_N = FID∞ + k/N (the small-N bias)",
+    "is": "Inception Score (Salimans et al. 2016): confident and diverse classes (higher is better)",
+    "kid": "Kernel Inception distance (Bińkowski et al. 2018): unbiased MMD², ± std over subsets",
+    "kid_subset_size": "samples per KID subset",
+    "kid_subsets": "number of KID subsets",
+    "precision": "share of samples inside the real-image manifold (fidelity; Kynkäänniemi et al. 2019)",
+    "recall": "share of real images inside the samples' manifold (coverage; Kynkäänniemi et al. 2019)",
     "recon_class_accuracy": "embedded classifier on held-out reconstructions: the ceiling of class_accuracy",
+    "num_samples": "generated samples evaluated",
+    "num_real": "real training images of the reference statistics",
+    "num_baseline": "held-out real images in fd_shapesnet_real_baseline",
+    "num_recon": "held-out images reconstructed",
 }
+VFM_NOTE = "Fréchet distance of a VFM's class token, samples vs real (FD_DINOv2, Stein et al. 2023)"
+# a metric's companions in metrics.json, shown in its row rather than as rows of their own
+COMPANIONS = ("_num_samples", "_extractor", "_reference", "_std", "_sizes")
 
 
 def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
@@ -48,13 +68,41 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def metrics_rows(metrics: dict) -> list[tuple[str, str, str]]:
+def _text(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ", ".join("n/a" if v is None else _text(v) for v in value)
+    return str(value)
+
+
+def _note(key: str, metrics: dict) -> str:
+    if key in METRIC_NOTES:
+        return METRIC_NOTES[key]
+    if key.startswith("fd_") and f"{key}_extractor" in metrics:  # fd_vfm, named by its VFM
+        return VFM_NOTE
+    return ""
+
+
+def metrics_rows(metrics: dict) -> list[tuple[str, str, str, str, str, str]]:
+    """(metric, value, samples, extractor, reference, meaning) rows; each metric's
+    companions (``<metric>_num_samples``, ``_extractor``, ``_reference``, ``_std``,
+    ``_sizes``) fold into its row."""
+    folded = {k + c for k in metrics for c in COMPANIONS if k + c in metrics}
     rows = []
     for key, value in metrics.items():
-        if isinstance(value, list):
+        if key in folded:
             continue
-        text = f"{value:.4g}" if isinstance(value, float) else str(value)
-        rows.append((key, text, METRIC_NOTES.get(key, "")))
+        text = _text(value)
+        if f"{key}_std" in metrics:
+            text += f" ± {metrics[key + '_std']:.2g}"
+        samples = _text(metrics.get(f"{key}_num_samples", ""))
+        if f"{key}_sizes" in metrics:
+            sizes = metrics[f"{key}_sizes"]
+            samples += f" (fit on {len(sizes)} sizes {sizes[0]}..{sizes[-1]})"
+        extractor = _text(metrics.get(f"{key}_extractor", ""))
+        reference = _text(metrics.get(f"{key}_reference", ""))
+        rows.append((key, text, samples, extractor, reference, _note(key, metrics)))
     return rows
 
 
@@ -81,10 +129,10 @@ def write_report(pipeline, out: Path) -> dict:
         "",
         "## Metrics",
         "",
-        "| metric | value | meaning |",
-        "|---|---|---|",
+        "| metric | value | samples | extractor | reference | meaning |",
+        "|---|---|---|---|---|---|",
     ]
-    md += [f"| {k} | {v} | {n} |" for k, v, n in rows]
+    md += ["| " + " | ".join(row) + " |" for row in rows]
     md += [
         "",
         "## Class-conditional samples (one row per class)",
@@ -122,15 +170,18 @@ def _img(path: Path) -> str:
 
 def render_html(title: str, rows, times: dict, out: Path) -> str:
     table = "".join(
-        f"<tr><td><code>{html.escape(k)}</code></td><td>{html.escape(v)}</td><td>{html.escape(n)}</td></tr>"
-        for k, v, n in rows
+        f"<tr><td><code>{html.escape(key)}</code></td>"
+        + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells)
+        + "</tr>"
+        for key, *cells in rows
     )
     timing = "".join(f"<tr><td>{s}</td><td>{t:.1f}</td></tr>" for s, t in times.items())
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}</style></head>
 <body><h1>{html.escape(title)}</h1>
-<h2>Metrics</h2><table><tr><th>metric</th><th>value</th><th>meaning</th></tr>{table}</table>
+<h2>Metrics</h2><table><tr><th>metric</th><th>value</th><th>samples</th><th>extractor</th>
+<th>reference</th><th>meaning</th></tr>{table}</table>
 <h2>Class-conditional samples (one row per class)</h2>{_img(out / "grid.png")}
 <h2>Reconstructions (held-out image, then its reconstruction)</h2>{_img(out / "recon.png")}
 <h2>Training curves</h2>{_img(out / "curves.png")}

@@ -1,0 +1,103 @@
+"""Reconstruction metrics of uint8 image pairs: SSIM and LPIPS, through maintained packages.
+
+- SSIM (Wang et al. 2004) by ``pytorch-msssim``: the paper's 11 x 11 Gaussian window
+  (sigma 1.5), K1 = 0.01, K2 = 0.03, no padding, averaged over the RGB channels, per image.
+- LPIPS (Zhang et al. 2018, "The Unreasonable Effectiveness of Deep Features as a Perceptual
+  Metric") by the ``lpips`` package, v0.1 linear layers (shipped inside the package) on an
+  AlexNet or VGG16 backbone. The backbone comes from torchvision's ImageNet weights in torch's
+  hub cache (``<torch.hub.get_dir()>/checkpoints/<file>``); they are never downloaded here:
+  without the file, :func:`load_lpips` raises one error naming it and how to provide it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+LPIPS_NETS = ("alex", "vgg")
+
+
+def _to_float(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float64 (B, 3, H, W) in [0, 255]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).double()
+
+
+@torch.no_grad()
+def ssim(a: np.ndarray, b: np.ndarray, batch_size: int = 250) -> float:
+    """Mean per-image SSIM of two uint8 image sets (N, H, W, 3) of the same shape (sides of
+    at least 11 pixels, the window size)."""
+    import pytorch_msssim
+
+    if a.shape != b.shape:
+        raise ValueError(f"SSIM of differently shaped sets: {a.shape} vs {b.shape}")
+    scores = [
+        pytorch_msssim.ssim(
+            _to_float(a[i : i + batch_size]),
+            _to_float(b[i : i + batch_size]),
+            data_range=255,
+            size_average=False,
+        )
+        for i in range(0, len(a), batch_size)
+    ]
+    return float(torch.cat(scores).mean())
+
+
+def lpips_backbone_url(net: str = "alex") -> str:
+    """torchvision's ImageNet weights that lpips loads for its ``net`` backbone."""
+    import torchvision.models as tvm
+
+    if net not in LPIPS_NETS:
+        raise ValueError(f"LPIPS backbone {net!r}: expected one of {list(LPIPS_NETS)}")
+    weights = tvm.AlexNet_Weights if net == "alex" else tvm.VGG16_Weights
+    return weights.IMAGENET1K_V1.url
+
+
+def lpips_backbone_path(net: str = "alex") -> Path:
+    """Where torchvision keeps (and lpips looks up) the backbone weights of ``net``."""
+    name = lpips_backbone_url(net).rsplit("/", 1)[-1]
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def require_lpips_backbone(net: str = "alex") -> Path:
+    """The backbone weights file of ``net``; when absent, one error naming it and the fix."""
+    path = lpips_backbone_path(net)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"LPIPS ({net}) needs torchvision's ImageNet backbone weights {path}, which do not "
+            f"exist. Download {lpips_backbone_url(net)} once (on a machine with network "
+            f"access) and put it at {path} (torch.hub.get_dir() follows $TORCH_HOME), or "
+            "drop lpips from evaluate.metrics"
+        )
+    return path
+
+
+def load_lpips(net: str = "alex", device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The ``lpips`` package's LPIPS (v0.1, calibrated linear layers) on the ImageNet
+    ``net`` backbone from torch's hub cache, frozen in eval mode; never downloads."""
+    import lpips
+
+    require_lpips_backbone(net)  # lpips would otherwise have torchvision download it
+    with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=`
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(net=net, version="0.1", verbose=False)
+    return model.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def lpips_distance(
+    a: np.ndarray, b: np.ndarray, model: torch.nn.Module, batch_size: int = 250
+) -> float:
+    """Mean per-image LPIPS of two uint8 image sets (N, H, W, 3) under ``model`` (an
+    ``lpips.LPIPS``, e.g. from :func:`load_lpips`)."""
+    if a.shape != b.shape:
+        raise ValueError(f"LPIPS of differently shaped sets: {a.shape} vs {b.shape}")
+    device = next(model.parameters()).device
+    scores = []
+    for i in range(0, len(a), batch_size):
+        x = _to_float(a[i : i + batch_size]).float().div(127.5).sub(1.0)  # [-1, 1]
+        y = _to_float(b[i : i + batch_size]).float().div(127.5).sub(1.0)
+        scores.append(model(x.to(device), y.to(device)).flatten().cpu())  # (B,)
+    return float(torch.cat(scores).double().mean())

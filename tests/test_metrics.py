@@ -1,0 +1,278 @@
+"""Evaluation metrics beyond FD: IS / KID / precision-recall from one Inception pass with
+cached reference features, FD on a VFM, SSIM / LPIPS, per-class accuracy, and the report's
+metric rows. CPU, no Ray (real images are rendered in-process), no weights downloaded."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from latentforge.config import load_experiment
+from latentforge.metrics import inception as inc
+from latentforge.metrics.inception import (
+    inception_features,
+    inception_outputs,
+    inception_score,
+    kernel_inception_distance,
+    precision_recall,
+    write_adm_npz,
+)
+from latentforge.metrics.reconstruction import load_lpips, lpips_distance, ssim
+from latentforge.platform import evaluate as ev
+from latentforge.platform.report import metrics_rows
+from latentforge.shapes import render_shapes
+from tests.test_fid import random_inception_file
+
+SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.yaml"
+INCEPTION_SET = ["fid", "fid_inf", "is", "kid", "precision", "recall"]
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    return random_inception_file(tmp_path_factory.mktemp("inception"))
+
+
+@pytest.fixture(scope="module")
+def random_inception(inception_file):
+    return inc.load_inception(inception_file)
+
+
+@pytest.fixture
+def real_calls(monkeypatch):
+    """Real images rendered in-process instead of read through Ray Data; counts the reads."""
+    calls = []
+
+    def fake_real_images(cfg, split, n):
+        calls.append((split, n))
+        start = 0 if split == "train" else 10_000
+        return render_shapes(range(start, start + n), cfg.data.resolution, cfg.data.seed)
+
+    monkeypatch.setattr(ev, "real_images", fake_real_images)
+    return calls
+
+
+def smoke_cfg(tmp_path, *overrides):
+    return load_experiment(SMOKE, [f"run_dir={tmp_path / 'run'}", *overrides])
+
+
+def noisy(images, seed, scale=40):
+    noise = np.random.default_rng(seed).normal(0, scale, images.shape)
+    return np.clip(images + noise, 0, 255).astype(np.uint8)
+
+
+def test_one_inception_pass_gives_pool_features_and_logits(random_inception):
+    x = render_shapes(range(4), 32)[0]
+    pool, logits = inception_outputs(x, random_inception, batch_size=3)
+    assert pool.shape == (4, 2048) and logits.shape == (4, 1008)
+    assert pool.dtype == logits.dtype == np.float64
+    assert np.array_equal(pool, inception_features(x, random_inception))
+
+
+def test_is_kid_precision_recall_on_known_features():
+    # IS: uniform predictions score 1; confident, balanced predictions over C classes score C
+    assert inception_score(np.zeros((20, 1008)))[0] == pytest.approx(1.0)
+    assert inception_score(np.tile(50 * np.eye(10), (3, 1)), splits=1)[0] == pytest.approx(10.0)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 16)), rng.normal(size=(200, 16))
+    shifted = rng.normal(size=(200, 16)) + 1.0
+    same, _, size = kernel_inception_distance(a, b, subset_size=100, subsets=20)
+    far, std, _ = kernel_inception_distance(a, shifted, subset_size=100, subsets=20)
+    assert size == 100 and abs(same) < 0.05 < far and std > 0
+    assert kernel_inception_distance(a, shifted[:50])[2] == 50  # clamped to the smaller set
+    assert precision_recall(a, a) == (1.0, 1.0)
+    # samples collapsed near the mode: all realistic (precision), little coverage (recall)
+    precision, recall = precision_recall(a[:60] * 0.2, a)
+    assert precision == 1.0 and recall < 0.2
+
+
+@pytest.mark.slow
+def test_inception_metrics_from_one_pass_with_cached_reference(
+    tmp_path, monkeypatch, inception_file, real_calls
+):
+    cfg = smoke_cfg(
+        tmp_path,
+        f"evaluate.metrics={INCEPTION_SET}",
+        f"evaluate.inception_weights={inception_file}",
+        "evaluate.num_real=12",
+        "evaluate.batch_size=8",
+    )
+    passes = []
+    real_outputs = inc.inception_outputs
+
+    def counted(images, extractor, batch_size=100):
+        passes.append(len(images))
+        return real_outputs(images, extractor, batch_size)
+
+    monkeypatch.setattr(inc, "inception_outputs", counted)
+    samples = noisy(render_shapes(range(100, 110), 32)[0], 0)
+    first = ev.fid_metrics(cfg, samples, INCEPTION_SET)
+    assert passes == [10, 12]  # the samples once (pool + logits), the reference once
+    assert real_calls == [("train", 12)]
+    for name in INCEPTION_SET:
+        assert np.isfinite(first[name]), name
+        assert first[f"{name}_num_samples"] == 10
+        assert "inception" in first[f"{name}_extractor"]
+    assert first["fid_reference"] == first["kid_reference"] == "12 training images"
+    assert first["kid_subset_size"] == 10 and first["kid_std"] >= 0 and first["is_std"] >= 0
+    assert 0 <= first["precision"] <= 1 and 0 <= first["recall"] <= 1
+    assert first["fid_inf_sizes"][-1] == 10
+    cached = sorted(p.name for p in Path(cfg.run_dir, "cache").iterdir())
+    assert len(cached) == 2 and any(name.endswith("-features.npz") for name in cached)
+    passes.clear()
+    feature_set = ["is", "kid", "precision", "recall"]  # (skips the slow 2048-d FDs)
+    again = ev.fid_metrics(cfg, samples, feature_set)
+    assert passes == [10] and real_calls == [("train", 12)]  # the reference came from disk
+    for name in feature_set:
+        assert again[name] == pytest.approx(first[name], rel=1e-6, abs=1e-9), name
+
+
+@pytest.mark.slow
+def test_adm_reference_images_and_statistics_only(tmp_path, inception_file, monkeypatch):
+    samples = noisy(render_shapes(range(8), 32)[0], 1)
+    batch = tmp_path / "VIRTUAL_ref.npz"
+    write_adm_npz(batch, render_shapes(range(50, 58), 32)[0])
+    cfg = smoke_cfg(
+        tmp_path,
+        "evaluate.metrics=[fid,kid,precision,recall]",
+        f"evaluate.inception_weights={inception_file}",
+        f"evaluate.fid_reference={batch}",
+    )
+    out = ev.fid_metrics(cfg, samples, ["fid", "kid", "precision"])
+    assert out["kid_reference"] == f"{batch} arr_0 (8 images)" == out["fid_reference"]
+    assert np.isfinite(out["fid"]) and "recall" not in out
+    assert len(list(Path(cfg.run_dir, "cache").glob("adm-VIRTUAL_ref-inception-*.npz"))) == 1
+    # a batch with only precomputed statistics serves FID but not KID or precision/recall
+    stats_only = tmp_path / "stats_only.npz"
+    np.savez(stats_only, mu=np.zeros(4), sigma=np.eye(4))
+    cfg = smoke_cfg(
+        tmp_path,
+        f"evaluate.inception_weights={inception_file}",
+        f"evaluate.fid_reference={stats_only}",
+    )
+    with pytest.raises(ValueError, match="stats_only.npz") as e:
+        ev.check_inputs(cfg, {"fid", "kid", "recall"})
+    assert "['kid', 'recall']" in str(e.value) and "arr_0" in str(e.value)
+    ev.check_inputs(cfg, {"fid"})
+
+
+def test_fd_vfm_on_the_embedded_vit_names_its_extractor(tmp_path, real_calls):
+    assert ev.vfm_metric_name("local:shapes-vit") == "fd_shapes_vit"
+    assert ev.vfm_metric_name("hf:facebook/dinov2-base") == "fd_dinov2_base"
+    assert (
+        ev.vfm_metric_name("timm:vit_large_patch14_dinov2.lvd142m")
+        == "fd_vit_large_patch14_dinov2_lvd142m"
+    )
+    cfg = smoke_cfg(tmp_path, "evaluate.num_real=24", "evaluate.metrics=[fd_vfm]")
+    same = ev.vfm_metrics(cfg, render_shapes(range(24), 32)[0])  # the reference itself
+    assert same["fd_shapes_vit"] == pytest.approx(0.0, abs=1e-6)
+    assert same["fd_shapes_vit_extractor"] == "local:shapes-vit class token (128)"
+    assert same["fd_shapes_vit_num_samples"] == 24
+    assert same["fd_shapes_vit_reference"] == "24 training images"
+    other = ev.vfm_metrics(cfg, noisy(render_shapes(range(200, 224), 32)[0], 2))
+    assert other["fd_shapes_vit"] > 0 and real_calls == [("train", 24)]  # cached reference
+
+
+def test_ssim_and_lpips():
+    x = render_shapes(range(6), 32)[0]
+    y = noisy(x, 3)
+    assert ssim(x, x, batch_size=4) == pytest.approx(1.0)
+    assert 0 < ssim(x, y) < 0.9
+    torch.manual_seed(0)
+    net = load_lpips_random()
+    assert lpips_distance(x, x, net, batch_size=4) == pytest.approx(0.0, abs=1e-7)
+    assert lpips_distance(x, y, net) > lpips_distance(x, noisy(x, 3, scale=5), net) > 0
+
+
+def load_lpips_random():
+    """The lpips package's LPIPS with its shipped linear layers on a random AlexNet (tests
+    only: the ImageNet backbone is a download we never make)."""
+    import lpips
+
+    return lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()
+
+
+def test_lpips_without_backbone_weights_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    expected = tmp_path / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    with pytest.raises(FileNotFoundError, match="alexnet-owt-7be5be79.pth") as e:
+        load_lpips("alex")
+    assert str(expected) in str(e.value) and "download.pytorch.org" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
+        ev.check_inputs(smoke_cfg(tmp_path, "evaluate.lpips_net=vgg"), {"lpips"})
+
+
+class Identity(torch.nn.Module):
+    def encode(self, x):
+        return x
+
+    def decode(self, z):
+        return z
+
+
+def test_reconstruction_metrics_of_a_perfect_tokenizer(tmp_path, real_calls):
+    metrics = ["rfd_shapesnet", "psnr", "ssim", "lpips"]
+    cfg = smoke_cfg(tmp_path, f"evaluate.metrics={metrics}")
+    torch.manual_seed(0)
+    out = ev.reconstruction_metrics(cfg, Identity(), tmp_path, lpips_model=load_lpips_random())
+    assert (tmp_path / "recon.png").exists()
+    assert out["psnr"] == pytest.approx(10 * np.log10(255**2 / 1e-10))  # the MSE floor
+    assert out["ssim"] == pytest.approx(1.0) and out["lpips"] == pytest.approx(0.0, abs=1e-7)
+    assert out["rfd_shapesnet"] == pytest.approx(0.0, abs=1e-6)
+    for name in [*metrics, "recon_class_accuracy"]:
+        assert out[f"{name}_num_samples"] == cfg.evaluate.num_recon == 16, name
+        assert out[f"{name}_extractor"], name
+    assert out["lpips_extractor"] == "lpips v0.1 alex (random backbone: tests only)"
+    assert out["ssim_reference"] == "16 held-out images"
+
+
+def test_generation_metrics_per_class_and_fd_inf(tmp_path, real_calls):
+    cfg = smoke_cfg(tmp_path, "evaluate.num_real=40")
+    samples, labels = render_shapes(range(300, 340), 32)  # real images as "samples"
+    out = ev.generation_metrics(
+        cfg, samples, labels, ["fd_shapesnet", "fd_shapesnet_inf", "class_accuracy"]
+    )
+    per_class = out["class_accuracy_per_class"]
+    counts = out["class_accuracy_per_class_num_samples"]
+    assert len(per_class) == cfg.data.num_classes and counts == [4] * 10
+    assert np.dot(per_class, counts) / 40 == pytest.approx(out["class_accuracy"])
+    assert out["class_accuracy_extractor"] == "shapesnet classifier"
+    assert out["fd_shapesnet_num_samples"] == 40 and "(128)" in out["fd_shapesnet_extractor"]
+    assert np.isfinite(out["fd_shapesnet_inf"]) and out["fd_shapesnet_inf_sizes"][-1] == 40
+    # a class without samples is reported as such, not as NaN
+    out = ev.generation_metrics(cfg, samples[labels != 3], labels[labels != 3], ["class_accuracy"])
+    assert out["class_accuracy_per_class"][3] is None
+    assert "fd_shapesnet_inf" not in out
+
+
+def test_metric_names_are_checked():
+    ev.check_metrics(list(ev.METRICS))
+    with pytest.raises(ValueError, match="fid_infinity"):
+        ev.check_metrics(["fid", "fid_infinity"])
+
+
+def test_report_rows_carry_counts_extractors_and_meanings():
+    metrics = {
+        "num_samples": 40,
+        **ev.described("kid", 0.0123, 40, "inception pool3", "64 training images"),
+        "kid_std": 0.002,
+        **ev.described("fd_shapes_vit", 1.5, 40, "local:shapes-vit class token (128)", "64 real"),
+        **ev.described("fid_inf", 3.0, 40, "inception pool3", "64 real"),
+        "fid_inf_sizes": [4, 10, 40],
+        "class_accuracy_per_class": [0.5, None],
+        "class_accuracy_per_class_num_samples": [4, 0],
+    }
+    rows = {row[0]: row[1:] for row in metrics_rows(metrics)}
+    assert set(rows) == {
+        "num_samples",
+        "kid",
+        "fd_shapes_vit",
+        "fid_inf",
+        "class_accuracy_per_class",
+    }
+    value, samples, extractor, reference, note = rows["kid"]
+    assert value == "0.0123 ± 0.002" and samples == "40" and extractor == "inception pool3"
+    assert reference == "64 training images" and "Kernel Inception" in note
+    assert "FD_DINOv2" in rows["fd_shapes_vit"][4]
+    assert rows["fid_inf"][1] == "40 (fit on 3 sizes 4..40)" and "Chong" in rows["fid_inf"][4]
+    assert rows["class_accuracy_per_class"][:2] == ("0.5, n/a", "4, 0")
