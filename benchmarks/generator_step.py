@@ -17,13 +17,12 @@ LightningDiT-XL/1`` gives images/s and MFU against ``--peak-tflops``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import types
 from pathlib import Path
 
 import torch
-from timing import median_seconds
+from timing import emit, median_seconds
 from torch.utils.flop_counter import FlopCounterMode
 
 from latentforge.generators.lightningdit import CONFIGS, LightningDiT
@@ -136,11 +135,7 @@ def main() -> None:
         official.load_state_dict(ours.state_dict(), strict=True)  # same keys, same weights
         results["rows"].append(row("official", official))
         results["speedup_vs_official"] = results["rows"][1]["step_s"] / results["rows"][0]["step_s"]
-    text = json.dumps(results, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

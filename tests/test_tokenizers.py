@@ -146,3 +146,111 @@ def test_few_steps_lower_the_loss():
         opt.step()
         first = first if first is not None else out["recon"].item()
     assert out["recon"].item() < 0.8 * first
+
+
+# --------------------------------------------------------------------------- GAN, perceptual
+
+
+def test_patchgan_shapes_keys_and_init():
+    d = losses.NLayerDiscriminator(3, channels=8, layers=3)
+    # three stride-2 convolutions, two 4x4 stride-1 ones: 256 -> 128 -> 64 -> 32 -> 31 -> 30
+    assert d(torch.randn(2, 3, 256, 256)).shape == (2, 1, 30, 30)
+    assert d(torch.randn(1, 3, 32, 32)).shape == (1, 1, 2, 2)
+    # the layout of LDM / VA-VAE checkpoints' loss.discriminator.main.{i}
+    keys = set(d.state_dict())
+    assert {"main.0.weight", "main.0.bias", "main.2.weight", "main.3.running_mean"} <= keys
+    assert {"main.11.weight", "main.11.bias"} <= keys and "main.2.bias" not in keys
+    assert d.main[8].weight.shape == (64, 32, 4, 4)  # widths 8 -> 16 -> 32 -> 64 -> 1
+    assert abs(d.main[0].weight.std().item() - 0.02) < 0.01
+    shallow = losses.NLayerDiscriminator(3, channels=8, layers=1)
+    assert shallow(torch.randn(1, 3, 32, 32)).shape == (1, 1, 14, 14)
+
+
+def test_hinge_losses_known_values():
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])
+    # D: (mean(relu(1 - [2, .5])) + mean(relu(1 + [-2, 0]))) / 2 = (0.25 + 0.5) / 2
+    assert losses.hinge_d_loss(real, fake).item() == pytest.approx(0.375)
+    assert losses.hinge_g_loss(fake).item() == pytest.approx(1.0)
+
+
+def test_gan_terms_switch_on_at_disc_start():
+    model = tiny(disc_weight=0.5, disc_start=64).train()
+    disc = model.make_discriminator()
+    assert tiny().make_discriminator() is None  # disc_weight 0: no GAN (the default)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    before = model.loss(x, nimg=63, discriminator=disc)
+    assert not model.gan_active(63) and "g_loss" not in before and "fake" not in before
+    after = model.loss(x, nimg=64, discriminator=disc)
+    assert model.gan_active(64) and {"g_loss", "g_weight_eff", "fake"} <= set(after)
+    w = after["g_weight_eff"].item()
+    assert 0 < w <= 0.5 * 1e4 and after["fake"].shape == x.shape
+    assert not after["fake"].requires_grad and after["loss"].requires_grad
+    d = model.discriminator_loss(disc, x, after["fake"])
+    assert d["loss"].requires_grad and d["d_loss"].item() >= 0
+    d["loss"].backward()
+    assert disc.main[0].weight.grad is not None
+    assert all(p.grad is None for p in model.parameters())  # fakes are detached
+
+
+def test_discriminator_loads_official_layout_and_ours(tmp_path):
+    from safetensors.torch import save_file
+
+    from latentforge.tokenizers.vavae import load_discriminator
+
+    src = losses.NLayerDiscriminator(3, 8, 2)
+    sd = src.state_dict()
+    torch.save(
+        {"state_dict": {f"loss.discriminator.{k}": v for k, v in sd.items()}}, tmp_path / "a.pt"
+    )
+    save_file(sd, str(tmp_path / "b.safetensors"))
+    for name in ("a.pt", "b.safetensors"):
+        dst = losses.NLayerDiscriminator(3, 8, 2)
+        load_discriminator(dst, str(tmp_path / name))
+        assert all(torch.equal(dst.state_dict()[k], v) for k, v in sd.items())
+    model = tiny(disc_weight=0.5, disc_channels=8, disc_layers=2)
+    model.cfg.disc_weights = str(tmp_path / "b.safetensors")
+    assert torch.equal(model.make_discriminator().main[0].weight, sd["main.0.weight"])
+
+
+def test_vfm_perceptual_distance_and_config():
+    """perceptual=vfm: the embedded shapes ViT's features, four layers; zero for identical
+    images, gradients to the reconstruction only; not in the tokenizer's state_dict."""
+    model = build_vavae(
+        VAVAEConfig(config="tiny", vfm="local:shapes-vit", vf_weight=0.0, perceptual="vfm"), 32
+    )
+    p = model.perceptual
+    assert isinstance(p, losses.VFMFeatureDistance) and p.vfm.layers == [0, 1, 2, 3]
+    assert model.vfm is None  # vf_weight 0: no alignment VFM, the perceptual one stays
+    assert set(model.state_dict()) == set(tiny().state_dict())
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert p(x, x.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    x_hat = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
+    dist = p(x, x_hat)
+    dist.backward()
+    assert dist.item() > 0 and x_hat.grad.abs().sum() > 0
+    assert all(q.grad is None for q in p.parameters())
+    out = model.train().loss(x, 0)
+    assert out["perceptual_vfm"].item() > 0
+    p.train()
+    assert not p.training and not p.vfm.training  # frozen loss networks stay in eval mode
+    with pytest.raises(ValueError, match="perceptual_vfm"):
+        build_vavae(VAVAEConfig(config="tiny", vfm=None, perceptual="vfm"), 32)
+
+
+def test_lpips_perceptual_with_a_random_backbone():
+    pytest.importorskip("lpips")
+    p = losses.LPIPSLoss("alex", pretrained_backbone=False)
+    model = tiny(perceptual="lpips")
+    model._frozen["perceptual"] = p
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert p(x, x.clone()).item() == pytest.approx(0.0, abs=1e-6)
+    out = model.train().loss(x, 0)
+    assert out["perceptual_lpips"].item() > 0 and out["loss"].requires_grad
+    assert not any(k.startswith(("_frozen", "perceptual")) for k in model.state_dict())
+
+
+def test_lpips_without_backbone_weights_names_the_file(monkeypatch, tmp_path):
+    pytest.importorskip("lpips")
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"vgg16-397923af\.pth.*TORCH_HOME"):
+        build_vavae(VAVAEConfig(config="tiny", vfm=None, perceptual="lpips"), 32)

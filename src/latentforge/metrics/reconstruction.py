@@ -61,15 +61,18 @@ def lpips_backbone_path(net: str = "alex") -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / name
 
 
-def require_lpips_backbone(net: str = "alex") -> Path:
-    """The backbone weights file of ``net``; when absent, one error naming it and the fix."""
+def require_lpips_backbone(
+    net: str = "alex", otherwise: str = "drop lpips from evaluate.metrics"
+) -> Path:
+    """The backbone weights file of ``net``; when absent, one error naming it and the fix
+    (``otherwise``: the alternative offered to whoever asked for LPIPS)."""
     path = lpips_backbone_path(net)
     if not path.is_file():
         raise FileNotFoundError(
             f"LPIPS ({net}) needs torchvision's ImageNet backbone weights {path}, which do not "
             f"exist. Download {lpips_backbone_url(net)} once (on a machine with network "
             f"access) and put it at {path} (torch.hub.get_dir() follows $TORCH_HOME), or "
-            "drop lpips from evaluate.metrics"
+            f"{otherwise}"
         )
     return path
 

@@ -36,6 +36,23 @@ class Tokenizer(nn.Module):
         """Training objective on a batch; ``nimg`` = images seen so far (for schedules).
 
         Returns a dict whose ``"loss"`` entry is the total to back-propagate; other
-        entries are detached parts for logging.
+        entries are detached parts for logging. Tokenizers with a GAN also take
+        ``discriminator=`` and, in the GAN phase, return the detached reconstruction as
+        ``"fake"`` for the discriminator's step.
         """
+        raise NotImplementedError
+
+    def make_discriminator(self) -> nn.Module | None:
+        """A fresh discriminator for adversarial training, or None (no GAN)."""
+        return None
+
+    def gan_active(self, nimg: int) -> bool:
+        """Whether the GAN terms are on after ``nimg`` images seen."""
+        return False
+
+    def discriminator_loss(
+        self, discriminator: nn.Module, images: torch.Tensor, fake: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The discriminator's objective on real ``images`` and reconstructions ``fake``;
+        a dict as :meth:`loss` returns."""
         raise NotImplementedError

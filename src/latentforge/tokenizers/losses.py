@@ -1,4 +1,4 @@
-"""Tokenizer losses: reconstruction, KL, VF alignment, adaptive weights.
+"""Tokenizer losses: reconstruction, perceptual, KL, VF alignment, PatchGAN, adaptive weights.
 
 VF loss (Yao et al. 2025, "Reconstruction vs. Generation", Sec. 3): the latent z is
 projected to the VFM width by a 1x1 convolution and compared with the VFM patch features f
@@ -9,12 +9,24 @@ on the same grid through
 
 with margins m1 (``margin_cos``) and m2 (``margin_dist``). The VF term is weighted
 adaptively by ||grad_last L_rec|| / ||grad_last L_vf|| at the encoder's last layer.
+
+GAN (Esser et al. 2021, "Taming Transformers", Sec. 3.1, as used by LDM and VA-VAE): a
+PatchGAN discriminator (Isola et al. 2017, "Image-to-Image Translation with Conditional
+Adversarial Networks", Sec. 3.2.2) trained with the hinge loss, its generator term weighted
+adaptively by ||grad_last L_rec|| / ||grad_last L_G|| at the decoder's last layer (Eq. 7).
+
+Perceptual terms: LPIPS (Zhang et al. 2018) through the ``lpips`` package, or, offline, a
+feature-matching distance on a frozen VFM's patch features (:class:`VFMFeatureDistance`,
+logged as ``perceptual_vfm``; it is not LPIPS).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor, kind: str = "l1") -> torch.Tensor:
@@ -68,3 +80,130 @@ def adaptive_weight(
     g_other = torch.autograd.grad(other, last_layer, retain_graph=True)[0]
     w = g_main.norm() / (g_other.norm() + 1e-4)
     return w.clamp(0.0, max_weight).detach()
+
+
+# --------------------------------------------------------------------------- GAN
+
+
+class NLayerDiscriminator(nn.Module):
+    """PatchGAN: one real/fake logit per overlapping image patch (Isola et al. 2017).
+
+    ``layers`` stride-2 4x4 convolutions (widths ``channels * min(2**i, 8)``), one stride-1
+    4x4 convolution, then a 4x4 convolution to one channel; BatchNorm and LeakyReLU(0.2)
+    between them, none after the first. With ``layers=3`` each logit sees a 70x70 patch.
+    Parameter names (``main.{i}.*``) match the discriminator entries of LDM / VA-VAE
+    training checkpoints (``loss.discriminator.main.{i}.*``).
+    """
+
+    def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3):
+        super().__init__()
+        mods: list[nn.Module] = [
+            nn.Conv2d(in_channels, channels, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2, inplace=True),
+        ]
+        width = channels
+        for i in range(1, layers + 1):
+            out = channels * min(2**i, 8)
+            stride = 2 if i < layers else 1
+            mods += [
+                nn.Conv2d(width, out, 4, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(out),
+                nn.LeakyReLU(0.2, inplace=True),
+            ]
+            width = out
+        mods.append(nn.Conv2d(width, 1, 4, stride=1, padding=1))
+        self.main = nn.Sequential(*mods)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """DCGAN initialisation (Radford et al. 2016): conv N(0, 0.02), norm scale N(1, 0.02)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Args: images (B, 3, H, W) in [-1, 1]. Returns logits (B, 1, h, w)."""
+        return self.main(images)
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss: (mean relu(1 - D(x)) + mean relu(1 + D(x_hat))) / 2."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """Generator side of the hinge GAN: -mean D(x_hat)."""
+    return -logits_fake.mean()
+
+
+# --------------------------------------------------------------------------- perceptual
+
+
+class Frozen(nn.Module):
+    """A loss network that stays frozen in eval mode whatever ``train()`` is asked."""
+
+    def __init__(self):
+        super().__init__()
+        self.training = False
+
+    def train(self, mode: bool = True) -> Frozen:
+        return super().train(False)
+
+
+class VFMFeatureDistance(Frozen):
+    """Feature-matching distance on a frozen VFM (labelled ``perceptual_vfm``; not LPIPS).
+
+    Mean over the VFM's layers of the spatial mean of the squared distance between
+    channel-wise unit-normalised patch features of x and x_hat (so in [0, 4]): LPIPS's
+    distance (Zhang et al. 2018, Eq. 1) with unit weights in place of its learned
+    per-channel ones. The VFM resizes and normalises its input itself; gradients flow to
+    x_hat, never to the VFM.
+    """
+
+    def __init__(self, vfm: nn.Module):
+        super().__init__()
+        self.vfm = vfm.eval().requires_grad_(False)
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return self.vfm.encode(self.vfm.prepare(images)).patch  # (B, C, h, w) per layer
+
+    def forward(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            ref = self.features(x)
+        total = x_hat.new_zeros((), dtype=torch.float32)
+        for a, b in zip(self.features(x_hat), ref, strict=True):
+            d = F.normalize(a.float(), dim=1) - F.normalize(b.float(), dim=1)  # (B, C, h, w)
+            total = total + d.pow(2).sum(1).mean()
+        return total / len(ref)
+
+
+class LPIPSLoss(Frozen):
+    """LPIPS (Zhang et al. 2018) from the ``lpips`` package: v0.1 linear layers (shipped in the
+    package) on torchvision's ImageNet ``vgg`` or ``alex`` backbone from torch's hub cache,
+    never downloaded; ``pretrained_backbone=False`` uses a random backbone (tests)."""
+
+    def __init__(self, net: str = "vgg", pretrained_backbone: bool = True):
+        super().__init__()
+        try:
+            import lpips
+        except ImportError as e:
+            raise ImportError(
+                "tokenizer.perceptual=lpips needs the lpips package (pip install lpips)"
+            ) from e
+        if pretrained_backbone:
+            from latentforge.metrics.reconstruction import require_lpips_backbone
+
+            require_lpips_backbone(net, otherwise="set tokenizer.perceptual=vfm")
+        with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=`
+            warnings.simplefilter("ignore")
+            model = lpips.LPIPS(net=net, pnet_rand=not pretrained_backbone, verbose=False)
+        self.model = model.eval().requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+        """Mean LPIPS of images in [-1, 1] (B, 3, H, W); gradients flow to x_hat."""
+        return self.model(x_hat, x).mean()

@@ -10,7 +10,7 @@ Models" (hustvl/LightningDiT, VA-VAE). Parameter names follow the official check
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -88,12 +88,32 @@ class VAVAEConfig:
     vfm: str | None = "local:shapes-vit"  # None: no VF alignment (a plain LDM KL-VAE)
     vfm_weights: str | None = None  # explicit weights file for timm: VFMs
     vfm_normalize: bool = True  # False reproduces VA-VAE's un-normalised DINOv2 input
+    vfm_resize: int | None = None  # VFM input size (None: its own; VA-VAE fed DINOv2 224)
     vf_weight: float = 0.1
     vf_margin_cos: float = 0.5
     vf_margin_dist: float = 0.25
     vf_adaptive: bool = True
     kl_weight: float = 1e-6
     recon: Literal["l1", "l2"] = "l1"
+    # perceptual term added to the reconstruction loss: LPIPS (lpips package, torchvision
+    # backbone weights from the torch hub cache) or, offline, a feature-matching distance on
+    # a frozen VFM's patch features (logged as perceptual_vfm; not LPIPS)
+    perceptual: Literal["none", "vfm", "lpips"] = "none"
+    perceptual_weight: float = 1.0
+    perceptual_net: Literal["vgg", "alex"] = "vgg"  # lpips backbone
+    perceptual_vfm: str | None = None  # perceptual=vfm: VFM spec (None: tokenizer.vfm)
+    # PatchGAN with hinge loss; disc_weight 0 = no discriminator (GAN off)
+    disc_weight: float = 0.0  # x the adaptive weight (disc_adaptive) on the generator term
+    disc_start: float = 0.0  # images seen before the GAN terms and discriminator steps start
+    disc_adaptive: bool = True
+    disc_max_weight: float = 1.0e4  # clamp of the adaptive generator weight
+    disc_layers: int = 3  # stride-2 convolutions (3: 70x70 patches)
+    disc_channels: int = 64
+    disc_lr: float | None = None  # None: train.tokenizer_lr
+    disc_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # its Adam betas
+    # discriminator to start from: our checkpoint's discriminator.safetensors, or an official
+    # LDM / VA-VAE training checkpoint (.pt/.ckpt; its loss.discriminator.* entries)
+    disc_weights: str | None = None
     sample_posterior: bool = True  # training decodes z ~ q(z|x); encode() returns the mean
     # published weights to start from (or, with train.tokenizer_images=0, to use as they
     # are): an official VA-VAE / LDM checkpoint (.pt/.ckpt with a state_dict) or safetensors
@@ -102,6 +122,19 @@ class VAVAEConfig:
 
 def norm(c: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(groups, c), c, eps=1e-6)
+
+
+def norm_silu(gn: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """GroupNorm then SiLU; without autograd the SiLU runs in place (one activation-sized
+    buffer instead of two: on CPU, fresh large buffers cost page faults)."""
+    return F.silu(gn(x), inplace=not torch.is_grad_enabled())
+
+
+def cpu_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """On CPU, channels_last (NHWC) activations: oneDNN convolutions then work without
+    reordering every input and output, and every layer here keeps that layout (about a
+    fifth faster encode/decode at 256 px, 2 threads). Elsewhere ``x`` as it is."""
+    return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
 
 
 class ResnetBlock(nn.Module):
@@ -116,9 +149,10 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return h + (self.nin_shortcut(x) if self.nin_shortcut is not None else x)
+        h = self.conv1(norm_silu(self.norm1, x))
+        h = self.conv2(norm_silu(self.norm2, h))
+        skip = self.nin_shortcut(x) if self.nin_shortcut is not None else x
+        return h + skip if torch.is_grad_enabled() else h.add_(skip)
 
 
 class AttnBlock(nn.Module):
@@ -131,12 +165,12 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        y = self.norm(x)
-        q, k, v = (
-            m(y).flatten(2).transpose(1, 2).unsqueeze(1) for m in (self.q, self.k, self.v)
-        )  # (B, 1, hw, C)
-        out = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+        y = self.norm(x).permute(0, 2, 3, 1).reshape(b, 1, h * w, c)  # (B, 1, hw, C)
+        # the 1x1 convolutions as linear layers on tokens (a view of channels_last input)
+        q, k, v = (F.linear(y, m.weight.view(c, c), m.bias) for m in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, 1, hw, C)
+        out = F.linear(out, self.proj_out.weight.view(c, c), self.proj_out.bias)
+        return x + out.view(b, h, w, c).permute(0, 3, 1, 2)  # (B, C, H, W)
 
 
 class Downsample(nn.Module):
@@ -220,7 +254,7 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(self.mid(h))))
+        return self.conv_out(norm_silu(self.norm_out, self.mid(h)))
 
 
 class Decoder(nn.Module):
@@ -251,13 +285,19 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(norm_silu(self.norm_out, h))
 
 
 class VAVAE(Tokenizer):
     """LDM KL autoencoder; with a VFM, trained with the VF alignment loss."""
 
-    def __init__(self, arch: AEArch, cfg: VAVAEConfig, vfm: nn.Module | None = None):
+    def __init__(
+        self,
+        arch: AEArch,
+        cfg: VAVAEConfig,
+        vfm: nn.Module | None = None,
+        perceptual: nn.Module | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
         self.downsample = arch.downsample
@@ -267,22 +307,29 @@ class VAVAE(Tokenizer):
         self.decoder = Decoder(arch)
         self.quant_conv = nn.Conv2d(2 * z, 2 * z, 1)
         self.post_quant_conv = nn.Conv2d(z, z, 1)
-        # the frozen VFM is held outside the module tree: not in state_dict / parameters
-        self._vfm = [vfm] if vfm is not None else []
+        # frozen loss networks (the VFM, the perceptual network) are held outside the module
+        # tree: not in state_dict / parameters, so the weights keep the official keys
+        self._frozen = {"vfm": vfm, "perceptual": perceptual}
         self.linear_proj = nn.Conv2d(z, vfm.embed_dim, 1, bias=False) if vfm is not None else None
 
     @property
     def vfm(self) -> nn.Module | None:
-        return self._vfm[0] if self._vfm else None
+        return self._frozen["vfm"]
+
+    @property
+    def perceptual(self) -> nn.Module | None:
+        return self._frozen["perceptual"]
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
-        if self._vfm:
-            self._vfm[0]._apply(fn, recurse)  # .to(device) moves the VFM along
+        for m in self._frozen.values():
+            if m is not None:
+                m._apply(fn, recurse)  # .to(device) moves the loss networks along
         return self
 
     def moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, logvar = self.quant_conv(self.encoder(images)).chunk(2, dim=1)
+        moments = self.quant_conv(self.encoder(cpu_channels_last(images))).contiguous()
+        mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def encode(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
@@ -293,27 +340,76 @@ class VAVAE(Tokenizer):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Args: latents (B, z, h, w). Returns images (B, 3, h*f, w*f), roughly [-1, 1]."""
-        return self.decoder(self.post_quant_conv(latents))
+        return self.decoder(self.post_quant_conv(cpu_channels_last(latents))).contiguous()
 
-    def loss(self, images: torch.Tensor, nimg: int) -> dict[str, torch.Tensor]:
-        """Reconstruction + KL (+ adaptive VF). ``loss`` back-propagates; the rest is logged."""
+    def loss(
+        self, images: torch.Tensor, nimg: int, discriminator: nn.Module | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Reconstruction (+ perceptual) + KL (+ adaptive VF) (+ adaptive GAN generator term,
+        with ``discriminator`` from ``disc_start`` images on). ``loss`` back-propagates;
+        ``fake`` (in the GAN phase) is the detached reconstruction for the discriminator's
+        step; the rest is logged."""
         cfg = self.cfg
         mean, logvar = self.moments(images)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if cfg.sample_posterior else mean
-        recon = losses.reconstruction_loss(images, self.decode(z), cfg.recon)
+        x_hat = self.decode(z)
+        recon = losses.reconstruction_loss(images, x_hat, cfg.recon)
+        out = {"recon": recon.detach()}
+        nll = recon  # LDM's reconstruction term (the adaptive weights' reference)
+        if self.perceptual is not None and cfg.perceptual_weight > 0:
+            p = self.perceptual(images, x_hat)
+            nll = nll + cfg.perceptual_weight * p
+            out[f"perceptual_{cfg.perceptual}"] = p.detach()
         kl = losses.kl_loss(mean, logvar, images[0].numel())
-        total = recon + cfg.kl_weight * kl
-        out = {"recon": recon.detach(), "kl": kl.detach()}
+        total = nll + cfg.kl_weight * kl
+        out["kl"] = kl.detach()
+        adaptive = self.training and torch.is_grad_enabled()
         if self.vfm is not None and cfg.vf_weight > 0:
             feats = self.vfm(images).patch[-1]
             vf = losses.vf_loss(self.linear_proj(z), feats, cfg.vf_margin_cos, cfg.vf_margin_dist)
             weight = cfg.vf_weight
-            if cfg.vf_adaptive and self.training and torch.is_grad_enabled():
-                weight = weight * losses.adaptive_weight(recon, vf, self.encoder.conv_out.weight)
+            if cfg.vf_adaptive and adaptive:
+                weight = weight * losses.adaptive_weight(nll, vf, self.encoder.conv_out.weight)
             total = total + weight * vf
             out.update(vf=vf.detach(), vf_weight_eff=torch.as_tensor(weight).detach())
+        if discriminator is not None and self.gan_active(nimg):
+            g = losses.hinge_g_loss(discriminator(x_hat))
+            weight = cfg.disc_weight
+            if cfg.disc_adaptive and adaptive:  # Esser et al. 2021, Eq. 7
+                last = self.decoder.conv_out.weight
+                weight = weight * losses.adaptive_weight(nll, g, last, cfg.disc_max_weight)
+            total = total + weight * g
+            out.update(g_loss=g.detach(), g_weight_eff=torch.as_tensor(weight).detach())
+            out["fake"] = x_hat.detach()
         out["loss"] = total
         return out
+
+    def make_discriminator(self) -> nn.Module | None:
+        """The PatchGAN of this config (``disc_weights`` loaded), or None when the GAN is off."""
+        cfg = self.cfg
+        if cfg.disc_weight <= 0:
+            return None
+        disc = losses.NLayerDiscriminator(3, cfg.disc_channels, cfg.disc_layers)
+        if cfg.disc_weights:
+            load_discriminator(disc, cfg.disc_weights)
+        return disc
+
+    def gan_active(self, nimg: int) -> bool:
+        return self.cfg.disc_weight > 0 and nimg >= self.cfg.disc_start
+
+    def discriminator_loss(
+        self, discriminator: nn.Module, images: torch.Tensor, fake: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Hinge loss of ``discriminator`` on real ``images`` and reconstructions ``fake``."""
+        real_logits = discriminator(images.detach())
+        fake_logits = discriminator(fake.detach())
+        d = losses.hinge_d_loss(real_logits, fake_logits)
+        return {
+            "loss": d,
+            "d_loss": d.detach(),
+            "logits_real": real_logits.detach().mean(),
+            "logits_fake": fake_logits.detach().mean(),
+        }
 
 
 def resolve_arch(cfg: VAVAEConfig) -> AEArch:
@@ -338,11 +434,57 @@ def build_vavae(cfg: VAVAEConfig, resolution: int) -> VAVAE:
     if cfg.vfm and cfg.vf_weight > 0:
         from latentforge.tokenizers.vfm import load_vfm
 
-        vfm = load_vfm(cfg.vfm, normalize=cfg.vfm_normalize, weights=cfg.vfm_weights)
-    model = VAVAE(arch, cfg, vfm)
+        vfm = load_vfm(
+            cfg.vfm, resize=cfg.vfm_resize, normalize=cfg.vfm_normalize, weights=cfg.vfm_weights
+        )
+    model = VAVAE(arch, cfg, vfm, build_perceptual(cfg))
     if cfg.weights:
         load_published(model, cfg.weights)
     return model
+
+
+def build_perceptual(cfg: VAVAEConfig) -> nn.Module | None:
+    """The configured perceptual loss network: LPIPS, the VFM feature distance (on
+    ``perceptual_vfm`` or ``vfm``, ImageNet-normalised, four layers spread over its depth)
+    or None."""
+    if cfg.perceptual == "none" or cfg.perceptual_weight <= 0:
+        return None
+    if cfg.perceptual == "lpips":
+        return losses.LPIPSLoss(cfg.perceptual_net)
+    spec = cfg.perceptual_vfm or cfg.vfm
+    if not spec:
+        raise ValueError("tokenizer.perceptual=vfm needs tokenizer.perceptual_vfm or .vfm")
+    from latentforge.tokenizers.vfm import load_vfm
+
+    same = spec == cfg.vfm
+    vfm = load_vfm(
+        spec, resize=cfg.vfm_resize if same else None, weights=cfg.vfm_weights if same else None
+    )
+    vfm.layers = sorted({round(vfm.depth * (k + 1) / 4) - 1 for k in range(4)})
+    return losses.VFMFeatureDistance(vfm)
+
+
+def load_discriminator(disc: nn.Module, path: str) -> None:
+    """Load discriminator weights strictly: a ``discriminator.safetensors`` of our checkpoints,
+    or the ``loss.discriminator.*`` entries of an official LDM / VA-VAE training checkpoint."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"tokenizer.disc_weights: {file} does not exist")
+    sd = read_weights(file)
+    if file.suffix != ".safetensors":
+        prefix = "loss.discriminator."
+        sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    disc.load_state_dict(sd, strict=True)
+
+
+def read_weights(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, or a torch checkpoint (unwrapping ``state_dict`` / ``model``)."""
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(file))
+    sd = torch.load(str(file), map_location="cpu", weights_only=True)
+    return sd.get("state_dict", sd.get("model", sd))
 
 
 PUBLISHED_HINT = (
@@ -359,13 +501,7 @@ def load_published(model: VAVAE, path: str) -> None:
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"tokenizer.weights: {file} does not exist ({PUBLISHED_HINT})")
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(file))
-    else:
-        sd = torch.load(str(file), map_location="cpu", weights_only=True)
-        sd = sd.get("state_dict", sd.get("model", sd))
+    sd = read_weights(file)
     sd = {k: v for k, v in sd.items() if not k.startswith(("loss.", "foundation_model."))}
     ours = model.state_dict()
     missing = [k for k in ours if k not in sd and not k.startswith("linear_proj.")]

@@ -143,7 +143,8 @@ class TimmVFM(VFM):
         if resize:
             model.set_input_size(img_size=resize)
         self.model = model.eval().requires_grad_(False)
-        self.layers = layers or [len(model.blocks) - 1]
+        self.depth = len(model.blocks)  # transformer blocks; ``layers`` index them
+        self.layers = layers or [self.depth - 1]
 
     def encode(self, x: torch.Tensor) -> VFMOutput:
         inter = self.model.forward_intermediates(
@@ -178,7 +179,8 @@ class HFVFM(VFM):
             name, vcfg.image_size, vcfg.patch_size, vcfg.hidden_size, mean, std, normalize, resize
         )
         self.model = model.eval().requires_grad_(False)
-        self.layers = layers or [vcfg.num_hidden_layers - 1]
+        self.depth = vcfg.num_hidden_layers  # transformer blocks; ``layers`` index them
+        self.layers = layers or [self.depth - 1]
         self.has_cls = model.config.model_type not in (
             "siglip_vision_model",
             "siglip",

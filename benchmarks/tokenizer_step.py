@@ -1,0 +1,146 @@
+"""Encode and decode time of the VA-VAE tokenizer (issue 4), JSON out.
+
+Default case: VA-VAE f16d32 (the published architecture, 69.8M parameters), batch 4,
+256x256 images, fp32, 2 threads, eval mode without gradients; median of 5 timed calls after
+one warm-up call. ``encode`` is encoder + quant_conv + a posterior sample (what the official
+``VA_VAE.encode_images`` does), ``decode`` is post_quant_conv + decoder. Reports seconds per
+call, images/s and achieved FLOP/s (FLOPs counted by ``torch.utils.flop_counter``).
+
+With ``--official PATH`` (a checkout of hustvl/LightningDiT; nothing is downloaded) the same
+calls are timed on the official ``tokenizer.autoencoder.AutoencoderKL`` holding the same
+weights, and the speed-ups are reported. Implementations are timed in alternation (one call
+of each per round), so load from other processes on a shared machine hits both alike.
+
+    python benchmarks/tokenizer_step.py --out runs/bench/tokenizer_step.json
+    python benchmarks/tokenizer_step.py --official ../LightningDiT
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from timing import emit
+from torch.utils.flop_counter import FlopCounterMode
+
+from latentforge.tokenizers.vavae import CONFIGS, VAVAE, AEArch, VAVAEConfig
+
+
+def official_model(repo: Path, arch: AEArch, resolution: int):
+    """The official autoencoder with the same architecture (imported from the user's
+    checkout). Its ``AutoencoderKL`` builds the f16 encoder/decoder; other architectures get
+    the official ``Encoder``/``Decoder`` built from our config, attention placed by pixel size."""
+    if arch.groups != 32 or not arch.mid_attn:
+        raise SystemExit("--official: the official code has GroupNorm(32) and mid attention")
+    sys.path.insert(0, str(repo))
+    from tokenizer.autoencoder import AutoencoderKL, Decoder, Encoder
+
+    model = AutoencoderKL(embed_dim=arch.z_channels, ch_mult=arch.ch_mult)
+    kw = dict(
+        ch=arch.ch,
+        ch_mult=arch.ch_mult,
+        num_res_blocks=arch.num_res_blocks,
+        attn_resolutions=tuple(resolution // 2**level for level in arch.attn_levels),
+        resolution=resolution,
+        z_channels=arch.z_channels,
+    )
+    model.encoder, model.decoder = Encoder(**kw), Decoder(**kw)
+    return model
+
+
+def official_calls(model) -> dict[str, Callable]:
+    return {"encode": lambda x: model.encode(x).sample(), "decode": model.decode}
+
+
+def our_calls(model: VAVAE) -> dict[str, Callable]:
+    return {"encode": lambda x: model.encode(x, sample=True), "decode": model.decode}
+
+
+def time_alternating(
+    impls: dict[str, dict[str, Callable]], inputs: dict[str, torch.Tensor], repeats: int
+) -> dict[str, dict[str, float]]:
+    """Median seconds of every (implementation, call), one call of each per round."""
+    times = {name: {call: [] for call in inputs} for name in impls}
+    for r in range(repeats + 1):  # round 0 is the warm-up
+        for name, calls in impls.items():
+            for call, x in inputs.items():
+                t0 = time.perf_counter()
+                calls[call](x)
+                if r:
+                    times[name][call].append(time.perf_counter() - t0)
+    return {n: {c: statistics.median(v) for c, v in d.items()} for n, d in times.items()}
+
+
+def count_flops(fn: Callable, x: torch.Tensor) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn(x)
+    return float(counter.get_total_flops())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="f16d32", choices=sorted(CONFIGS))
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--resolution", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--official", type=Path, help="checkout of hustvl/LightningDiT to compare")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/tokenizer_step.json"))
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    arch = CONFIGS[args.config]
+    ours = VAVAE(arch, VAVAEConfig(config=args.config, vfm=None)).eval()
+    x = torch.rand(args.batch, 3, args.resolution, args.resolution) * 2 - 1
+    with torch.no_grad():
+        z = ours.encode(x)
+    inputs = {"encode": x, "decode": z}
+    impls = {"latentforge": our_calls(ours)}
+    if args.official:
+        official = official_model(args.official, arch, args.resolution).eval()
+        official.load_state_dict(ours.state_dict(), strict=True)  # same keys, same weights
+        impls["official"] = official_calls(official)
+
+    with torch.no_grad():
+        flops = {c: count_flops(impls["latentforge"][c], v) for c, v in inputs.items()}
+        medians = time_alternating(impls, inputs, args.repeats)
+    rows = []
+    for name, per_call in medians.items():
+        for call, sec in per_call.items():
+            rows.append(
+                {
+                    "implementation": name,
+                    "call": call,
+                    "seconds": sec,
+                    "images_per_s": args.batch / sec,
+                    "flops": flops[call],
+                    "achieved_gflops": flops[call] / sec / 1e9,
+                }
+            )
+    results = {
+        "config": args.config,
+        "batch": args.batch,
+        "resolution": args.resolution,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "dtype": "float32",
+        "torch": torch.__version__,
+        "loadavg": list(os.getloadavg()),
+        "rows": rows,
+    }
+    if args.official:
+        results["speedup_vs_official"] = {
+            c: medians["official"][c] / medians["latentforge"][c] for c in inputs
+        }
+    emit(results, args.out)
+
+
+if __name__ == "__main__":
+    main()
