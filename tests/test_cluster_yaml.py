@@ -1,22 +1,73 @@
-"""cluster.yaml passes Ray's own launcher validation, offline (no cloud calls)."""
+"""The cluster-launcher files pass Ray's own launcher validation, offline (no cloud calls).
 
+cluster.yaml (AWS) and every YAML under experiments/cluster/ (other providers) are merged
+with the provider's defaults exactly as `ray up` does (`prepare_config`), then checked
+against ray/autoscaler/ray-schema.json (`validate_config`). Checks on the merged config
+matter: a key left out of the file comes back from Ray's defaults (which, for instance,
+bind the dashboard to 0.0.0.0).
+"""
+
+import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_FILES = [ROOT / "cluster.yaml", *sorted((ROOT / "experiments" / "cluster").glob("*.yaml"))]
 
 
-def test_cluster_yaml_validates():
-    from ray.autoscaler._private.util import prepare_config, validate_config
+def prepared(path: Path) -> dict:
+    from ray.autoscaler._private.util import prepare_config
 
-    cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())
-    validate_config(prepare_config(cfg))
-    assert cfg["available_node_types"]["head"]["resources"] == {"CPU": 0}
+    return prepare_config(yaml.safe_load(path.read_text()))
+
+
+@pytest.fixture(params=CLUSTER_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def cfg(request) -> dict:
+    return prepared(request.param)
+
+
+def test_validates_against_rays_schema(cfg):
+    from ray.autoscaler._private.util import validate_config
+
+    validate_config(cfg)
+
+
+def test_cpu_head_and_autoscaling_workers(cfg):
+    types = cfg["available_node_types"]
+    assert types[cfg["head_node_type"]]["resources"] == {"CPU": 0}
+    workers = [t for name, t in types.items() if name != cfg["head_node_type"]]
+    assert workers and all(t["min_workers"] == 0 < t["max_workers"] for t in workers)
+
+
+def test_dashboard_binds_to_localhost_only(cfg):
+    start = " ".join(cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"])
+    assert "0.0.0.0" not in start
+    assert re.search(r"ray start --head\b", start)
+    assert re.search(r"--dashboard-host[= ]127\.0\.0\.1\b", start)
+
+
+def test_setup_installs_latentforge_from_the_synced_checkout(cfg):
+    # `prepare_config` has prepended the common setup_commands to the head's and workers'.
+    mounts = [remote for remote, local in cfg["file_mounts"].items() if local in (".", "./")]
+    assert len(mounts) == 1, cfg["file_mounts"]
+    install = re.compile(rf"pip install\b.*\s{re.escape(mounts[0])}/?(\s|$)")
+    per_type = [
+        t.get("worker_setup_commands", cfg["worker_setup_commands"])
+        for name, t in cfg["available_node_types"].items()
+        if name != cfg["head_node_type"]
+    ]
+    for commands in [cfg["head_setup_commands"], *per_type]:
+        assert any(install.search(c) for c in commands), commands
+    assert ".git" in cfg["rsync_exclude"] and ".venv" in cfg["rsync_exclude"]
+
+
+def test_two_providers():
+    assert len({prepared(p)["provider"]["type"] for p in CLUSTER_FILES}) >= 2
 
 
 def test_rejects_typo():
-    import pytest
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     cfg = yaml.safe_load((ROOT / "cluster.yaml").read_text())

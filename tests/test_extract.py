@@ -1,0 +1,225 @@
+"""Latent extraction: id-keyed shards, flip latents, manifest, and resume after a kill."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from latentforge.config import load_experiment, to_dict
+from latentforge.platform.extract import (
+    Encoder,
+    ExtractionError,
+    Store,
+    extract,
+    finalize_shard,
+    id_order,
+    latent_dataset,
+    parse_id,
+    shard_of,
+    write_manifest,
+)
+from latentforge.platform.train import build_tokenizer, flip_augment, state_dict_of
+from latentforge.shapes import render_shapes
+from tests.test_config import ROOT
+
+SMOKE = ROOT / "experiments" / "smoke.yaml"
+# 200 images in shards of 64: three full shards and a partial one; batches of 32
+OVERRIDES = [
+    "data.num_images=200",
+    "extract.batch_size=32",
+    "extract.shard_rows=64",
+    "extract.vfm=local:shapes-vit",
+]
+
+
+def kill_at(event: str, count: int):
+    """A hook that stands in for a kill (it also runs inside Ray actors, so it raises a
+    builtin exception: the test module need not be importable there)."""
+
+    def hook(ev: str, n: int) -> None:
+        if ev == event and n >= count:
+            raise RuntimeError(f"killed by the test after {n} {ev}")
+
+    return hook
+
+
+def read_bytes(out: Path) -> dict[str, bytes]:
+    files = sorted(out.glob("shards/*")) + [out / "manifest.json", out / "stats.json"]
+    return {str(f.relative_to(out)): f.read_bytes() for f in files}
+
+
+def column(table, name: str) -> np.ndarray:
+    return table.column(name).combine_chunks().to_numpy()  # (N, *shape) tensor column
+
+
+def test_shard_keys_depend_on_ids_only():
+    assert parse_id("17") == ("", 17)
+    assert parse_id("s3://b/x.parquet#17") == ("s3://b/x.parquet", 17)
+    assert parse_id("/d/000.tar#n01_5") == ("/d/000.tar", None)
+    assert parse_id("/root/dog/a.jpg") == ("/root/dog", None)
+    assert shard_of("0", 64) == shard_of("63", 64) == "000000"
+    assert shard_of("64", 64) == "000001"
+    assert shard_of("/root/dog/a.jpg", 64) == shard_of("/root/dog/b.jpg", 64)
+    assert shard_of("/root/dog/a.jpg", 64) != shard_of("/root/cat/a.jpg", 64)
+    assert shard_of("f.parquet#70", 64).endswith("-000001")
+    assert sorted(["10", "9", "100"], key=id_order) == ["9", "10", "100"]
+
+
+def test_flip_augment_is_seeded_and_mirrors_features():
+    z = torch.randn(64, 4, 8, 8)
+    batch = {"latent": z, "latent_flip": z.flip(-1) + 100.0, "vfm": torch.randn(64, 6, 8, 8)}
+    a, fa = flip_augment(batch, torch.Generator().manual_seed(3))
+    b, fb = flip_augment(batch, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and torch.equal(fa, fb)  # deterministic given the seed
+    flipped = (a > 50).flatten(1).all(1)
+    assert (a > 50).flatten(1).any(1).eq(flipped).all()  # whole samples switch
+    assert 10 < int(flipped.sum()) < 54
+    assert torch.equal(fa[flipped], batch["vfm"][flipped].flip(-1))
+    assert torch.equal(fa[~flipped], batch["vfm"][~flipped])
+    plain, feats = flip_augment({"latent": z})
+    assert torch.equal(plain, z) and feats is None
+
+
+@pytest.fixture
+def threads():
+    """Encoder() sets torch's thread count for its actor; keep this process's."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_shards_do_not_depend_on_batching(tmp_path, threads):
+    """The same shards whatever the batches and their order (no Ray: the encoder, part
+    writer and shard writer called directly); without flips, no ``latent_flip``."""
+    cfg = load_experiment(SMOKE, [*OVERRIDES[:3], "extract.flip=false"])
+    weights = tmp_path / "tokenizer.safetensors"
+    save_file(state_dict_of(build_tokenizer(cfg)), str(weights))
+    images, labels = render_shapes(range(100), cfg.data.resolution, cfg.data.seed)
+    ids = np.arange(100).astype(str).astype(object)
+
+    def run(out: Path, batches: list[np.ndarray]) -> dict[str, bytes]:
+        store = Store.open(out)
+        encoder = Encoder(to_dict(cfg), str(weights), store)
+        for idx in batches:
+            encoder({"image": images[idx], "label": labels[idx], "id": ids[idx]})
+        for name in sorted(p.name for p in (out / "parts").iterdir()):
+            finalize_shard(store, name, cfg.extract.shard_rows)
+        write_manifest(cfg, store, {"num_skipped": 0, "skipped_ids": []})
+        return read_bytes(out)
+
+    shuffled = np.random.default_rng(0).permutation(100)
+    one_go = run(tmp_path / "a", [np.arange(100)])
+    assert run(tmp_path / "b", np.split(shuffled, [7, 50, 51])) == one_go
+    table = pq.read_table(tmp_path / "a" / "shards" / "shard-000001.parquet")
+    assert table.column_names == ["id", "label", "latent"]
+    stats = json.loads(one_go["stats.json"])
+    assert stats["count"] == 100 and stats["samples"] == 100 * 8 * 8 and not stats["flip"]
+
+
+@pytest.fixture(scope="module")
+def setup(ray_session, tmp_path_factory):
+    root = tmp_path_factory.mktemp("extract")
+    cfg = load_experiment(SMOKE, [f"run_dir={root}", *OVERRIDES])
+    torch.manual_seed(0)
+    weights = root / "tokenizer.safetensors"
+    save_file(state_dict_of(build_tokenizer(cfg)), str(weights))
+    full = root / "full"
+    stats = extract(cfg, weights, full, log=lambda *_: None)
+    return cfg, weights, root, full, stats
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_manifest_and_shards(setup):
+    cfg, _, _, full, stats = setup
+    manifest = json.loads((full / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["shards"]] == ["000000", "000001", "000002", "000003"]
+    assert [s["rows"] for s in manifest["shards"]] == [64, 64, 64, 8]
+    assert manifest["shards"][3]["id_range"] == [192, 256]
+    assert manifest["count"] == stats["count"] == 200 and manifest["flip"]
+    assert sorted(p.name for p in full.iterdir()) == ["manifest.json", "shards", "stats.json"]
+    latents, flips = [], []
+    for k, entry in enumerate(manifest["shards"]):
+        data = (full / entry["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+        table = pq.read_table(full / entry["file"])
+        assert table.column_names == ["id", "label", "latent", "latent_flip", "vfm", "vfm_cls"]
+        ids = [int(i) for i in table.column("id").to_pylist()]
+        assert ids == list(range(64 * k, min(64 * (k + 1), 200)))  # sorted, the id range
+        assert [entry["first_id"], entry["last_id"]] == [str(ids[0]), str(ids[-1])]
+        latents.append(column(table, "latent"))
+        flips.append(column(table, "latent_flip"))
+    both = np.concatenate(latents + flips).astype(np.float64)
+    assert stats["samples"] == both.size // 4 and stats["seed"] == cfg.data.seed
+    assert np.allclose(stats["mean"], both.mean(axis=(0, 2, 3)), atol=1e-9)
+    assert np.allclose(stats["std"], both.std(axis=(0, 2, 3)), atol=1e-9)
+    assert stats["vfm_shape"][1:] == [8, 8] and stats["vfm_cls_dim"] == stats["vfm_shape"][0]
+    logs = []
+    assert extract(cfg, "unused", full, log=logs.append) == json.loads(
+        (full / "stats.json").read_text()
+    )
+    assert any("complete" in line for line in logs)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_flip_latent_is_the_encoding_of_the_flipped_image(setup, threads):
+    cfg, weights, _, full, _ = setup
+    table = pq.read_table(full / "shards" / "shard-000001.parquet")
+    ids = [int(i) for i in table.column("id").to_pylist()[5:12]]
+    images, _ = render_shapes(ids, cfg.data.resolution, cfg.data.seed, cfg.data.num_classes)
+    encoder = Encoder(to_dict(cfg), str(weights), Store.open(full))
+    mine = encoder.encode(images[:, :, ::-1])  # mirrored uint8 (B, H, W, 3)
+    stored = column(table, "latent_flip")[5:12]
+    assert np.array_equal(mine["latent"], stored)  # bit for bit: fixed batch shape
+    assert np.array_equal(encoder.encode(images)["latent"], column(table, "latent")[5:12])
+    with torch.no_grad():
+        x = torch.from_numpy(images[:, :, ::-1].copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+        direct = encoder.model.encode(x).numpy()
+    assert np.allclose(direct, stored, atol=1e-5)
+    assert np.array_equal(encoder.encode(images)["vfm"], column(table, "vfm")[5:12])
+    # REG's class token: the VFM's, from the same forward pass
+    with torch.no_grad():
+        x = torch.from_numpy(images.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+        cls = encoder.vfm(x).cls.numpy().astype(np.float16)
+    assert np.allclose(column(table, "vfm_cls")[5:12].astype(np.float32), cls, atol=2e-3)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killed_while_encoding_resumes_to_identical_bytes(setup):
+    cfg, weights, root, full, stats = setup
+    out = root / "killed-encoding"
+    with pytest.raises(ExtractionError, match="killed by the test"):  # in an encoder actor
+        extract(cfg, weights, out, log=lambda *_: None, hook=kill_at("parts", 2))
+    assert not (out / "manifest.json").exists() and list(out.glob("parts/*/*.parquet"))
+    stray = out / "shards" / ".shard-000003.parquet.tmp-dead"  # a write killed mid-way
+    stray.parent.mkdir(exist_ok=True)
+    stray.write_bytes(b"partial")
+    logs = []
+    resumed = extract(cfg, weights, out, log=logs.append)
+    assert any("resuming" in line for line in logs)
+    assert 0 < resumed["encoded"] < stats["count"]  # only what the killed run had not done
+    assert not stray.exists() and not (out / "parts").exists()
+    assert read_bytes(out) == read_bytes(full)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killed_while_writing_shards_resumes_to_identical_bytes(setup):
+    """Also through a ``file://`` URI (any pyarrow filesystem)."""
+    cfg, weights, root, full, _ = setup
+    out = root / "killed-shards"
+    uri = out.as_uri()
+    with pytest.raises(RuntimeError, match="killed by the test"):  # on the driver
+        extract(cfg, weights, uri, log=lambda *_: None, hook=kill_at("shards", 1))
+    assert 1 <= len(list(out.glob("shards/*.json"))) < 4
+    extract(cfg, weights, uri, log=lambda *_: None)
+    assert read_bytes(out) == read_bytes(full)
+    rows = latent_dataset(uri).take_all()
+    assert len(rows) == 200 and {"latent", "latent_flip", "label"} <= set(rows[0])
