@@ -348,3 +348,81 @@ def test_one_d_tokens_train_and_sample():
     z, nfe = sample(model.eval(), Transport(TransportConfig()), noise, balanced_labels(4, 10),
                     steps=3, cfg_scale=2.0, null_class=10)  # fmt: skip
     assert z.shape == (4, 8, 16) and torch.isfinite(z).all() and nfe == 6
+
+
+def reg_model(dim=6, **kw):
+    torch.manual_seed(0)
+    cfg = LightningDiTConfig(config="tiny", transport=TransportConfig(reg_weight=0.03, **kw))
+    return build_lightningdit(cfg, (4, 8, 8), 10, reg_dim=dim)
+
+
+def test_reg_class_token_enters_attention_and_is_predicted():
+    model = trained_like(reg_model())
+    assert {"cls_embedder.0.weight", "cls_head.weight"} <= set(model.state_dict())
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 3])
+    cls = torch.randn(2, 6)
+    out, cls_out = model(x, t, y, cls=cls)
+    assert out.shape == (2, 4, 8, 8) and cls_out.shape == (2, 6)
+    # the class token is one extra token: the grid's prediction depends on it
+    assert not torch.allclose(out, model(x, t, y, cls=cls + 1.0)[0])
+    with pytest.raises(ValueError, match="class token"):
+        model(x, t, y)
+    with pytest.raises(ValueError, match="reg_dim"):
+        tiny()(x, t, y, cls=cls)
+    # without reg_weight, no class-token layers: plain checkpoints keep loading strictly
+    plain = build_lightningdit(LightningDiTConfig(config="tiny"), (4, 8, 8), 10, reg_dim=6)
+    assert not any(k.startswith("cls_") for k in plain.state_dict())
+
+
+def test_reg_zero_initialised_prediction_and_rope_leaves_the_class_token():
+    from latentforge.generators.lightningdit import VisionRoPE
+
+    model = reg_model()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 3])
+    out, cls_out = model(x, t, y, cls=torch.randn(2, 6))
+    assert out.abs().max() == 0 and cls_out.abs().max() == 0
+    rope = VisionRoPE(8, 2, 2)
+    q = torch.randn(1, 2, 5, 8)  # one class token, then the 2x2 grid
+    rotated = rope(q)
+    assert torch.equal(rotated[:, :, 0], q[:, :, 0])
+    assert torch.allclose(rotated[:, :, 1:], rope(q[:, :, 1:]))
+
+
+def test_reg_loss_term_and_training_lowers_it():
+    model = reg_model().train()
+    tr = Transport(TransportConfig(reg_weight=0.03))
+    g = torch.Generator().manual_seed(0)
+    x1, y = torch.randn(8, 4, 8, 8), torch.arange(8) % 10
+    cls = torch.randn(8, 6)
+    with pytest.raises(ValueError, match="class token"):
+        tr.loss(model, x1, y)
+    out = tr.loss(model, x1, y, generator=g, cls=cls)
+    assert set(out) == {"loss", "mse", "cos", "reg"}
+    expected = out["mse"] + out["cos"] + 0.03 * out["reg"]
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        o = tr.loss(model, x1, y, generator=torch.Generator().manual_seed(1), cls=cls)
+        first = o["reg"].item() if first is None else first
+        opt.zero_grad()
+        o["loss"].backward()
+        opt.step()
+    assert o["reg"].item() < first
+
+
+def test_reg_joint_sampling_with_guidance():
+    from latentforge.generators.samplers import JointClassToken
+
+    model = trained_like(reg_model())
+    joint = JointClassToken(model, (4, 8, 8), 6)
+    tr = Transport(TransportConfig())
+    noise, y = noise_for_seeds(range(4), (4 * 8 * 8 + 6,)), torch.tensor([0, 1, 2, 3])
+    state, nfe = sample(joint, tr, noise, y, steps=4, cfg_scale=3.0, null_class=10)
+    latents, cls = joint.split(state)
+    assert latents.shape == (4, 4, 8, 8) and cls.shape == (4, 6) and nfe == 8
+    # bit-identical per sample whatever the split, as for plain latents
+    half, _ = sample(joint, tr, noise[:2], y[:2], steps=4, cfg_scale=3.0, null_class=10)
+    assert torch.allclose(half, state[:2], atol=1e-6)
+    with pytest.raises(ValueError, match="REG"):
+        sample(joint, tr, noise, y, steps=2, cfg_scale=3.0, null_class=10, cfg_channels=3)

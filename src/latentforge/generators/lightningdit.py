@@ -144,6 +144,9 @@ class VisionRoPE(nn.Module):
         self.register_buffer("freqs_sin", sin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, nh, T, hd)
+        prefix = x.shape[-2] - self.freqs_cos.shape[0]
+        if prefix:  # tokens before the grid (REG's class token) are not rotated
+            return torch.cat([x[..., :prefix, :], self(x[..., prefix:, :])], dim=-2)
         pairs = rearrange(x, "... (d two) -> ... d two", two=2)
         rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
         return x * self.freqs_cos + rotated * self.freqs_sin
@@ -282,9 +285,12 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden, patch * patch * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return modulate(self.norm_final(x), shift, scale)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.features(x, c))
 
 
 class PatchEmbed(nn.Module):
@@ -314,10 +320,17 @@ class LightningDiT(Generator):
         repa_depth: int = 4,
         repa_projector_dim: int = 2048,
         grad_checkpointing: bool = False,
+        reg_dim: int = 0,
     ):
         """``repa_dim > 0`` adds REPA's projector (keys ``projectors.0.{0,2,4}``, as in
         sihyun-yu/REPA): an MLP hidden -> projector -> projector -> ``repa_dim`` with SiLU,
-        reading the output of block ``repa_depth`` (1-based)."""
+        reading the output of block ``repa_depth`` (1-based).
+
+        ``reg_dim > 0`` adds REG (Wu et al. 2025, "Representation Entanglement for
+        Generation"): the VFM's class token (``reg_dim`` wide), noised with the latent's t,
+        enters as one extra token before the grid (``cls_embedder``: Linear + LayerNorm; no
+        position embedding, no RoPE rotation) and its velocity is read from that token after
+        the final adaLN norm (``cls_head``, zero-initialised)."""
         super().__init__()
         # 1-D tokenizers (MAETok, SoftVQ-VAE) give (C, N): N tokens of C channels, channels
         # first like images; they run as a 1 x N grid with patch 1 (half of the sin-cos and
@@ -361,6 +374,10 @@ class LightningDiT(Generator):
                 nn.Linear(pd, repa_dim),
             ]
             self.projectors = nn.ModuleList([nn.Sequential(*mlp)])
+        self.reg_dim = reg_dim
+        if reg_dim:
+            self.cls_embedder = nn.Sequential(nn.Linear(reg_dim, d), nn.LayerNorm(d, eps=1e-6))
+            self.cls_head = nn.Linear(d, reg_dim)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -386,7 +403,8 @@ class LightningDiT(Generator):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+        zero = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        for layer in zero + ([self.cls_head] if self.reg_dim else []):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -398,14 +416,31 @@ class LightningDiT(Generator):
         )
 
     def forward(
-        self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_repa: bool = False
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        return_repa: bool = False,
+        cls: torch.Tensor | None = None,
     ):
         """Args: x_t (B, C, H, W), t (B,) flow time in [0, 1] (1 = data), y (B,) class ids
-        (``num_classes`` = null). Shapes: returns (B, C, H, W) (the first C channels when
-        ``learn_sigma``); with ``return_repa`` also the projected tokens of block
-        ``repa_depth``, (B, T, repa_dim) in row-major token order."""
+        (``num_classes`` = null); ``cls`` (B, reg_dim) the noised class token (REG models
+        only, required there). Shapes: returns (B, C, H, W) (the first C channels when
+        ``learn_sigma``); with REG, the tuple (that, (B, reg_dim) class-token prediction);
+        with ``return_repa``, the projected grid tokens of block ``repa_depth``,
+        (B, T, repa_dim) in row-major token order, appended."""
+        if (cls is None) != (not self.reg_dim):
+            raise ValueError(
+                "REG models take the noised class token (cls=...)"
+                if self.reg_dim
+                else "cls= needs a model built with reg_dim > 0"
+            )
         x_in = x_t.unsqueeze(2) if self.tokens_1d else x_t  # (B, C, N) -> (B, C, 1, N)
         x = self.x_embedder(x_in) + self.pos_embed  # (B, T, D)
+        prefix = 0
+        if cls is not None:
+            x = torch.cat([self.cls_embedder(cls.to(x.dtype)).unsqueeze(1), x], dim=1)
+            prefix = 1
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
         projected = None
         for i, block in enumerate(self.blocks, start=1):
@@ -414,15 +449,17 @@ class LightningDiT(Generator):
             else:
                 x = block(x, c, self.feat_rope)
             if return_repa and i == self.repa_depth:
-                projected = self.projectors[0](x)
-        out = self.unpatchify(self.final_layer(x, c))
+                projected = self.projectors[0](x[:, prefix:])
+        h = self.final_layer.features(x, c)
+        out = self.unpatchify(self.final_layer.linear(h[:, prefix:]))
         out = out[:, : self.in_channels] if self.arch.learn_sigma else out
         out = out.squeeze(2) if self.tokens_1d else out
+        outs = (out, self.cls_head(h[:, 0])) if prefix else (out,)
         if return_repa:
             if projected is None:
                 raise ValueError("return_repa needs a model built with repa_dim > 0")
-            return out, projected
-        return out
+            outs = (*outs, projected)
+        return outs[0] if len(outs) == 1 else outs
 
 
 def resolve_arch(cfg: LightningDiTConfig) -> DiTArch:
@@ -437,9 +474,15 @@ def resolve_arch(cfg: LightningDiTConfig) -> DiTArch:
 
 @GENERATORS.register("lightningdit", config=LightningDiTConfig)
 def build_lightningdit(
-    cfg: LightningDiTConfig, latent_shape: tuple[int, ...], num_classes: int, repa_dim: int = 0
+    cfg: LightningDiTConfig,
+    latent_shape: tuple[int, ...],
+    num_classes: int,
+    repa_dim: int = 0,
+    reg_dim: int = 0,
 ) -> LightningDiT:
-    """``repa_dim``: width of the VFM features REPA aligns to (0: no projector)."""
+    """``repa_dim``: width of the VFM features REPA aligns to (0: no projector);
+    ``reg_dim``: width of the VFM class token REG generates (used when
+    ``transport.reg_weight > 0``)."""
     return LightningDiT(
         resolve_arch(cfg),
         tuple(latent_shape),
@@ -449,4 +492,5 @@ def build_lightningdit(
         repa_depth=cfg.repa_depth,
         repa_projector_dim=cfg.repa_projector_dim,
         grad_checkpointing=cfg.grad_checkpointing,
+        reg_dim=reg_dim if cfg.transport.reg_weight > 0 else 0,
     )

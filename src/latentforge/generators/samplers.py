@@ -11,10 +11,12 @@ sample (a guided step counts 2).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
+from torch import nn
 
 from latentforge.generators.transport import Transport, shift_t
 
@@ -31,6 +33,25 @@ def noise_for_seeds(seeds: Sequence[int], shape: tuple[int, ...], device="cpu") 
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     """Labels 0, 1, ..., C-1, 0, 1, ...: equal counts per class when C divides n."""
     return torch.arange(n) % num_classes
+
+
+class JointClassToken(nn.Module):
+    """REG sampling: the latent and the VFM class token integrate as one flat state
+    (B, prod(latent_shape) + cls_dim), so every sampler and the guidance (which then covers
+    the class token too) work unchanged. ``split`` recovers (latents, class tokens)."""
+
+    def __init__(self, model: nn.Module, latent_shape: tuple[int, ...], cls_dim: int):
+        super().__init__()
+        self.model, self.latent_shape, self.cls_dim = model, tuple(latent_shape), cls_dim
+        self.numel = math.prod(self.latent_shape)
+
+    def split(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return state[:, : self.numel].reshape(-1, *self.latent_shape), state[:, self.numel :]
+
+    def forward(self, state: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x, cls = self.split(state)
+        out, cls_out = self.model(x, t, y, cls=cls)
+        return torch.cat([out.flatten(1), cls_out], dim=1)
 
 
 class Guided:
@@ -106,6 +127,8 @@ def sample(
     as long as splits fall on multiples of ``micro_batch`` (BLAS kernels may otherwise
     reduce in a batch-size-dependent order).
     """
+    if cfg_channels is not None and isinstance(model, JointClassToken):
+        raise ValueError("cfg_channels (legacy partial guidance) does not apply to REG states")
     if micro_batch:
         outs, nfe = [], 0
         for i in range(0, noise.shape[0], micro_batch):

@@ -37,6 +37,9 @@ class TransportConfig:
     # REPA (Yu et al. 2025, "Representation Alignment for Generation"): weight of
     # -cos(projector(h_k), VFM patch features) on the clean image; 0 disables (REPA: 0.5)
     repa_weight: float = 0.0
+    # REG (Wu et al. 2025, "Representation Entanglement for Generation"): the VFM class token
+    # is generated jointly as one extra noised token; weight of its velocity loss (REG: 0.03)
+    reg_weight: float = 0.0
 
 
 def flip_time(t: torch.Tensor) -> torch.Tensor:
@@ -113,27 +116,40 @@ class Transport:
         return -x0 / s  # score of p(x_t | x1)
 
     def loss(
-        self, model, x1, y, generator: torch.Generator | None = None, features=None
+        self, model, x1, y, generator: torch.Generator | None = None, features=None, cls=None
     ) -> dict[str, torch.Tensor]:
         """MSE to the target, plus the velocity-direction (cosine over channels) loss, plus
-        REPA's alignment loss when ``repa_weight > 0``.
+        REPA's alignment loss when ``repa_weight > 0``, plus REG's class-token loss when
+        ``reg_weight > 0``.
 
         ``features``: the frozen VFM's patch features of the clean images, (B, D, h, w);
         resized (area / bilinear) to the model's token grid when it differs.
-        Returns ``loss`` (to back-propagate), ``mse``, ``cos`` and ``repa`` (detached).
+        ``cls``: the VFM's (normalised) class token of the clean images, (B, D), for REG;
+        it is noised with the same t and path as x1 and its target is weighted by
+        ``reg_weight``. Returns ``loss`` (to back-propagate), ``mse``, ``cos``, ``repa``
+        and ``reg`` (detached).
         """
         t = self.sample_t(x1.shape[0], x1.device, generator)
         x0 = torch.randn(x1.shape, device=x1.device, generator=generator, dtype=x1.dtype)
         a, s, _, _ = (_bcast(c, x1) for c in self.coefficients(t))
         xt = a * x1 + s * x0
-        repa = None
-        if self.cfg.repa_weight > 0:
-            if features is None:
-                raise ValueError("transport.repa_weight > 0 needs the VFM features of x1")
-            pred, projected = model(xt, t, y, return_repa=True)
-            repa = repa_loss(projected, features, getattr(model, "grid", None))
-        else:
-            pred = model(xt, t, y)
+        kwargs = {}
+        if self.cfg.reg_weight > 0:
+            if cls is None:
+                raise ValueError("transport.reg_weight > 0 needs the VFM class token of x1")
+            cls0 = torch.randn(cls.shape, device=cls.device, generator=generator, dtype=cls.dtype)
+            ac, sc, _, _ = (_bcast(c, cls) for c in self.coefficients(t))
+            kwargs["cls"] = ac * cls + sc * cls0
+        repa_on = self.cfg.repa_weight > 0
+        if repa_on and features is None:
+            raise ValueError("transport.repa_weight > 0 needs the VFM features of x1")
+        outs = model(xt, t, y, return_repa=True, **kwargs) if repa_on else model(xt, t, y, **kwargs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        pred = outs[0]
+        repa = repa_loss(outs[-1], features, getattr(model, "grid", None)) if repa_on else None
+        reg = None
+        if kwargs:
+            reg = (outs[1].float() - self.target(cls0, cls, t).float()).pow(2).mean()
         tgt = self.target(x0, x1, t)
         mse = (pred.float() - tgt.float()).pow(2).mean()
         # eps 1e-2 on the prediction's norm: the zero-initialised backbone outputs exactly 0
@@ -147,6 +163,9 @@ class Transport:
         if repa is not None:
             loss = loss + self.cfg.repa_weight * repa
             out["repa"] = repa.detach()
+        if reg is not None:
+            loss = loss + self.cfg.reg_weight * reg
+            out["reg"] = reg.detach()
         out["loss"] = loss
         return out
 

@@ -45,21 +45,27 @@ def sample_images(
     log=print,
 ) -> np.ndarray:
     """Sample latents for (seed, label) pairs, de-normalise, decode; uint8 (N, H, W, 3)."""
-    from latentforge.generators.samplers import noise_for_seeds, sample
+    from latentforge.generators.samplers import JointClassToken, noise_for_seeds, sample
     from latentforge.platform.train import build_transport
 
     sc = cfg.sample
     transport = build_transport(cfg)
-    per_channel = (1, -1) + (1,) * (len(stats["latent_shape"]) - 1)
+    latent_shape = tuple(stats["latent_shape"])
+    per_channel = (1, -1) + (1,) * (len(latent_shape) - 1)
     mean = torch.tensor(stats["mean"], dtype=torch.float32).view(per_channel)
     std = torch.tensor(stats["std"], dtype=torch.float32).view(per_channel)
+    field, noise_shape = generator, latent_shape
+    reg_dim = getattr(generator, "reg_dim", 0)
+    if reg_dim:  # REG: the class token is sampled jointly; only the latent is decoded
+        field = JointClassToken(generator, latent_shape, reg_dim)
+        noise_shape = (field.numel + reg_dim,)
     out = []
     step = max(MICRO_BATCH, sc.batch_size // MICRO_BATCH * MICRO_BATCH)
     for i in range(0, len(seeds), step):
         s, y = seeds[i : i + step], labels[i : i + step]
-        noise = noise_for_seeds([int(v) for v in s], tuple(stats["latent_shape"]))
+        noise = noise_for_seeds([int(v) for v in s], noise_shape)
         z, nfe = sample(
-            generator,
+            field,
             transport,
             noise,
             torch.tensor(y, dtype=torch.long),
@@ -72,6 +78,7 @@ def sample_images(
             null_class=cfg.data.num_classes,
             micro_batch=MICRO_BATCH,
         )
+        z = field.split(z)[0] if reg_dim else z
         images = tokenizer.decode(z * std + mean)
         out.append(to_uint8(images))
         log(f"[sample] {i + len(s)}/{len(seeds)} images ({nfe} NFE per sample)")
