@@ -39,6 +39,60 @@ def test_generator_step_benchmark(tmp_path):
     assert result["speedup_vs_official"] > 0
 
 
+# Stands in for hustvl/LightningDiT's tokenizer/autoencoder.py: its constructors, our modules.
+FAKE_OFFICIAL_VAE = """
+import torch
+from latentforge.tokenizers import vavae
+
+
+def _arch(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, **_):
+    levels = tuple(i for i in range(len(ch_mult)) if resolution // 2**i in attn_resolutions)
+    return vavae.AEArch(ch, tuple(ch_mult), num_res_blocks, levels, z_channels)
+
+
+def Encoder(**kw):
+    return vavae.Encoder(_arch(**kw))
+
+
+def Decoder(**kw):
+    return vavae.Decoder(_arch(**kw))
+
+
+class Posterior:
+    def __init__(self, mean, logvar):
+        self.mean, self.logvar = mean, logvar
+
+    def sample(self):
+        return self.mean + torch.randn_like(self.mean) * (0.5 * self.logvar).exp()
+
+
+class AutoencoderKL(vavae.VAVAE):
+    def __init__(self, embed_dim, ch_mult):
+        arch = vavae.AEArch(8, tuple(ch_mult), 1, (), embed_dim)  # replaced by the caller
+        super().__init__(arch, vavae.VAVAEConfig(vfm=None))
+
+    def encode(self, x):
+        return Posterior(*self.moments(x))
+"""
+
+
+def test_tokenizer_step_benchmark(tmp_path):
+    repo = tmp_path / "official"
+    (repo / "tokenizer").mkdir(parents=True)
+    (repo / "tokenizer" / "__init__.py").write_text("")
+    (repo / "tokenizer" / "autoencoder.py").write_text(FAKE_OFFICIAL_VAE)
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "tokenizer_step.py"), "--config", "f16d32"]
+    cmd += ["--resolution", "32", "--batch", "1", "--repeats", "1", "--threads", "1"]
+    cmd += ["--official", str(repo), "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    rows = [(r["implementation"], r["call"]) for r in result["rows"]]
+    assert rows == [(i, c) for i in ("latentforge", "official") for c in ("encode", "decode")]
+    assert all(r["seconds"] > 0 and r["flops"] > 0 for r in result["rows"])
+    assert set(result["speedup_vs_official"]) == {"encode", "decode"}
+
+
 def test_fd_benchmark_agrees_with_scipy(tmp_path):
     out = tmp_path / "fd.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "fd.py"), "--dim", "32", "--n", "20", "200"]
@@ -46,3 +100,31 @@ def test_fd_benchmark_agrees_with_scipy(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["n"] for r in rows] == [20, 200]
     assert all(r["relative_difference"] < 1e-6 and r["ours_s"] > 0 for r in rows)
+
+
+def test_sweep_efficiency_summary():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from sweep_efficiency import summarize
+
+    def row(point, fd, images, stopped=False):
+        return {"point": point, "metrics": {"fd": fd, "generator_images": images},
+                "stopped_early": stopped}  # fmt: skip
+
+    fifo = {"rows": [row("a", 3.0, 400), row("b", 1.0, 400)], "seconds": 10.0, "budget": 400}
+    asha = {"rows": [row("a", 5.0, 100, True), row("b", 1.2, 400)], "seconds": 6.0, "budget": 400}
+    out = summarize(fifo, asha, "fd", "min")
+    assert out["generator_compute_ratio"] == 500 / 800 and out["same_best"]
+    assert out["asha_stopped_early"] == 1 and out["fifo_best"] == "b"
+
+
+def test_extract_benchmark(tmp_path):
+    out = tmp_path / "extract.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "extract.py"), "--tokenizer", "tiny"]
+    cmd += ["--images", "64", "--batch", "16", "--shard-rows", "32", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["encoder"]["images_per_s"] > 0
+    for source in ("shapes", "memory"):
+        runs = result["ray_extraction"][source]
+        assert runs["full"]["images"] == 64 and runs["full"]["shards"] == 2
+        assert runs["small"]["images"] == 8 and "overhead_marginal" in runs

@@ -111,9 +111,10 @@ def test_cli_dry_run_and_errors(done_run):
     assert bad.returncode == 2 and "sample.cfg_scal" in bad.stderr
 
 
-def test_repa_through_extract_generator_and_sampling(done_run):
-    """extract.vfm stores the VFM's patch features with the latents; the generator trains
-    with REPA on them, and its checkpoint (with the projector) loads for sampling."""
+def test_repa_and_reg_through_extract_generator_and_sampling(done_run):
+    """extract.vfm stores the VFM's patch features and class token with the latents; the
+    generator trains with REPA (and REG) on them, and its checkpoint (with the projector
+    and class-token layers) loads for sampling."""
     cfg, p = done_run
     overrides = ["extract.vfm=local:shapes-vit", "generator.transport.repa_weight=0.5"]
     too_deep = load_experiment(SMOKE, [f"run_dir={cfg.run_dir}", *overrides])
@@ -138,6 +139,23 @@ def test_repa_through_extract_generator_and_sampling(done_run):
     )
     with pytest.raises(ConfigError, match="extract.vfm"):
         Pipeline(no_feats).run(("generator",))
+    # REG: the class token stored with the features is generated jointly with the latent
+    assert stats["vfm_cls_dim"] == 128
+    reg_cfg = load_experiment(
+        SMOKE, [f"run_dir={cfg.run_dir}", *overrides, "generator.transport.reg_weight=0.03"]
+    )
+    r = Pipeline(reg_cfg)
+    assert r.hashes["extract"] == q.hashes["extract"]
+    r.run(("generator", "sample"))
+    curve = json.loads((r.stage_dir("generator") / "curve.json").read_text())
+    assert all(np.isfinite(point["reg"]) and np.isfinite(point["repa"]) for point in curve)
+    with np.load(r.stage_dir("sample") / "samples.npz") as f:
+        assert f["arr_0"].shape == (40, 32, 32, 3)
+    no_cls = load_experiment(
+        SMOKE, [f"run_dir={cfg.run_dir}", "generator.transport.reg_weight=0.03"]
+    )
+    with pytest.raises(ConfigError, match="class token"):
+        Pipeline(no_cls).run(("generator",))
 
 
 def test_fid_in_the_evaluate_stage(done_run, tmp_path):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from latentforge.config import ConfigError
-from latentforge.platform.sweep import load_sweep, run_sweep, trial_config
+from latentforge.platform.sweep import load_sweep, run_sweep, rung_config, trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_SWEEP = ROOT / "experiments" / "sweeps" / "smoke.yaml"
@@ -17,9 +17,18 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 def test_sweep_points_and_trial_dirs(tmp_path):
     sweep = load_sweep(SMOKE_SWEEP, [f"run_dir={tmp_path}"])
     points = sweep.points()
-    assert points == [{"tokenizer.vf_weight": 0.0}, {"tokenizer.vf_weight": 0.1}]
+    assert (
+        len(points) == 4 and {"tokenizer.latent_channels": 8, "tokenizer.vf_weight": 0.1} in points
+    )
     dirs = {trial_config(sweep, p).run_dir for p in points}
-    assert len(dirs) == 2 and all(d.startswith(str(tmp_path)) for d in dirs)
+    assert len(dirs) == 4 and all(d.startswith(str(tmp_path)) for d in dirs)
+    # an ASHA rung: its share of the generator budget, continuing the previous rung
+    cfg = trial_config(sweep, points[0])
+    first = rung_config(sweep, cfg, 1, None)
+    assert first.train.generator_images == 256 and first.sample.num_images == 20
+    last = rung_config(sweep, cfg, 2, "/ckpt")
+    assert last.train.generator_images == 512 and last.train.generator_init == "/ckpt"
+    assert last.sample.num_images == cfg.sample.num_images
 
 
 def test_bad_search_key_is_named(tmp_path):
@@ -33,12 +42,54 @@ def test_bad_search_key_is_named(tmp_path):
 
 def test_sweep_end_to_end(ray_session, tmp_path):
     sweep = load_sweep(SMOKE_SWEEP, [f"run_dir={tmp_path}"])
+    assert sweep.spec.scheduler.name == "asha" and len(sweep.points()) == 4
     result = run_sweep(sweep)
-    assert result["trials"] == 2 and result["failed"] == 0, result
+    assert result["trials"] == 4 and result["failed"] == 0, result
     rows = json.loads((tmp_path / "results.json").read_text())
-    assert {r["point"]["tokenizer.vf_weight"] for r in rows} == {0.0, 0.1}
+    points = {
+        (r["point"]["tokenizer.latent_channels"], r["point"]["tokenizer.vf_weight"]) for r in rows
+    }
+    assert points == {(4, 0.0), (4, 0.1), (8, 0.0), (8, 0.1)}
     assert all("fd_shapesnet" in r["metrics"] and "rfd_shapesnet" in r["metrics"] for r in rows)
-    assert (tmp_path / "frontier.png").stat().st_size > 0 and (tmp_path / "sweep.md").exists()
+    # ASHA: every trial reported rung 1; those it stopped never reached rung 2, whose
+    # generator continued rung 1's checkpoint to the full budget
+    assert all(r["rung"] in (1, 2) and r["stopped_early"] == (r["rung"] == 1) for r in rows)
+    finished = [r for r in rows if r["rung"] == 2]
+    assert finished and result["stopped_early"] == 4 - len(finished)
+    for r in finished:
+        assert r["metrics"]["generator_images"] == 512  # smoke.yaml's budget
+    csv_rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(csv_rows) == 5 and csv_rows[0].startswith(
+        "tokenizer.latent_channels,tokenizer.vf_weight,rung"
+    )
+    assert (tmp_path / "frontier.png").stat().st_size > 0
+    assert "| point | rung |" in (tmp_path / "sweep.md").read_text()
     # resuming a finished sweep re-runs no trial (every stage is cached)
     again = run_sweep(sweep, resume=True)
-    assert again["trials"] == 2 and again["failed"] == 0
+    assert again["trials"] == 4 and again["failed"] == 0
+
+
+def test_pareto_front_and_groups():
+    from latentforge.platform.sweep import _group_of, pareto_front
+
+    def row(x, y):
+        return {"metrics": {"rfd": x, "fd": y}}
+
+    rows = [row(1, 5), row(2, 3), row(3, 4), row(4, 1), row(2, 6)]
+    front = pareto_front(rows, "rfd", "fd")
+    assert [(r["metrics"]["rfd"], r["metrics"]["fd"]) for r in front] == [(1, 5), (2, 3), (4, 1)]
+    assert pareto_front(rows, "rfd", "fd", mode="max")[-1]["metrics"]["fd"] == 6
+    assert _group_of({"tokenizer.latent_channels": 8, "tokenizer.vf_weight": 0.0}) == (
+        "8",
+        "VF off",
+    )
+    assert _group_of({"generator.lr": 1}) == ("n/a", "n/a")
+
+
+def test_asha_needs_rungs(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        f"base: {SMOKE_SWEEP.parent.parent / 'smoke.yaml'}\nscheduler: {{name: asha, rungs: 1}}\n"
+    )
+    with pytest.raises(ConfigError, match="rungs"):
+        load_sweep(bad)

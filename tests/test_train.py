@@ -58,6 +58,32 @@ def test_generator_fit_checkpoints_and_resumes(tmp_path):
     assert out["nimg"] == 192 and [p["nimg"] for p in out["curve"]] == [32, 64, 96, 128, 160, 192]
 
 
+def test_generator_init_continues_a_shorter_run(tmp_path):
+    """train.generator_init (the sweep's ASHA rungs): a fresh run starts from another run's
+    checkpoint, with its weights, optimizer and images seen, and must not go backwards."""
+    common = ["train.checkpoint_every_images=64", "train.log_every_images=32"]
+    short = load_experiment(SMOKE, ["train.generator_images=64", *common])
+    fit(short, generator_job(short, STATS), LocalRuntime(latents(), tmp_path / "a"), log=print)
+    ck = tmp_path / "a" / "checkpoint"
+    cont = load_experiment(
+        SMOKE, ["train.generator_images=128", f"train.generator_init={ck}", *common]
+    )
+    job = generator_job(cont, STATS)
+    logs = []
+    out = fit(cont, job, LocalRuntime(latents(), tmp_path / "b"), log=logs.append)
+    assert any("continuing" in line and "from 64 images" in line for line in logs)
+    assert out["nimg"] == 128 and [p["nimg"] for p in out["curve"]] == [32, 64, 96, 128]
+    # asking for fewer images than the checkpoint has seen is an error, not a silent no-op
+    fewer = load_experiment(
+        SMOKE, ["train.generator_images=32", f"train.generator_init={ck}", *common]
+    )
+    with pytest.raises(ValueError, match="more than the 32"):
+        fit(fewer, generator_job(fewer, STATS), LocalRuntime(latents(), tmp_path / "c"))
+    missing = load_experiment(SMOKE, [f"train.generator_init={tmp_path}/nowhere", *common])
+    with pytest.raises(FileNotFoundError, match="generator_init"):
+        fit(missing, generator_job(missing, STATS), LocalRuntime(latents(), tmp_path / "d"))
+
+
 def test_tokenizer_fit_runs(tmp_path):
     cfg = load_experiment(SMOKE, ["train.tokenizer_images=64", "tokenizer.vfm=null"])
     from latentforge.shapes import render_shapes
@@ -174,3 +200,57 @@ def test_generator_fit_and_stats_on_one_d_token_latents(tmp_path):
     data = {"latent": z, "label": (np.arange(64) % 10).astype(np.int64)}
     out = fit(cfg, generator_job(cfg, stats), LocalRuntime(data, tmp_path), log=lambda *_: None)
     assert out["nimg"] == 64 and np.isfinite(out["curve"][-1]["loss"])
+
+
+def test_tokenizer_gan_phase_switches_on_checkpoints_and_resumes(tmp_path):
+    """The discriminator steps from disc_start images on (logged ``disc_active``, ``d_loss``,
+    ``g_loss``); the checkpoint holds it and its optimizer apart from the tokenizer's
+    weights (official keys only), and resume restores both."""
+    from latentforge.platform.train import load_checkpoint, make_optimizers
+    from latentforge.shapes import render_shapes
+
+    def cfg_for(total):
+        return load_experiment(
+            SMOKE,
+            [
+                f"train.tokenizer_images={total}",
+                "train.checkpoint_every_images=64",
+                "train.log_every_images=32",
+                "tokenizer.vfm=null",
+                "tokenizer.disc_weight=0.5",
+                "tokenizer.disc_start=64",
+                "tokenizer.disc_channels=8",
+                "tokenizer.disc_lr=1.0e-3",
+            ],
+        )
+
+    images, labels = render_shapes(range(64), 32)
+    runtime = LocalRuntime({"image": images, "label": labels}, tmp_path)
+    cfg = cfg_for(128)
+    job = tokenizer_job(cfg)
+    out = fit(cfg, job, runtime, log=lambda *_: None)
+    # steps start at 0, 32, 64, 96 images seen: the last two are in the GAN phase
+    assert [p["disc_active"] for p in out["curve"]] == [0.0, 0.0, 1.0, 1.0]
+    assert ["d_loss" in p and "g_loss" in p for p in out["curve"]] == [False, False, True, True]
+    assert all(np.isfinite(p["d_loss"]) for p in out["curve"][2:])
+    ck = tmp_path / "checkpoint"
+    model_keys = set(load_file(str(ck / "model.safetensors")))
+    assert model_keys == set(job.model.state_dict()) and not any("main." in k for k in model_keys)
+    saved_disc = load_file(str(ck / "discriminator.safetensors"))
+    assert set(saved_disc) == set(job.discriminator.state_dict())
+
+    fresh = tokenizer_job(cfg)
+    assert not torch.equal(fresh.discriminator.main[0].weight, saved_disc["main.0.weight"])
+    opt, opt_d = make_optimizers(fresh, cfg.train)
+    state, _ = load_checkpoint(str(ck), fresh, None, opt, opt_d)
+    assert state["nimg"] == 128 and opt_d.param_groups[0]["lr"] == 1.0e-3
+    assert all(torch.equal(fresh.discriminator.state_dict()[k], v) for k, v in saved_disc.items())
+    saved_opt = torch.load(ck / "optimizer_disc.pt", weights_only=True)
+    exp_avg = opt_d.state_dict()["state"][0]["exp_avg"]
+    assert exp_avg.abs().sum() > 0 and torch.equal(exp_avg, saved_opt["state"][0]["exp_avg"])
+
+    logs = []
+    longer = cfg_for(160)
+    out = fit(longer, tokenizer_job(longer), runtime, log=logs.append)
+    assert any("resumed at 128" in line for line in logs)
+    assert out["curve"][-1]["nimg"] == 160 and out["curve"][-1]["disc_active"] == 1.0

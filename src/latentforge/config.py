@@ -36,6 +36,7 @@ class TrainConfig:
     tokenizer_batch_size: int = 128  # global, split over Ray Train workers
     generator_batch_size: int = 128
     tokenizer_lr: float = 2.0e-4
+    tokenizer_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])  # its AdamW betas
     generator_lr: float = 1.0e-3
     weight_decay: float = 0.0
     warmup_images: float = 1.0e4
@@ -46,14 +47,21 @@ class TrainConfig:
     log_every_images: float = 1.0e4
     checkpoint_every_images: float = 5.0e4
     seed: int = 0
+    # continue the generator from a training checkpoint directory (weights, EMA, optimizer,
+    # images seen) instead of from scratch, e.g. a shorter run of the same config: the
+    # sweep's ASHA rungs do this. Ignored once the run has a checkpoint of its own.
+    generator_init: str | None = None
 
 
 @dataclass
 class ExtractConfig:
-    batch_size: int = 256
-    shard_rows: int = 4096  # minimum rows per latent shard
+    """Latent extraction (platform/extract.py); shards depend on source ids only."""
+
+    batch_size: int = 256  # encoder batch; every batch runs at this shape (padded)
+    shard_rows: int = 4096  # images per shard: shard k holds source ids [k*S, (k+1)*S)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     actors: int = 1  # Ray Data actor-pool size for the encoder
+    flip: bool = True  # also store the latent of the mirrored image (``latent_flip``)
     # a VFM (tokenizers/vfm.py spec) whose last-layer patch features are stored next to each
     # latent (column ``vfm``, float16 (D, h, w)), for REPA (generator.transport.repa_weight)
     vfm: str | None = None

@@ -29,8 +29,19 @@ VERB_OF = {
     "evaluate": "evaluate",
     "report": "report",
 }
-TOKENIZER_TRAIN_KEYS = ("tokenizer_images", "tokenizer_lr", "tokenizer_batch_size")
-GENERATOR_TRAIN_KEYS = ("generator_images", "generator_lr", "generator_batch_size", "ema_decay")
+TOKENIZER_TRAIN_KEYS = (
+    "tokenizer_images",
+    "tokenizer_lr",
+    "tokenizer_batch_size",
+    "tokenizer_betas",
+)
+GENERATOR_TRAIN_KEYS = (
+    "generator_images",
+    "generator_lr",
+    "generator_batch_size",
+    "ema_decay",
+    "generator_init",
+)
 SHARED_TRAIN_KEYS = ("weight_decay", "warmup_images", "grad_clip", "seed")
 
 
@@ -39,7 +50,9 @@ class StageNotReady(RuntimeError):
 
 
 def _pick(obj, keys) -> dict:
-    return {k: getattr(obj, k) for k in keys}
+    """The named fields; optional ones left unset (None) are omitted, so adding one keeps
+    earlier stage hashes valid."""
+    return {k: getattr(obj, k) for k in keys if getattr(obj, k) is not None}
 
 
 def stage_hashes(cfg: ExperimentConfig) -> dict[str, str]:
@@ -50,7 +63,7 @@ def stage_hashes(cfg: ExperimentConfig) -> dict[str, str]:
         "tokenizer", cfg.data, cfg.tokenizer, _pick(train, TOKENIZER_TRAIN_KEYS + SHARED_TRAIN_KEYS)
     )
     vfm = [cfg.extract.vfm] if cfg.extract.vfm else []  # absent: earlier hashes stay valid
-    h["extract"] = config_hash("extract", h["tokenizer"], cfg.extract.dtype, *vfm)
+    h["extract"] = config_hash("extract", h["tokenizer"], cfg.extract.dtype, cfg.extract.flip, *vfm)
     h["generator"] = config_hash(
         "generator",
         h["extract"],
@@ -120,9 +133,11 @@ class Pipeline:
                 f"run `latentforge {VERB_OF[before]}` (or `latentforge run`) first"
             )
         out = self.stage_dir(stage)
-        if out.exists():
-            shutil.rmtree(out)  # a stage that did not finish; training resumes from Ray storage
-        out.mkdir(parents=True)
+        if out.exists() and stage != "extract":
+            # a stage that did not finish: training resumes from Ray storage; extraction
+            # resumes from its finished shards in place (platform/extract.py)
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(self.cfg))
         self.log(f"[{stage}] running -> {out}")
         t0 = time.time()
@@ -155,7 +170,11 @@ class Pipeline:
         with ckpt.as_directory() as d:
             for name in ("model.safetensors", "ema.safetensors", "curve.json", "state.json"):
                 shutil.copy(Path(d, name), out / name)
-        return json.loads((out / "state.json").read_text())
+            if Path(d, "discriminator.safetensors").exists():  # for a next GAN stage
+                shutil.copy(Path(d, "discriminator.safetensors"), out / "discriminator.safetensors")
+        info = json.loads((out / "state.json").read_text())
+        info["checkpoint"] = ckpt.path  # the full training state, for train.generator_init
+        return info
 
     def _tokenizer(self, out: Path) -> dict:
         from latentforge.platform.data import load_images
@@ -195,17 +214,17 @@ class Pipeline:
         import torch
 
         from latentforge.platform.extract import latent_dataset
-        from latentforge.platform.train import build_generator, repa_dim
+        from latentforge.platform.train import build_generator, reg_dim, repa_dim
 
         stats = self.stats()
         # config errors surface here, in one line, not from inside the Ray Train workers
-        repa = repa_dim(self.cfg, stats) > 0
         with torch.device("meta"):
             try:
                 build_generator(self.cfg, stats)
+                repa, reg = repa_dim(self.cfg, stats) > 0, reg_dim(self.cfg, stats) > 0
             except (KeyError, ValueError) as e:
                 raise ConfigError(f"generator: {e}") from None
-        dataset = latent_dataset(self.stage_dir("extract"), vfm=repa).materialize()
+        dataset = latent_dataset(self.stage_dir("extract"), vfm=repa, cls=reg).materialize()
         return self._train("generator", dataset, out, stats)
 
     def _sample(self, out: Path) -> dict:

@@ -4,7 +4,17 @@ A sweep YAML names a base experiment, a search space over dotted experiment keys
 objective. One Tune trial = the whole pipeline (tokenizer -> ... -> evaluate) for one
 point, in its own run directory named by the point's hash (never by a counter, which races
 between trials). Tune's function trainable is the driver of the Ray Train jobs inside it
-(Train V2). Results: ``results.json``, ``frontier.png`` and ``sweep.md`` in the sweep dir.
+(Train V2). Results: ``results.json``, ``results.csv``, ``frontier.png`` and ``sweep.md``
+in the sweep dir.
+
+Early stopping (``scheduler: {name: asha, rungs: R}``): a trial trains its generator in R
+rungs of ``generator_images / R`` images, each continuing from the previous rung's
+checkpoint (``train.generator_init``), and after each rung samples and evaluates
+(``rung_samples`` images for the intermediate rungs) and reports the objective with
+``rung`` as ASHA's time axis (Li et al. 2020, "A System for Massively Parallel
+Hyperparameter Tuning"). ``rung`` is a reported metric, not Tune's iteration counter, so
+it stays right after ``--resume`` (Tune restarts function trainables; finished rungs are
+cached stages and cost nothing).
 """
 
 from __future__ import annotations
@@ -37,6 +47,17 @@ class Objective:
 
 
 @dataclass
+class Scheduler:
+    """``fifo`` runs every trial to the end; ``asha`` stops weak ones at rung boundaries."""
+
+    name: Literal["fifo", "asha"] = "fifo"
+    rungs: int = 4  # evaluations along the generator's training (asha)
+    grace_rungs: int = 1  # rungs every trial runs before it may be stopped
+    reduction_factor: float = 2.0  # keep the best 1/reduction_factor at each rung
+    rung_samples: int | None = None  # samples for intermediate rungs (None: sample.num_images)
+
+
+@dataclass
 class SweepSpec:
     """Schema of a sweep YAML."""
 
@@ -47,6 +68,7 @@ class SweepSpec:
     search_space: dict[str, SearchDim] = field(default_factory=dict)
     num_samples: int = 1  # random draws for choice/uniform dims (grids are crossed)
     objective: Objective = field(default_factory=Objective)
+    scheduler: Scheduler = field(default_factory=Scheduler)
     frontier_x: str = "rfd_shapesnet"  # reconstruction axis of the frontier plot
     # the trial driver only waits on its pipeline task: reserve memory, not CPUs, so the
     # Train workers and Ray Data operators of the trial get every CPU
@@ -87,6 +109,8 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             raise ConfigError(
                 f"{path}: search_space.{key}: give exactly one of grid/choice/uniform/loguniform"
             )
+    if spec.scheduler.name == "asha" and spec.scheduler.rungs < 2:
+        raise ConfigError(f"{path}: scheduler.rungs: asha needs at least 2 rungs")
     base = load_experiment(base_path, spec.overrides)  # validates base + shared overrides
     for point in Sweep(spec, base_path, Path()).points() or [{}]:
         load_experiment(base_path, [*spec.overrides, *(f"{k}={v}" for k, v in point.items())])
@@ -117,20 +141,43 @@ def trial_config(sweep: Sweep, point: dict[str, Any]):
     return load_experiment(sweep.base_path, [*overrides, f"run_dir={run_dir}"])
 
 
-def _run_pipeline(experiment: dict) -> dict:
-    """One trial's pipeline; returns its metrics."""
+def _run_pipeline(experiment: dict) -> tuple[dict, str | None]:
+    """One trial's (or rung's) pipeline; returns its metrics and the generator checkpoint."""
     from latentforge.config import from_dict
     from latentforge.platform.pipeline import Pipeline
 
     pipeline = Pipeline(from_dict(experiment))
     pipeline.run()
-    return json.loads(Path(pipeline.paths()["metrics"]).read_text())
+    metrics = json.loads(Path(pipeline.paths()["metrics"]).read_text())
+    return metrics, pipeline.done_info("generator").get("checkpoint")
+
+
+def rung_config(sweep: Sweep, cfg, rung: int, init: str | None):
+    """The experiment of rung ``rung`` (1-based) of a trial: ``rung/R`` of its generator
+    images, continuing from ``init`` (the previous rung's checkpoint); intermediate rungs
+    sample ``rung_samples`` images."""
+    sch = sweep.spec.scheduler
+    images = int(round(cfg.train.generator_images * rung / sch.rungs))
+    changes = [f"train.generator_images={images}"]
+    if init:
+        changes.append(f"train.generator_init={init}")
+    if rung < sch.rungs and sch.rung_samples:
+        changes.append(f"sample.num_images={sch.rung_samples}")
+    return merge_overrides(cfg, changes)
+
+
+def merge_overrides(cfg, changes: list[str]):
+    from latentforge.config import from_dict, to_dict
+
+    node = OmegaConf.merge(OmegaConf.create(to_dict(cfg)), OmegaConf.from_dotlist(changes))
+    return from_dict(OmegaConf.to_container(node, resolve=True))
 
 
 def _trainable(config: dict) -> None:
     """Tune trial: run the pipeline in a task scheduled outside the trial's placement
     group. Inside it, Ray Data would limit itself to the trial's tiny bundle and child
-    tasks would be captured into it; Train places its own workers either way."""
+    tasks would be captured into it; Train places its own workers either way. With ASHA the
+    trial runs rung by rung and reports after each."""
     import ray
     from ray import tune
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -142,9 +189,19 @@ def _trainable(config: dict) -> None:
     task = ray.remote(_run_pipeline).options(
         num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None)
     )
-    metrics = ray.get(task.remote(to_dict(cfg)))
-    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    tune.report({**flat, "run_dir": str(cfg.run_dir)})
+    sch = sweep.spec.scheduler
+    if sch.name == "fifo":
+        metrics, _ = ray.get(task.remote(to_dict(cfg)))
+        flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        tune.report({**flat, "rung": 1, "run_dir": str(cfg.run_dir)})
+        return
+    init = None
+    for rung in range(1, sch.rungs + 1):
+        rcfg = rung_config(sweep, cfg, rung, init)
+        metrics, init = ray.get(task.remote(to_dict(rcfg)))
+        flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        images = rcfg.train.generator_images
+        tune.report({**flat, "rung": rung, "generator_images": images, "run_dir": str(cfg.run_dir)})
 
 
 def run_sweep(sweep: Sweep, resume: bool = False) -> dict:
@@ -165,6 +222,17 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> dict:
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
         space = {**param_space(sweep), "__sweep__": sweep}
+        sch = sweep.spec.scheduler
+        scheduler = None
+        if sch.name == "asha":
+            from ray.tune.schedulers import ASHAScheduler
+
+            scheduler = ASHAScheduler(
+                time_attr="rung",
+                max_t=sch.rungs,
+                grace_period=sch.grace_rungs,
+                reduction_factor=sch.reduction_factor,
+            )
         tuner = tune.Tuner(
             trainable,
             param_space=space,
@@ -173,6 +241,7 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> dict:
                 mode=sweep.spec.objective.mode,
                 num_samples=sweep.spec.num_samples,
                 max_concurrent_trials=sweep.spec.max_concurrent_trials,
+                scheduler=scheduler,
             ),
             run_config=tune.RunConfig(name=sweep.spec.name, storage_path=storage),
         )
@@ -180,64 +249,144 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> dict:
     rows = []
     for result in grid:
         point = {k: v for k, v in result.config.items() if k != "__sweep__"}
+        metrics = result.metrics or {}
         rows.append(
             {
                 "point": point,
-                "metrics": result.metrics or {},
+                "metrics": metrics,
                 "error": str(result.error) if result.error else None,
+                "rung": metrics.get("rung"),
+                "stopped_early": metrics.get("rung", sch_rungs(sweep)) < sch_rungs(sweep),
             }
         )
     return write_results(sweep, rows)
 
 
+def sch_rungs(sweep: Sweep) -> int:
+    return sweep.spec.scheduler.rungs if sweep.spec.scheduler.name == "asha" else 1
+
+
 def write_results(sweep: Sweep, rows: list[dict]) -> dict:
+    """``results.json`` (everything), ``results.csv`` (one row per trial: point, rung,
+    objective, frontier axis, class accuracy), ``frontier.png`` and ``sweep.md``. Trials
+    stopped early by ASHA are listed with the rung they reached and kept off the front."""
+    import csv
+
+    spec = sweep.spec
     out = sweep.run_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=1, default=str))
-    ok = [r for r in rows if r["error"] is None and sweep.spec.objective.metric in r["metrics"]]
-    plot_frontier(ok, sweep.spec.frontier_x, sweep.spec.objective.metric, out / "frontier.png")
-    sign = 1 if sweep.spec.objective.mode == "min" else -1
-    best = min(ok, key=lambda r: sign * r["metrics"][sweep.spec.objective.metric]) if ok else None
+    y, x = spec.objective.metric, spec.frontier_x
+    keys = sorted({k for r in rows for k in r["point"]})
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*keys, "rung", "stopped_early", x, y, "class_accuracy", "error"])
+        for r in rows:
+            m = r["metrics"]
+            w.writerow(
+                [r["point"].get(k) for k in keys]
+                + [r.get("rung"), r.get("stopped_early", False)]
+                + [m.get(x), m.get(y), m.get("class_accuracy"), r["error"] or ""]
+            )
+    ok = [r for r in rows if r["error"] is None and y in r["metrics"]]
+    full = [r for r in ok if not r.get("stopped_early")]
+    front = pareto_front(full, x, y, spec.objective.mode)
+    plot_frontier(ok, x, y, out / "frontier.png", front)
+    sign = 1 if spec.objective.mode == "min" else -1
+    best = min(full, key=lambda r: sign * r["metrics"][y]) if full else None
     lines = [
-        f"# Sweep {sweep.spec.name}",
+        f"# Sweep {spec.name}",
         "",
         "![frontier](frontier.png)",
         "",
-        f"| point | {sweep.spec.frontier_x} | {sweep.spec.objective.metric} | class_accuracy |",
-        "|---|---|---|---|",
+        f"| point | rung | {x} | {y} | class_accuracy | on the front |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         m = r["metrics"]
+        rung = f"{r.get('rung')}" + (" (stopped)" if r.get("stopped_early") else "")
         lines.append(
-            f"| `{json.dumps(r['point'])}` | {m.get(sweep.spec.frontier_x, 'n/a')} | "
-            f"{m.get(sweep.spec.objective.metric, r['error'] or 'n/a')} | {m.get('class_accuracy', 'n/a')} |"
+            f"| `{json.dumps(r['point'])}` | {rung} | {m.get(x, 'n/a')} | "
+            f"{m.get(y, r['error'] or 'n/a')} | {m.get('class_accuracy', 'n/a')} | "
+            f"{'yes' if any(r is f for f in front) else ''} |"
         )
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
-    return {"trials": len(rows), "failed": len(rows) - len(ok), "best": best, "dir": str(out)}
+    return {
+        "trials": len(rows),
+        "failed": len(rows) - len(ok),
+        "stopped_early": sum(bool(r.get("stopped_early")) for r in ok),
+        "best": best,
+        "dir": str(out),
+    }
 
 
-def plot_frontier(rows: list[dict], x: str, y: str, path: Path) -> None:
+def pareto_front(rows: list[dict], x: str, y: str, mode: str = "min") -> list[dict]:
+    """Trials not dominated on (``x`` reconstruction, lower is better; ``y`` objective, in
+    ``mode``): no other trial is at least as good on both and better on one."""
+    sign = 1 if mode == "min" else -1
+    pts = [(r["metrics"][x], sign * r["metrics"][y], r) for r in rows if x in r["metrics"]]
+
+    def dominated(a, b) -> bool:  # b dominates a
+        return b[0] <= a[0] and b[1] <= a[1] and (b[0] < a[0] or b[1] < a[1])
+
+    front = [p for p in pts if not any(dominated(p, q) for q in pts)]
+    return [p[2] for p in sorted(front, key=lambda p: p[0])]
+
+
+def _group_of(point: dict) -> tuple[str, str]:
+    """(latent width, alignment) labels of a trial's point, for colour and marker."""
+    width = next((v for k, v in point.items() if k.endswith("latent_channels")), None)
+    vf = next((v for k, v in point.items() if k.endswith("vf_weight")), None)
+    align = "n/a" if vf is None else ("VF on" if float(vf) > 0 else "VF off")
+    return ("n/a" if width is None else str(width)), align
+
+
+def plot_frontier(
+    rows: list[dict], x: str, y: str, path: Path, front: list[dict] | None = None
+) -> None:
+    """One point per trial: colour = latent width, marker = VF alignment on/off, hollow =
+    stopped early by ASHA; the Pareto front of the finished trials as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    widths = sorted({_group_of(r["point"])[0] for r in rows})
+    colours = {w: plt.cm.viridis(i / max(len(widths) - 1, 1)) for i, w in enumerate(widths)}
+    markers = {"VF on": "o", "VF off": "s", "n/a": "D"}
+    seen = set()
     for r in rows:
-        if x in r["metrics"]:
-            ax.scatter(r["metrics"][x], r["metrics"][y], color="tab:blue")
-            label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["point"].items())
-            ax.annotate(
-                label,
-                (r["metrics"][x], r["metrics"][y]),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
+        if x not in r["metrics"]:
+            continue
+        width, align = _group_of(r["point"])
+        key = (width, align)
+        stopped = bool(r.get("stopped_early"))
+        ax.scatter(
+            r["metrics"][x],
+            r["metrics"][y],
+            marker=markers[align],
+            s=46,
+            facecolors="none" if stopped else colours[width],
+            edgecolors=colours[width],
+            label=None if key in seen else f"width {width}, {align}",
+        )
+        seen.add(key)
+    if front:
+        ax.plot(
+            [r["metrics"][x] for r in front],
+            [r["metrics"][y] for r in front],
+            color="tab:red",
+            lw=1.2,
+            ls="--",
+            label="Pareto front",
+        )
     ax.set_xlabel(f"{x} (reconstruction)")
     ax.set_ylabel(f"{y} (generation)")
-    ax.set_title("reconstruction vs generation frontier")
+    ax.set_title("reconstruction vs generation frontier (hollow: stopped early)")
     ax.grid(alpha=0.3)
+    if seen:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -4,7 +4,9 @@ The Ray boundary follows STYLE.md: ``train_loop_per_worker(config: dict)`` rebui
 typed config and calls the plain :func:`fit` with a :class:`Runtime`. A checkpoint is a
 directory of safetensors weights of the unwrapped model (+ EMA), the optimizer state
 (loadable with ``weights_only=True``), ``state.json`` (images seen) and ``curve.json``
-(the loss curve so far). Resume = rerun the same command: the Ray Train run is named by
+(the loss curve so far); a tokenizer trained with a GAN adds its discriminator
+(``discriminator.safetensors``, kept out of the tokenizer's weights) and that optimizer's
+state (``optimizer_disc.pt``). Resume = rerun the same command: the Ray Train run is named by
 the stage's config hash, and Train V2 hands the latest checkpoint back to the loop.
 """
 
@@ -143,17 +145,31 @@ class Job:
     batch_size: int  # global
     lr: float
     ema_decay: float
+    betas: tuple[float, float] = (0.9, 0.99)
+    # adversarial training: a discriminator inside ``objective``, stepped by its own optimizer
+    discriminator: nn.Module | None = None
+    disc_lr: float = 0.0
+    disc_betas: tuple[float, float] = (0.5, 0.9)
+    init_from: str | None = None  # a checkpoint directory to start from (train.generator_init)
 
 
 class TokenizerObjective(nn.Module):
-    """Calls ``Tokenizer.loss`` through ``forward`` so DDP sees the call."""
+    """Calls ``Tokenizer.loss`` through ``forward`` so DDP sees the call. The discriminator
+    (if any) is a submodule, so DDP synchronises it too; called with ``fake=``
+    (reconstructions of the autoencoder's step) the objective is the discriminator's loss."""
 
-    def __init__(self, tokenizer: nn.Module):
+    def __init__(self, tokenizer: nn.Module, discriminator: nn.Module | None = None):
         super().__init__()
         self.tokenizer = tokenizer
+        self.discriminator = discriminator
 
-    def forward(self, batch: dict[str, torch.Tensor], nimg: int, generator=None):
-        return self.tokenizer.loss(images_to_float(batch["image"]), nimg)
+    def forward(self, batch: dict[str, torch.Tensor], nimg: int, generator=None, fake=None):
+        images = images_to_float(batch["image"])
+        if fake is not None:
+            return self.tokenizer.discriminator_loss(self.discriminator, images, fake)
+        if self.discriminator is None:
+            return self.tokenizer.loss(images, nimg)
+        return self.tokenizer.loss(images, nimg, discriminator=self.discriminator)
 
 
 class GeneratorObjective(nn.Module):
@@ -167,13 +183,37 @@ class GeneratorObjective(nn.Module):
         self.register_buffer("std", std.view(1, -1), persistent=False)
 
     def forward(self, batch: dict[str, torch.Tensor], nimg: int, generator=None):
-        latent = batch["latent"].float()
+        latent, feats = flip_augment(batch, generator)
         shape = (1, -1) + (1,) * (latent.ndim - 2)  # (B, C, H, W) or 1-D tokens (B, C, N)
         x1 = (latent - self.mean.view(shape)) / self.std.view(shape)
-        feats = batch["vfm"].float() if "vfm" in batch else None
+        cls = standardize_cls(batch["vfm_cls"]) if "vfm_cls" in batch else None
         return self.transport.loss(
-            self.model, x1, batch["label"].long(), generator=generator, features=feats
+            self.model, x1, batch["label"].long(), generator=generator, features=feats, cls=cls
         )
+
+
+def standardize_cls(cls: torch.Tensor) -> torch.Tensor:
+    """REG's class token at unit scale, like the normalised latents: each vector to zero
+    mean and unit variance over its dimensions (the VFM's own scale is arbitrary; the
+    mirrored image keeps the token, which describes the whole image)."""
+    cls = cls.float()
+    return (cls - cls.mean(-1, keepdim=True)) / cls.std(-1, keepdim=True).clamp(min=1e-6)
+
+
+def flip_augment(batch: dict[str, torch.Tensor], generator=None):
+    """LightningDiT's flip augmentation: with ``latent_flip`` in the batch (the latent of the
+    mirrored image), each sample takes it with probability 0.5, drawn from ``generator``;
+    its REPA features (B, D, h, w) are mirrored with it. Returns (latent, features or None)."""
+    latent = batch["latent"].float()
+    feats = batch["vfm"].float() if "vfm" in batch else None
+    if "latent_flip" not in batch:
+        return latent, feats
+    flip = torch.rand(len(latent), generator=generator, device=latent.device) < 0.5  # (B,)
+    mirrored = batch["latent_flip"].float()
+    latent = torch.where(flip.view(-1, *[1] * (latent.ndim - 1)), mirrored, latent)
+    if feats is not None:
+        feats = torch.where(flip.view(-1, 1, 1, 1), feats.flip(-1), feats)
+    return latent, feats
 
 
 def images_to_float(images: torch.Tensor) -> torch.Tensor:
@@ -198,11 +238,27 @@ def repa_dim(cfg: ExperimentConfig, stats: dict[str, Any]) -> int:
     return int(stats["vfm_shape"][0])
 
 
+def reg_dim(cfg: ExperimentConfig, stats: dict[str, Any]) -> int:
+    """Width of the VFM class token REG generates (0 without REG)."""
+    transport = getattr(cfg.generator, "transport", None)
+    if transport is None or getattr(transport, "reg_weight", 0) <= 0:
+        return 0
+    if "vfm_cls_dim" not in stats:
+        raise ConfigError(
+            "generator.transport.reg_weight > 0 needs the VFM class token stored with the "
+            "latents: set extract.vfm (a VFM with a class token) and extract again"
+        )
+    return int(stats["vfm_cls_dim"])
+
+
 def build_generator(cfg: ExperimentConfig, stats: dict[str, Any]) -> nn.Module:
     """The configured generator for the extracted latents described by ``stats``; with REPA,
-    its projector is sized to the stored VFM features."""
+    its projector is sized to the stored VFM features; with REG, its class-token layers to
+    the stored class token."""
     dim = repa_dim(cfg, stats)
     extra = {"repa_dim": dim} if dim else {}
+    if reg := reg_dim(cfg, stats):
+        extra["reg_dim"] = reg
     return GENERATORS.build(
         cfg.generator.name,
         cfg.generator,
@@ -220,14 +276,20 @@ def build_transport(cfg: ExperimentConfig):
 
 def tokenizer_job(cfg: ExperimentConfig) -> Job:
     model = build_tokenizer(cfg)
+    disc = model.make_discriminator()
+    tc = cfg.train
     return Job(
         "tokenizer",
         model,
-        TokenizerObjective(model),
-        int(cfg.train.tokenizer_images),
-        cfg.train.tokenizer_batch_size,
-        cfg.train.tokenizer_lr,
-        cfg.train.ema_decay,
+        TokenizerObjective(model, disc),
+        int(tc.tokenizer_images),
+        tc.tokenizer_batch_size,
+        tc.tokenizer_lr,
+        tc.ema_decay,
+        betas=tuple(tc.tokenizer_betas),
+        discriminator=disc,
+        disc_lr=getattr(cfg.tokenizer, "disc_lr", None) or tc.tokenizer_lr,
+        disc_betas=tuple(getattr(cfg.tokenizer, "disc_betas", (0.5, 0.9))),
     )
 
 
@@ -244,6 +306,7 @@ def generator_job(cfg: ExperimentConfig, stats: dict[str, Any]) -> Job:
         cfg.train.generator_batch_size,
         cfg.train.generator_lr,
         cfg.train.ema_decay,
+        init_from=cfg.train.generator_init,
     )
 
 
@@ -279,23 +342,43 @@ def lr_at(nimg: int, base_lr: float, warmup_images: float) -> float:
     return base_lr * min(1.0, (nimg + 1) / max(warmup_images, 1.0))
 
 
-def save_checkpoint(path: str, job: Job, ema, opt, state: dict, curve: list) -> None:
+def save_checkpoint(path: str, job: Job, ema, opt, state: dict, curve: list, opt_d=None) -> None:
     save_file(state_dict_of(job.model), os.path.join(path, "model.safetensors"))
     if ema is not None:
         save_file(state_dict_of(ema), os.path.join(path, "ema.safetensors"))
     torch.save(opt.state_dict(), os.path.join(path, "optimizer.pt"))
+    if job.discriminator is not None:
+        save_file(state_dict_of(job.discriminator), os.path.join(path, "discriminator.safetensors"))
+        torch.save(opt_d.state_dict(), os.path.join(path, "optimizer_disc.pt"))
     Path(path, "state.json").write_text(json.dumps(state))
     Path(path, "curve.json").write_text(json.dumps(curve))
 
 
-def load_checkpoint(path: str, job: Job, ema, opt) -> tuple[dict, list]:
+def load_checkpoint(path: str, job: Job, ema, opt, opt_d=None) -> tuple[dict, list]:
     job.model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
     if ema is not None:
         ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
     opt.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    if job.discriminator is not None:
+        disc = load_file(os.path.join(path, "discriminator.safetensors"))
+        job.discriminator.load_state_dict(disc)
+        opt_d.load_state_dict(
+            torch.load(os.path.join(path, "optimizer_disc.pt"), weights_only=True)
+        )
     state = json.loads(Path(path, "state.json").read_text())
     curve = json.loads(Path(path, "curve.json").read_text())
     return state, curve
+
+
+def make_optimizers(job: Job, tc) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+    """AdamW for the model; Adam for the discriminator, if any (constant lr, no weight decay,
+    as in Esser et al. 2021 and VA-VAE)."""
+    params = [p for p in job.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=tc.weight_decay, betas=job.betas)
+    if job.discriminator is None:
+        return opt, None
+    disc = job.discriminator.parameters()
+    return opt, torch.optim.Adam(disc, lr=job.disc_lr, betas=job.disc_betas)
 
 
 def fit(cfg: ExperimentConfig, job: Job, runtime: Runtime, log: Callable = print) -> dict:
@@ -304,13 +387,25 @@ def fit(cfg: ExperimentConfig, job: Job, runtime: Runtime, log: Callable = print
     job.model.to(runtime.device)
     job.objective.to(runtime.device)
     ema = copy.deepcopy(job.model).eval().requires_grad_(False)
-    params = [p for p in job.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.99))
+    opt, opt_d = make_optimizers(job, tc)
     state, curve = {"nimg": 0, "epoch": 0}, []
     with runtime.checkpoint_dir() as ck:
         if ck is not None:
-            state, curve = load_checkpoint(ck, job, ema, opt)
+            state, curve = load_checkpoint(ck, job, ema, opt, opt_d)
             log(f"[{job.kind}] resumed at {state['nimg']} images")
+        elif job.init_from:
+            if not Path(job.init_from, "state.json").is_file():
+                raise FileNotFoundError(
+                    f"train.generator_init: {job.init_from} is not a training checkpoint "
+                    "directory (no state.json)"
+                )
+            state, curve = load_checkpoint(job.init_from, job, ema, opt, opt_d)
+            if state["nimg"] > job.total_images:
+                raise ValueError(
+                    f"train.generator_init: {job.init_from} has seen {state['nimg']} images, "
+                    f"more than the {job.total_images} asked for"
+                )
+            log(f"[{job.kind}] continuing {job.init_from} from {state['nimg']} images")
     objective = runtime.wrap(job.objective)
     if tc.compile:
         objective = torch.compile(objective, backend=tc.compile)
@@ -319,7 +414,7 @@ def fit(cfg: ExperimentConfig, job: Job, runtime: Runtime, log: Callable = print
     global_bs = local_bs * runtime.world_size * accum  # images per optimizer step
     next_log = state["nimg"] + tc.log_every_images
     next_ckpt = state["nimg"] + tc.checkpoint_every_images
-    sums, count, t0 = {}, 0, time.time()
+    sums, counts, count, t0 = {}, {}, 0, time.time()
     while state["nimg"] < job.total_images:
         seed = tc.seed * 1_000_003 + state["epoch"] * 1009 + runtime.rank
         torch.manual_seed(seed)
@@ -329,22 +424,23 @@ def fit(cfg: ExperimentConfig, job: Job, runtime: Runtime, log: Callable = print
             group = [
                 {k: v.to(runtime.device, non_blocking=True) for k, v in b.items()} for b in group
             ]
-            parts = train_step(objective, opt, group, state["nimg"], gen, job, tc)
+            parts = train_step(objective, opt, group, state["nimg"], gen, job, tc, opt_d)
             ema_update(ema, job.model, ema_decay_at(state["nimg"] // global_bs, job.ema_decay))
             state["nimg"] += global_bs
-            for k, v in parts.items():
+            for k, v in parts.items():  # averaged over the steps that report them
                 sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
             count += 1
             done = state["nimg"] >= job.total_images
             if state["nimg"] >= next_log or done:
-                point = {"nimg": state["nimg"], **{k: v / count for k, v in sums.items()}}
+                point = {"nimg": state["nimg"], **{k: v / counts[k] for k, v in sums.items()}}
                 point["images_per_s"] = count * global_bs / max(time.time() - t0, 1e-9)
                 curve.append(point)
                 log(f"[{job.kind}] " + " ".join(f"{k}={v:.4g}" for k, v in point.items()))
-                sums, count, t0 = {}, 0, time.time()
+                sums, counts, count, t0 = {}, {}, 0, time.time()
                 next_log += tc.log_every_images
             if state["nimg"] >= next_ckpt or done:
-                report_checkpoint(runtime, job, ema, opt, state, curve)
+                report_checkpoint(runtime, job, ema, opt, state, curve, opt_d)
                 next_ckpt += tc.checkpoint_every_images
             if done:
                 break
@@ -362,31 +458,67 @@ def grouped(batches: Iterator, n: int) -> Iterator[list]:
             group = []
 
 
-def train_step(objective, opt, batches: list, nimg, gen, job: Job, tc) -> dict[str, float]:
+def train_step(
+    objective, opt, batches: list, nimg, gen, job: Job, tc, opt_d=None
+) -> dict[str, float]:
     """One optimizer step over ``batches`` (gradient accumulation: each micro-batch's loss
-    is divided by their number; DDP synchronises gradients on the last one only)."""
-    from contextlib import nullcontext
-
+    is divided by their number; DDP synchronises gradients on the last one only); with a
+    discriminator optimizer ``opt_d``, then the discriminator's step."""
     for group in opt.param_groups:
         group["lr"] = lr_at(nimg, job.lr, tc.warmup_images)
     opt.zero_grad(set_to_none=True)
     out: dict[str, float] = {}
-    no_sync = getattr(objective, "no_sync", None)  # DDP only
+    fakes = []  # detached reconstructions of the GAN phase, for the discriminator's step
     for i, batch in enumerate(batches):
-        last = i == len(batches) - 1
-        with nullcontext() if last or no_sync is None else no_sync(), autocast_for(batch):
+        with sync_on_last(objective, i, len(batches)), autocast_for(batch):
             parts = objective(batch, nimg, gen)
             (parts["loss"] / len(batches)).backward()
-        for k, v in parts.items():
-            if torch.is_tensor(v) and v.numel() == 1:
-                out[k] = out.get(k, 0.0) + float(v.detach()) / len(batches)
+        if "fake" in parts:
+            fakes.append(parts.pop("fake"))
+        accumulate(out, parts, len(batches))
     if tc.grad_clip > 0:
         gnorm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), tc.grad_clip)
         out["grad_norm"] = float(gnorm)
     opt.step()
     if not math.isfinite(out["loss"]):
         raise FloatingPointError(f"{job.kind} loss is {out['loss']} at {nimg} images")
+    if opt_d is not None:
+        out.update(discriminator_step(objective, opt_d, batches, fakes, nimg))
     return out
+
+
+def discriminator_step(objective, opt_d, batches: list, fakes: list, nimg) -> dict[str, float]:
+    """The discriminator's optimizer step, after the autoencoder's, on the same micro-batches
+    and their reconstructions ``fakes`` (detached; reused, not recomputed). Before the GAN
+    phase ``fakes`` is empty and nothing is stepped; ``disc_active`` logs which."""
+    out = {"disc_active": float(bool(fakes))}
+    if not fakes:
+        return out
+    opt_d.zero_grad(set_to_none=True)  # also drops what the generator's step left there
+    for i, (batch, fake) in enumerate(zip(batches, fakes, strict=True)):
+        with sync_on_last(objective, i, len(batches)), autocast_for(batch):
+            parts = objective(batch, nimg, None, fake=fake)
+            (parts.pop("loss") / len(batches)).backward()
+        accumulate(out, parts, len(batches))
+    opt_d.step()
+    if not math.isfinite(out["d_loss"]):
+        raise FloatingPointError(f"discriminator loss is {out['d_loss']} at {nimg} images")
+    return out
+
+
+def sync_on_last(objective, i: int, n: int):
+    """DDP's ``no_sync`` for all but the last of ``n`` micro-batches (a no-op without DDP)."""
+    from contextlib import nullcontext
+
+    no_sync = getattr(objective, "no_sync", None)  # DDP only
+    return nullcontext() if i == n - 1 or no_sync is None else no_sync()
+
+
+def accumulate(out: dict[str, float], parts: dict, n: int) -> None:
+    """Add the scalar entries of ``parts``, divided by ``n`` (micro-batch means), to ``out``."""
+    for k, v in parts.items():
+        if torch.is_tensor(v) and v.numel() == 1:
+            out[k] = out.get(k, 0.0) + float(v.detach()) / n
 
 
 def autocast_for(batch: dict[str, torch.Tensor]):
@@ -395,13 +527,15 @@ def autocast_for(batch: dict[str, torch.Tensor]):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def report_checkpoint(runtime: Runtime, job: Job, ema, opt, state: dict, curve: list) -> None:
+def report_checkpoint(
+    runtime: Runtime, job: Job, ema, opt, state: dict, curve: list, opt_d=None
+) -> None:
     metrics = {"nimg": float(state["nimg"]), **{k: float(v) for k, v in curve[-1].items()}}
     if runtime.rank != 0:
         runtime.report(metrics, None)
         return
     with tempfile.TemporaryDirectory() as d:
-        save_checkpoint(d, job, ema, opt, state, curve)
+        save_checkpoint(d, job, ema, opt, state, curve, opt_d)
         runtime.report(metrics, d)
 
 
