@@ -128,3 +128,13 @@ def test_extract_benchmark(tmp_path):
         runs = result["ray_extraction"][source]
         assert runs["full"]["images"] == 64 and runs["full"]["shards"] == 2
         assert runs["small"]["images"] == 8 and "overhead_marginal" in runs
+
+
+def test_vf_linear_probe_benchmark(tmp_path):
+    out = tmp_path / "probe.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "vf_linear_probe.py"), "--images", "64"]
+    cmd += ["--probe-images", "100", "--holdout", "50", "--out", str(out)]
+    subprocess.run(cmd, check=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["vf_weight"] for r in rows] == [0.1, 0.0]
+    assert all(0.0 <= r["linear_probe_accuracy"] <= 1.0 and r["psnr_db"] > 0 for r in rows)
