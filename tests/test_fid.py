@@ -1,4 +1,4 @@
-"""FID through torch-fidelity's InceptionV3 (randomly initialised here: nothing is
+"""FID and sFID through torch-fidelity's InceptionV3 (randomly initialised here: nothing is
 downloaded), the ADM batch format, and the clear error without weights."""
 
 import numpy as np
@@ -8,8 +8,12 @@ import torch
 from latentforge.metrics.frechet import FeatureStats, frechet_distance
 from latentforge.metrics.inception import (
     INCEPTION_FILE,
+    SPATIAL_DIM,
+    capturing_spatial,
     inception_features,
+    inception_spatial_features,
     load_inception,
+    reference_spatial_stats,
     reference_stats,
     write_adm_npz,
 )
@@ -81,3 +85,83 @@ def test_adm_batch_round_trip_and_reference_stats(tmp_path, random_inception):
     assert np.array_equal(stored.mu, from_images.mu) and stored.n == 6
     with pytest.raises(ValueError, match="uint8"):
         write_adm_npz(tmp_path / "bad.npz", x.astype(np.float32))
+
+
+def mixed_6_conv(images, extractor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activations (N, 192, 17, 17) of TF's mixed_6/conv (Mixed_6d's 1x1 branch after
+    batch norm and ReLU), read by our own hook on the module independently of the library,
+    and the extractor's pool-3 output of the same pass."""
+    seen = []
+    handle = extractor.Mixed_6d.branch1x1.register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.no_grad():
+        pool = extractor(torch.from_numpy(images).permute(0, 3, 1, 2))[0]
+    handle.remove()
+    return seen[0], pool
+
+
+def fd_by_hand(x, y) -> float:
+    """FD of two feature sets, independently of frechet.py: with C = centred / sqrt(N - 1),
+    tr((S_x S_y)^(1/2)) is the nuclear norm of C_x C_y^T (exact for rank-deficient S)."""
+    cx = (x - x.mean(0)) / np.sqrt(len(x) - 1)
+    cy = (y - y.mean(0)) / np.sqrt(len(y) - 1)
+    diff = x.mean(0) - y.mean(0)
+    nuclear = np.linalg.svd(cx @ cy.T, compute_uv=False).sum()
+    return float(diff @ diff + (cx**2).sum() + (cy**2).sum() - 2 * nuclear)
+
+
+def test_spatial_features_are_mixed_6d_1x1_first_7_channels(random_inception):
+    x = images(5, 3)
+    act, plain_pool = mixed_6_conv(x, random_inception)
+    assert act.shape == (5, 192, 17, 17)  # 17 x 17 x 192 at 299 x 299, like TF's mixed_6/conv
+    with capturing_spatial(random_inception) as batches:
+        pool = inception_features(x, random_inception, batch_size=3)
+    assert [b.shape for b in batches] == [
+        (3, SPATIAL_DIM),
+        (2, SPATIAL_DIM),
+    ] and SPATIAL_DIM == 2023
+    # channels 0-6 in TF's (H, W, C) order, as ADM's mu_s / sigma_s are laid out
+    expected = act[:, :7].permute(0, 2, 3, 1).reshape(5, -1).double().numpy()
+    assert np.array_equal(np.concatenate(batches), expected)
+    # the hook leaves the pool-3 path alone and is removed afterwards
+    assert np.array_equal(pool, plain_pool.double().numpy())
+    assert not random_inception.Mixed_6d.branch1x1._forward_hooks
+
+
+def test_sfid_from_an_adm_batch_equals_fd_by_hand(tmp_path, random_inception):
+    samples, ref = images(6, 4), images(7, 5)
+    write_adm_npz(tmp_path / "ref.npz", ref)
+    feats = inception_spatial_features(samples, random_inception, batch_size=4)
+    assert feats.shape == (6, 2023) and feats.dtype == np.float64
+    ref_stats = reference_spatial_stats(tmp_path / "ref.npz", random_inception)
+    assert ref_stats.n == 7 and ref_stats.mu.shape == (2023,)
+    sfid = frechet_distance(FeatureStats.of(feats), ref_stats)
+    by_hand = fd_by_hand(  # (N, 7 * 17 * 17) in NCHW order: FD ignores a common permutation
+        mixed_6_conv(samples, random_inception)[0][:, :7].flatten(1).double().numpy(),
+        mixed_6_conv(ref, random_inception)[0][:, :7].flatten(1).double().numpy(),
+    )
+    assert sfid > 0 and sfid == pytest.approx(by_hand, rel=1e-6)
+    same = frechet_distance(FeatureStats.of(feats), FeatureStats.of(feats))
+    assert same == pytest.approx(0.0, abs=1e-6 * sfid)
+
+
+def test_adm_spatial_statistics_are_read_or_named_as_missing(tmp_path):
+    rng = np.random.default_rng(0)
+    mu_s, sigma_s = rng.normal(size=2023), np.diag(rng.uniform(1, 2, size=2023))
+    np.savez(
+        tmp_path / "VIRTUAL_ref.npz",
+        arr_0=images(3, 6),
+        mu=np.zeros(2048),
+        sigma=np.eye(2048),
+        mu_s=mu_s.astype(np.float32),
+        sigma_s=sigma_s,
+    )
+    stored = reference_spatial_stats(tmp_path / "VIRTUAL_ref.npz")  # no extractor needed
+    assert np.array_equal(stored.mu, mu_s.astype(np.float32)) and stored.mu.dtype == np.float64
+    assert np.array_equal(stored.sigma, sigma_s) and stored.n == 3
+    np.savez(tmp_path / "pool_only.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(ValueError, match="pool_only.npz") as e:
+        reference_spatial_stats(tmp_path / "pool_only.npz")
+    assert "mu_s/sigma_s" in str(e.value) and "arr_0" in str(e.value)
+    np.savez(tmp_path / "wrong.npz", mu_s=np.zeros(768), sigma_s=np.eye(768))
+    with pytest.raises(ValueError, match="2023"):
+        reference_spatial_stats(tmp_path / "wrong.npz")

@@ -1,6 +1,7 @@
-"""Evaluation metrics beyond FD: IS / KID / precision-recall from one Inception pass with
-cached reference features, FD on a VFM, SSIM / LPIPS, per-class accuracy, and the report's
-metric rows. CPU, no Ray (real images are rendered in-process), no weights downloaded."""
+"""Evaluation metrics beyond FD: IS / KID / precision-recall / sFID from one Inception pass
+with cached reference features, FD on a VFM with its real baseline, SSIM / LPIPS, per-class
+accuracy, and the report's metric rows. CPU, no Ray (real images are rendered in-process),
+no weights downloaded."""
 
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 from latentforge.config import load_experiment
 from latentforge.metrics import inception as inc
+from latentforge.metrics.frechet import FeatureStats
 from latentforge.metrics.inception import (
     inception_features,
     inception_outputs,
@@ -20,12 +22,12 @@ from latentforge.metrics.inception import (
 )
 from latentforge.metrics.reconstruction import load_lpips, lpips_distance, ssim
 from latentforge.platform import evaluate as ev
-from latentforge.platform.report import metrics_rows
+from latentforge.platform.report import BASELINE_NOTE, metrics_rows
 from latentforge.shapes import render_shapes
 from tests.test_fid import random_inception_file
 
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.yaml"
-INCEPTION_SET = ["fid", "fid_inf", "is", "kid", "precision", "recall"]
+INCEPTION_SET = ["fid", "fid_inf", "sfid", "is", "kid", "precision", "recall"]
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +89,19 @@ def test_is_kid_precision_recall_on_known_features():
 
 
 @pytest.mark.slow
+def count_inception_passes(monkeypatch) -> list[int]:
+    """Record the number of images of every Inception forward pass."""
+    passes = []
+    real_outputs = inc.inception_outputs
+
+    def counted(images, extractor, batch_size=100):
+        passes.append(len(images))
+        return real_outputs(images, extractor, batch_size)
+
+    monkeypatch.setattr(inc, "inception_outputs", counted)
+    return passes
+
+
 def test_inception_metrics_from_one_pass_with_cached_reference(
     tmp_path, monkeypatch, inception_file, real_calls
 ):
@@ -97,28 +112,25 @@ def test_inception_metrics_from_one_pass_with_cached_reference(
         "evaluate.num_real=12",
         "evaluate.batch_size=8",
     )
-    passes = []
-    real_outputs = inc.inception_outputs
-
-    def counted(images, extractor, batch_size=100):
-        passes.append(len(images))
-        return real_outputs(images, extractor, batch_size)
-
-    monkeypatch.setattr(inc, "inception_outputs", counted)
+    passes = count_inception_passes(monkeypatch)
     samples = noisy(render_shapes(range(100, 110), 32)[0], 0)
     first = ev.fid_metrics(cfg, samples, INCEPTION_SET)
-    assert passes == [10, 12]  # the samples once (pool + logits), the reference once
+    # the samples once (pool, logits, sFID's spatial), the reference once (pool, spatial)
+    assert passes == [10, 12]
     assert real_calls == [("train", 12)]
     for name in INCEPTION_SET:
         assert np.isfinite(first[name]), name
         assert first[f"{name}_num_samples"] == 10
         assert "inception" in first[f"{name}_extractor"]
     assert first["fid_reference"] == first["kid_reference"] == "12 training images"
+    assert first["sfid_reference"] == "12 training images"
+    assert "Mixed_6d.branch1x1" in first["sfid_extractor"]
     assert first["kid_subset_size"] == 10 and first["kid_std"] >= 0 and first["is_std"] >= 0
     assert 0 <= first["precision"] <= 1 and 0 <= first["recall"] <= 1
     assert first["fid_inf_sizes"][-1] == 10
     cached = sorted(p.name for p in Path(cfg.run_dir, "cache").iterdir())
-    assert len(cached) == 2 and any(name.endswith("-features.npz") for name in cached)
+    assert len(cached) == 3 and any(name.endswith("-features.npz") for name in cached)
+    assert any("inception-spatial" in name for name in cached)
     passes.clear()
     feature_set = ["is", "kid", "precision", "recall"]  # (skips the slow 2048-d FDs)
     again = ev.fid_metrics(cfg, samples, feature_set)
@@ -156,6 +168,51 @@ def test_adm_reference_images_and_statistics_only(tmp_path, inception_file, monk
     ev.check_inputs(cfg, {"fid"})
 
 
+@pytest.mark.slow
+def test_sfid_against_adm_images_stored_statistics_or_neither(
+    tmp_path, inception_file, monkeypatch
+):
+    passes = count_inception_passes(monkeypatch)
+    samples = noisy(render_shapes(range(8), 32)[0], 4)[:6]
+    with_images = tmp_path / "VIRTUAL_ref.npz"
+    write_adm_npz(with_images, render_shapes(range(60, 66), 32)[0])
+    cfg = smoke_cfg(
+        tmp_path,
+        f"evaluate.inception_weights={inception_file}",
+        f"evaluate.fid_reference={with_images}",
+    )
+    from_images = ev.fid_metrics(cfg, samples, ["kid", "sfid"])
+    assert passes == [6, 6]  # the samples once, the batch's images once (pool-3 and spatial)
+    assert from_images["sfid_reference"] == f"{with_images} arr_0 (6 images)"
+    assert from_images["sfid_num_samples"] == 6 and from_images["sfid"] > 0
+    assert from_images["sfid_extractor"] == ev.INCEPTION_SPATIAL
+    (cache,) = Path(cfg.run_dir, "cache").glob("adm-VIRTUAL_ref-inception_spatial-*.npz")
+    # ADM's layout: pool-3 mu/sigma and spatial mu_s/sigma_s, read as stored
+    stats = FeatureStats.load(cache)
+    stored = tmp_path / "VIRTUAL_stats.npz"
+    np.savez(stored, mu=np.zeros(2048), sigma=np.eye(2048), mu_s=stats.mu, sigma_s=stats.sigma)
+    cfg = smoke_cfg(
+        tmp_path,
+        f"evaluate.inception_weights={inception_file}",
+        f"evaluate.fid_reference={stored}",
+    )
+    from_stored = ev.fid_metrics(cfg, samples, ["sfid"])
+    assert passes == [6, 6, 6] and from_stored["sfid_reference"] == str(stored)
+    assert from_stored["sfid"] == pytest.approx(from_images["sfid"], rel=1e-9)
+    # pool-3 statistics only: sFID fails before any work, naming what is missing
+    pool_only = tmp_path / "pool_only.npz"
+    np.savez(pool_only, mu=np.zeros(2048), sigma=np.eye(2048))
+    cfg = smoke_cfg(
+        tmp_path,
+        f"evaluate.inception_weights={inception_file}",
+        f"evaluate.fid_reference={pool_only}",
+    )
+    with pytest.raises(ValueError, match="pool_only.npz") as e:
+        ev.check_inputs(cfg, {"fid", "sfid"})
+    assert "mu_s/sigma_s" in str(e.value) and "arr_0" in str(e.value)
+    ev.check_inputs(cfg, {"fid"})
+
+
 def test_fd_vfm_on_the_embedded_vit_names_its_extractor(tmp_path, real_calls):
     assert ev.vfm_metric_name("local:shapes-vit") == "fd_shapes_vit"
     assert ev.vfm_metric_name("hf:facebook/dinov2-base") == "fd_dinov2_base"
@@ -169,8 +226,14 @@ def test_fd_vfm_on_the_embedded_vit_names_its_extractor(tmp_path, real_calls):
     assert same["fd_shapes_vit_extractor"] == "local:shapes-vit class token (128)"
     assert same["fd_shapes_vit_num_samples"] == 24
     assert same["fd_shapes_vit_reference"] == "24 training images"
+    # the real-vs-real baseline, as for fd_shapesnet: as many held-out images, same reference
+    baseline = same["fd_shapes_vit_real_baseline"]
+    assert baseline > 0 and same["fd_shapes_vit_real_baseline_num_samples"] == 24
+    assert same["fd_shapes_vit_real_baseline_extractor"] == same["fd_shapes_vit_extractor"]
+    assert same["fd_shapes_vit_real_baseline_reference"] == "24 training images"
     other = ev.vfm_metrics(cfg, noisy(render_shapes(range(200, 224), 32)[0], 2))
-    assert other["fd_shapes_vit"] > 0 and real_calls == [("train", 24)]  # cached reference
+    assert other["fd_shapes_vit"] > 0 and other["fd_shapes_vit_real_baseline"] == baseline
+    assert real_calls == [("train", 24), ("holdout", 24), ("holdout", 24)]  # cached reference
 
 
 def test_ssim_and_lpips():
@@ -257,6 +320,8 @@ def test_report_rows_carry_counts_extractors_and_meanings():
         **ev.described("kid", 0.0123, 40, "inception pool3", "64 training images"),
         "kid_std": 0.002,
         **ev.described("fd_shapes_vit", 1.5, 40, "local:shapes-vit class token (128)", "64 real"),
+        **ev.described("fd_shapes_vit_real_baseline", 0.2, 40, "local:shapes-vit", "64 real"),
+        **ev.described("sfid", 4.0, 40, ev.INCEPTION_SPATIAL, "VIRTUAL_ref.npz"),
         **ev.described("fid_inf", 3.0, 40, "inception pool3", "64 real"),
         "fid_inf_sizes": [4, 10, 40],
         "class_accuracy_per_class": [0.5, None],
@@ -267,6 +332,8 @@ def test_report_rows_carry_counts_extractors_and_meanings():
         "num_samples",
         "kid",
         "fd_shapes_vit",
+        "fd_shapes_vit_real_baseline",
+        "sfid",
         "fid_inf",
         "class_accuracy_per_class",
     }
@@ -274,5 +341,8 @@ def test_report_rows_carry_counts_extractors_and_meanings():
     assert value == "0.0123 ± 0.002" and samples == "40" and extractor == "inception pool3"
     assert reference == "64 training images" and "Kernel Inception" in note
     assert "FD_DINOv2" in rows["fd_shapes_vit"][4]
+    assert rows["fd_shapes_vit_real_baseline"][4] == BASELINE_NOTE
+    assert rows["fd_shapes_vit_real_baseline"][:2] == ("0.2", "40")
+    assert "Nash" in rows["sfid"][4] and "mixed_6/conv" in rows["sfid"][2]
     assert rows["fid_inf"][1] == "40 (fit on 3 sizes 4..40)" and "Chong" in rows["fid_inf"][4]
     assert rows["class_accuracy_per_class"][:2] == ("0.5, n/a", "4, 0")

@@ -1,6 +1,8 @@
-"""The training loop without Ray: resume from a checkpoint, EMA, checkpoint contents."""
+"""The training loop: resume from a checkpoint, EMA, checkpoint contents (without Ray), and a
+Train worker killed mid-run that finishes from its checkpoint (through Ray Train)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,6 +58,44 @@ def test_generator_fit_checkpoints_and_resumes(tmp_path):
     out = fit(longer, generator_job(longer, STATS), runtime, log=logs.append)
     assert any("resumed at 128" in line for line in logs)
     assert out["nimg"] == 192 and [p["nimg"] for p in out["curve"]] == [32, 64, 96, 128, 160, 192]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashingRuntime(LocalRuntime):
+    """A LocalRuntime whose process 'dies' right after the checkpoint at ``at`` images."""
+
+    def __init__(self, arrays, out_dir, at):
+        super().__init__(arrays, out_dir)
+        self.at = at
+
+    def report(self, metrics, checkpoint_dir):
+        super().report(metrics, checkpoint_dir)
+        if checkpoint_dir is not None and metrics["nimg"] == self.at:
+            raise Crash
+
+
+@pytest.mark.parametrize("crash_at", [64, 96])  # at an epoch boundary (64 latents) and inside
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, crash_at):
+    """Exact resume: data order (epoch, step in epoch) and per-step seeds come back from the
+    checkpoint, so crash + rerun ends with the very weights of a run that never stopped."""
+    cfg = load_experiment(
+        SMOKE,
+        ["train.generator_images=160", "train.checkpoint_every_images=32"],
+    )
+    fit(cfg, generator_job(cfg, STATS), LocalRuntime(latents(), tmp_path / "a"), log=print)
+    crashing = CrashingRuntime(latents(), tmp_path / "b", at=crash_at)
+    with pytest.raises(Crash):
+        fit(cfg, generator_job(cfg, STATS), crashing, log=print)
+    logs = []
+    fit(cfg, generator_job(cfg, STATS), LocalRuntime(latents(), tmp_path / "b"), log=logs.append)
+    assert any(f"resumed at {crash_at}" in line for line in logs)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(str(tmp_path / "a" / "checkpoint" / name))
+        b = load_file(str(tmp_path / "b" / "checkpoint" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_generator_init_continues_a_shorter_run(tmp_path):
@@ -254,3 +294,41 @@ def test_tokenizer_gan_phase_switches_on_checkpoints_and_resumes(tmp_path):
     out = fit(longer, tokenizer_job(longer), runtime, log=logs.append)
     assert any("resumed at 128" in line for line in logs)
     assert out["curve"][-1]["nimg"] == 160 and out["curve"][-1]["disc_active"] == 1.0
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_worker_killed_mid_run_finishes_from_its_checkpoint(ray_session, tmp_path, monkeypatch):
+    """The fault hook SIGKILLs the Train worker after its checkpoint at 64 images; with
+    ray.max_failures=1 Ray Train restarts the worker group, which resumes from that
+    checkpoint (not from zero) and finishes the 128 images."""
+    import ray
+
+    from latentforge.platform.train import FAULT_ENV, run_trainer
+
+    cfg = load_experiment(
+        SMOKE,
+        [
+            f"run_dir={tmp_path}",
+            "train.generator_images=128",
+            "train.checkpoint_every_images=32",
+            "train.log_every_images=32",
+            "ray.num_workers=1",
+            "ray.max_failures=1",
+        ],
+    )
+    data = latents()
+    dataset = ray.data.from_items(
+        [{"latent": z, "label": y} for z, y in zip(data["latent"], data["label"], strict=True)]
+    )
+    monkeypatch.setenv(FAULT_ENV, "64")
+    ckpt = run_trainer(cfg, "generator", "faulty", dataset, STATS)
+
+    marker = tmp_path / "ray" / "faulty" / "fault_injected.json"
+    assert json.loads(marker.read_text())["nimg"] == 64  # the worker really died there
+    with ckpt.as_directory() as d:
+        state = json.loads((Path(d) / "state.json").read_text())
+        curve = json.loads((Path(d) / "curve.json").read_text())
+    assert state["nimg"] == 128
+    assert state["resumed_at"] == [64]  # the second attempt started from the checkpoint
+    assert [p["nimg"] for p in curve] == [32, 64, 96, 128]

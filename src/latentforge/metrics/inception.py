@@ -10,12 +10,24 @@ neither exists the error names the file and how to provide it.
 
 ADM reference batches (Dhariwal & Nichol 2021, openai/guided-diffusion ``evaluations``),
 e.g. ``VIRTUAL_imagenet256_labeled.npz``, hold images ``arr_0`` (uint8 N x H x W x 3) and
-precomputed pool-3 statistics ``mu`` / ``sigma``; our ``samples.npz`` use the same
-``arr_0`` layout, so the official evaluator runs on them unchanged.
+precomputed pool-3 statistics ``mu`` / ``sigma`` and spatial statistics ``mu_s`` /
+``sigma_s``; our ``samples.npz`` use the same ``arr_0`` layout, so the official evaluator
+runs on them unchanged.
+
+sFID (Nash et al. 2021, "Generating images with sparse representations") is FD on
+spatial features, which see the arrangement of parts that pool-3's global average discards.
+ADM's evaluator takes the first 7 channels of the TF graph's ``mixed_6/conv`` (17 x 17 x 7
+= 2023 values, flattened in TF's H, W, C order). The TF graph numbers its blocks ``mixed``,
+``mixed_1`` ... ``mixed_10``, and ``mixed_6`` is Mixed_6d; ``mixed_6/conv`` is that block's
+1x1 branch after batch norm and ReLU: ``Mixed_6d.branch1x1`` in torch-fidelity's port (its
+weight converter maps ``mixed_6/conv/*`` there). A forward hook on that module reads it
+during the same pass that gives pool-3 and the logits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +40,9 @@ INCEPTION_OUTPUTS = ("2048", "logits_unbiased")  # torch-fidelity's names: pool-
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
 )
+SPATIAL_LAYER = "Mixed_6d.branch1x1"  # TF's mixed_6/conv, (N, 192, 17, 17) at 299 x 299
+SPATIAL_CHANNELS = 7  # ADM's evaluator keeps mixed_6/conv[..., :7]
+SPATIAL_DIM = SPATIAL_CHANNELS * 17 * 17  # 2023
 
 
 def inception_weights_path(weights: str | Path | None = None) -> Path:
@@ -82,6 +97,35 @@ def inception_features(images: np.ndarray, extractor, batch_size: int = 100) -> 
     return inception_outputs(images, extractor, batch_size)[0]
 
 
+def spatial_of(activation: torch.Tensor) -> np.ndarray:
+    """sFID features (N, 2023) float64 of ``mixed_6/conv`` activations (N, 192, 17, 17): the
+    first 7 channels flattened in TF's (H, W, C) order, so that they line up element by
+    element with the ``mu_s`` / ``sigma_s`` of ADM's reference batches."""
+    x = activation[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)  # (N, 17, 17, 7)
+    return x.reshape(len(x), -1).double().cpu().numpy()
+
+
+@contextmanager
+def capturing_spatial(extractor) -> Iterator[list[np.ndarray]]:
+    """While open, every forward pass of ``extractor`` appends its sFID features (B, 2023)
+    to the yielded list, read by a forward hook on :data:`SPATIAL_LAYER`; the extractor's
+    own outputs (pool-3, logits) are unchanged."""
+    batches: list[np.ndarray] = []
+    layer = extractor.get_submodule(SPATIAL_LAYER)
+    handle = layer.register_forward_hook(lambda module, args, out: batches.append(spatial_of(out)))
+    try:
+        yield batches
+    finally:
+        handle.remove()
+
+
+def inception_spatial_features(images: np.ndarray, extractor, batch_size: int = 100) -> np.ndarray:
+    """sFID features (N, 2023) float64 of uint8 images (N, H, W, 3) (see :func:`spatial_of`)."""
+    with capturing_spatial(extractor) as batches:
+        inception_outputs(images, extractor, batch_size)
+    return np.concatenate(batches)
+
+
 def adm_has_images(path: str | Path) -> bool:
     """Whether an ADM batch holds images (``arr_0``), not only precomputed statistics."""
     with np.load(path) as f:
@@ -98,6 +142,38 @@ def reference_stats(path: str | Path, extractor=None, batch_size: int = 100) -> 
         if "arr_0" not in f:
             raise ValueError(f"{path}: neither mu/sigma nor arr_0 images (not an ADM batch)")
     return FeatureStats.of(adm_features(path, extractor, batch_size))
+
+
+def adm_has_spatial_stats(path: str | Path) -> bool:
+    """Whether an ADM batch holds precomputed sFID statistics ``mu_s`` / ``sigma_s``."""
+    with np.load(path) as f:
+        return "mu_s" in f and "sigma_s" in f
+
+
+def reference_spatial_stats(
+    path: str | Path, extractor=None, batch_size: int = 100
+) -> FeatureStats:
+    """sFID statistics of an ADM reference batch: its stored ``mu_s``/``sigma_s`` when present
+    (as ADM's evaluator reads them), otherwise computed from the images ``arr_0``."""
+    with np.load(path) as f:
+        n = len(f["arr_0"]) if "arr_0" in f else -1
+        if "mu_s" in f and "sigma_s" in f:
+            stats = FeatureStats(f["mu_s"].astype(np.float64), f["sigma_s"].astype(np.float64), n)
+            if stats.mu.shape != (SPATIAL_DIM,):
+                raise ValueError(
+                    f"{path}: mu_s has shape {stats.mu.shape}, expected ({SPATIAL_DIM},) "
+                    "(ADM's 7 x 17 x 17 mixed_6/conv features)"
+                )
+            return stats
+        if "arr_0" not in f:
+            raise ValueError(
+                f"{path}: sFID needs spatial statistics mu_s/sigma_s or images arr_0 to compute "
+                f"them from; it holds only {sorted(f.files)}"
+            )
+        images = f["arr_0"]
+    if extractor is None:
+        raise ValueError(f"{path} holds images only: pass the Inception extractor")
+    return FeatureStats.of(inception_spatial_features(images, extractor, batch_size))
 
 
 def adm_features(path: str | Path, extractor=None, batch_size: int = 100) -> np.ndarray:

@@ -7,9 +7,11 @@
   a real-vs-real baseline: held-out real images vs the same reference, same count, for
   scale), ``fd_shapesnet_inf`` (its FD∞ extrapolation), ``class_accuracy`` (the embedded
   classifier's predictions vs the requested labels, overall and per class); the Inception
-  family ``fid``, ``fid_inf``, ``is``, ``kid``, ``precision``, ``recall``, all from one
+  family ``fid``, ``fid_inf``, ``sfid`` (FD on spatial features, Nash et al. 2021, as ADM's
+  evaluator computes it), ``is``, ``kid``, ``precision``, ``recall``, all from one
   InceptionV3 pass over the samples; ``fd_vfm``, FD on a VFM's class token (FD_DINOv2 of
-  Stein et al. 2023), reported under a key naming the VFM (``fd_shapes_vit``, ...).
+  Stein et al. 2023), reported under a key naming the VFM (``fd_shapes_vit``, ...), with
+  the same real-vs-real baseline as ``fd_shapesnet``.
 - reconstruction, held-out images vs their reconstructions: ``rfd_shapesnet``, ``psnr``,
   ``ssim``, ``lpips``.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -39,6 +42,7 @@ METRICS = (
     "class_accuracy",
     "fid",
     "fid_inf",
+    "sfid",
     "is",
     "kid",
     "precision",
@@ -50,7 +54,7 @@ METRICS = (
     "lpips",
 )
 SHAPESNET_METRICS = frozenset({"fd_shapesnet", "fd_shapesnet_inf", "class_accuracy"})
-INCEPTION_METRICS = frozenset({"fid", "fid_inf", "is", "kid", "precision", "recall"})
+INCEPTION_METRICS = frozenset({"fid", "fid_inf", "sfid", "is", "kid", "precision", "recall"})
 FEATURE_SET_METRICS = frozenset({"kid", "precision", "recall"})  # need reference features
 SAMPLE_METRICS = SHAPESNET_METRICS | INCEPTION_METRICS | {"fd_vfm"}
 RECON_METRICS = frozenset({"rfd_shapesnet", "psnr", "ssim", "lpips"})
@@ -58,6 +62,10 @@ RECON_METRICS = frozenset({"rfd_shapesnet", "psnr", "ssim", "lpips"})
 SHAPESNET = "shapesnet penultimate features"
 INCEPTION_POOL = "torch-fidelity inception-v3-compat pool3 (2048)"
 INCEPTION_LOGITS = "torch-fidelity inception-v3-compat logits_unbiased (1008)"
+INCEPTION_SPATIAL = (
+    "torch-fidelity inception-v3-compat Mixed_6d.branch1x1 (TF mixed_6/conv), "
+    "channels 0-6 of 17x17 (2023)"
+)
 SSIM = "pytorch-msssim SSIM (11x11 Gaussian window, sigma 1.5, RGB mean)"
 PR_NEIGHBOURS = 3  # k of Kynkäänniemi et al. 2019, as in ADM's evaluator
 
@@ -70,7 +78,11 @@ def check_metrics(names: list[str]) -> None:
 
 def check_inputs(cfg: ExperimentConfig, wanted: set[str]) -> None:
     """Fail before any work on what is missing: a weights file, reference images."""
-    from latentforge.metrics.inception import adm_has_images, inception_weights_path
+    from latentforge.metrics.inception import (
+        adm_has_images,
+        adm_has_spatial_stats,
+        inception_weights_path,
+    )
     from latentforge.metrics.reconstruction import require_lpips_backbone
 
     ec = cfg.evaluate
@@ -84,6 +96,15 @@ def check_inputs(cfg: ExperimentConfig, wanted: set[str]) -> None:
             "reference batch with images (ADM's VIRTUAL_*.npz have them), unset "
             "evaluate.fid_reference to compare with evaluate.num_real training images, or "
             f"drop {needs} from evaluate.metrics"
+        )
+    ref = ec.fid_reference
+    if "sfid" in wanted and ref and not (adm_has_spatial_stats(ref) or adm_has_images(ref)):
+        raise ValueError(
+            f"evaluate.metrics ['sfid'] needs spatial Inception statistics, but "
+            f"evaluate.fid_reference {ref} holds neither mu_s/sigma_s nor arr_0 images to "
+            "compute them from (only pool-3 mu/sigma). Use an ADM reference batch with mu_s/"
+            "sigma_s or images, unset evaluate.fid_reference to compare with "
+            "evaluate.num_real training images, or drop sfid from evaluate.metrics"
         )
     if "lpips" in wanted:
         require_lpips_backbone(ec.lpips_net)
@@ -179,41 +200,93 @@ def reference_stats(
     return stats
 
 
-def adm_reference_features(cfg: ExperimentConfig, extractor) -> np.ndarray:
+def _adm_cache_file(cfg: ExperimentConfig, extractor: str, suffix: str) -> Path:
+    """Cache file for ``evaluate.fid_reference`` under ``extractor``, keyed by the file's
+    path, size and mtime."""
+    src = Path(cfg.evaluate.fid_reference)
+    st = src.stat()
+    key = config_hash(extractor, str(src.resolve()), st.st_size, st.st_mtime_ns)
+    return Path(cfg.run_dir, "cache", f"adm-{src.stem}-{extractor}-{key}{suffix}.npz")
+
+
+def spatial_reference_cache(cfg: ExperimentConfig) -> Path | None:
+    """Where computed reference sFID statistics are cached (for ``evaluate.num_real``
+    training images, or for the ADM batch's images); None when the batch stores them."""
+    from latentforge.metrics.inception import adm_has_spatial_stats
+
+    ec = cfg.evaluate
+    if not ec.fid_reference:
+        return _cache_file(cfg, "train", ec.num_real, "inception-spatial", "")
+    if adm_has_spatial_stats(ec.fid_reference):
+        return None
+    return _adm_cache_file(cfg, "inception_spatial", "")
+
+
+def _with_spatial_stats(pool_pass, extractor, spatial_cache: Path | None) -> np.ndarray:
+    """Run ``pool_pass()``, an Inception pass over reference images returning their pool-3
+    features; when ``spatial_cache`` is given and not there yet, the same pass also saves the
+    images' sFID statistics to it, so FID and sFID read and embed the reference once."""
+    from latentforge.metrics.inception import capturing_spatial
+
+    if spatial_cache is None or spatial_cache.exists():
+        return pool_pass()
+    with capturing_spatial(extractor) as spatial:
+        pool = pool_pass()
+    stats = FeatureStats.of(np.concatenate(spatial))
+    _save_npz(spatial_cache, mu=stats.mu, sigma=stats.sigma, n=stats.n)
+    return pool
+
+
+def _train_featurize(cfg: ExperimentConfig, extractor, spatial_cache: Path | None):
+    """Pool-3 features of real images (see :func:`_with_spatial_stats` for ``spatial_cache``)."""
+    from latentforge.metrics.inception import inception_features
+
+    bs = cfg.evaluate.batch_size
+    return lambda images: _with_spatial_stats(
+        partial(inception_features, images, extractor, bs), extractor, spatial_cache
+    )
+
+
+def adm_reference_features(
+    cfg: ExperimentConfig, extractor, spatial_cache: Path | None = None
+) -> np.ndarray:
     """Inception pool-3 features of the images of the ADM batch ``evaluate.fid_reference``,
-    cached under run_dir/cache keyed by the file (path, size, mtime) and the extractor."""
+    cached under run_dir/cache keyed by the file (path, size, mtime) and the extractor
+    (see :func:`_with_spatial_stats` for ``spatial_cache``)."""
     from latentforge.metrics.inception import adm_features
 
     src = Path(cfg.evaluate.fid_reference)
-    st = src.stat()
-    key = config_hash("inception", str(src.resolve()), st.st_size, st.st_mtime_ns)
-    path = Path(cfg.run_dir, "cache", f"adm-{src.stem}-inception-{key}-features.npz")
+    path = _adm_cache_file(cfg, "inception", "-features")
     if path.exists():
         with np.load(path) as f:
             return f["features"].astype(np.float64)
-    feats = adm_features(src, extractor, cfg.evaluate.batch_size)
+    run = partial(adm_features, src, extractor, cfg.evaluate.batch_size)
+    feats = _with_spatial_stats(run, extractor, spatial_cache)
     _save_npz(path, features=feats.astype(np.float32))
     return feats
 
 
-def inception_reference_features(cfg: ExperimentConfig, extractor) -> tuple[np.ndarray, str]:
+def inception_reference_features(
+    cfg: ExperimentConfig, extractor, spatial_cache: Path | None = None
+) -> tuple[np.ndarray, str]:
     """Reference pool-3 features for KID and precision/recall, and what they are: the ADM
-    batch's images, or ``evaluate.num_real`` training images (cached either way)."""
-    from latentforge.metrics.inception import inception_features
-
+    batch's images, or ``evaluate.num_real`` training images (cached either way; see
+    :func:`_with_spatial_stats` for ``spatial_cache``)."""
     ec = cfg.evaluate
     if ec.fid_reference:
-        feats = adm_reference_features(cfg, extractor)
+        feats = adm_reference_features(cfg, extractor, spatial_cache)
         return feats, f"{ec.fid_reference} arr_0 ({len(feats)} images)"
-    featurize = partial(inception_features, extractor=extractor, batch_size=ec.batch_size)
+    featurize = _train_featurize(cfg, extractor, spatial_cache)
     feats = reference_features(cfg, "train", ec.num_real, "inception", featurize)
     return feats, f"{len(feats)} training images"
 
 
-def inception_reference_stats(cfg: ExperimentConfig, extractor) -> tuple[FeatureStats, str]:
+def inception_reference_stats(
+    cfg: ExperimentConfig, extractor, spatial_cache: Path | None = None
+) -> tuple[FeatureStats, str]:
     """Reference pool-3 statistics for FID: the ADM batch's stored ``mu``/``sigma`` (else
-    those of its images), or ``evaluate.num_real`` training images (cached either way)."""
-    from latentforge.metrics.inception import inception_features
+    those of its images), or ``evaluate.num_real`` training images (cached either way; see
+    :func:`_with_spatial_stats` for ``spatial_cache``)."""
     from latentforge.metrics.inception import reference_stats as adm_stats
 
     ec = cfg.evaluate
@@ -222,11 +295,35 @@ def inception_reference_stats(cfg: ExperimentConfig, extractor) -> tuple[Feature
             stored = "mu" in f and "sigma" in f
         if stored:
             return adm_stats(ec.fid_reference), ec.fid_reference
-        feats = adm_reference_features(cfg, extractor)
+        feats = adm_reference_features(cfg, extractor, spatial_cache)
         return FeatureStats.of(feats), f"{ec.fid_reference} arr_0 ({len(feats)} images)"
-    featurize = partial(inception_features, extractor=extractor, batch_size=ec.batch_size)
+    featurize = _train_featurize(cfg, extractor, spatial_cache)
     ref = reference_stats(cfg, "train", ec.num_real, "inception", featurize)
     return ref, f"{ref.n} training images"
+
+
+def inception_spatial_reference_stats(cfg: ExperimentConfig, extractor) -> tuple[FeatureStats, str]:
+    """Reference sFID statistics: the ADM batch's stored ``mu_s``/``sigma_s`` (else those of
+    its images), or ``evaluate.num_real`` training images; computed ones are cached at
+    :func:`spatial_reference_cache`, which the pool-3 reference pass may already have filled."""
+    from latentforge.metrics import inception as inc
+
+    ec = cfg.evaluate
+    path = spatial_reference_cache(cfg)
+    if path is None:
+        return inc.reference_spatial_stats(ec.fid_reference), ec.fid_reference
+    if not ec.fid_reference:
+        featurize = partial(
+            inc.inception_spatial_features, extractor=extractor, batch_size=ec.batch_size
+        )
+        ref = reference_stats(cfg, "train", ec.num_real, "inception-spatial", featurize)
+        return ref, f"{ref.n} training images"
+    if path.exists():
+        ref = FeatureStats.load(path)
+    else:
+        ref = inc.reference_spatial_stats(ec.fid_reference, extractor, ec.batch_size)
+        _save_npz(path, mu=ref.mu, sigma=ref.sigma, n=ref.n)
+    return ref, f"{ec.fid_reference} arr_0 ({ref.n} images)"
 
 
 def fd_inf_metrics(name: str, feats: np.ndarray, ref: FeatureStats, extractor, reference) -> dict:
@@ -239,29 +336,37 @@ def fd_inf_metrics(name: str, feats: np.ndarray, ref: FeatureStats, extractor, r
 
 
 def fid_metrics(cfg: ExperimentConfig, samples: np.ndarray, wanted=("fid",)) -> dict:
-    """The Inception metrics in ``wanted`` (FID, FID∞, IS, KID, precision/recall) from one
-    InceptionV3 pass over the samples, against ``evaluate.fid_reference`` (an ADM batch)
-    or, when unset, ``evaluate.num_real`` training images (reference cached on disk). FD is
-    our float64 one; IS, KID and precision/recall are torch-fidelity's functions."""
+    """The Inception metrics in ``wanted`` (FID, FID∞, sFID, IS, KID, precision/recall) from
+    one InceptionV3 pass over the samples (sFID's features by a hook on that pass), against
+    ``evaluate.fid_reference`` (an ADM batch) or, when unset, ``evaluate.num_real`` training
+    images (reference cached on disk). FD is our float64 one; IS, KID and precision/recall
+    are torch-fidelity's functions."""
     from latentforge.metrics import inception as inc
 
     ec = cfg.evaluate
     wanted = set(wanted) & INCEPTION_METRICS
     check_inputs(cfg, wanted)
     extractor = inc.load_inception(ec.inception_weights)
-    pool, logits = inc.inception_outputs(samples, extractor, ec.batch_size)
+    capture = inc.capturing_spatial(extractor) if "sfid" in wanted else nullcontext()
+    with capture as spatial:  # sFID features from the same pass, by a hook
+        pool, logits = inc.inception_outputs(samples, extractor, ec.batch_size)
+    spatial_cache = spatial_reference_cache(cfg) if "sfid" in wanted else None
     n = len(samples)
     out: dict = {}
     if wanted & FEATURE_SET_METRICS:  # first: the statistics below then reuse its cache
-        real, real_source = inception_reference_features(cfg, extractor)
+        real, real_source = inception_reference_features(cfg, extractor, spatial_cache)
     if wanted & {"fid", "fid_inf"}:
-        ref, source = inception_reference_stats(cfg, extractor)
+        ref, source = inception_reference_stats(cfg, extractor, spatial_cache)
     if "fid" in wanted:
         out |= described(
             "fid", frechet_distance(FeatureStats.of(pool), ref), n, INCEPTION_POOL, source
         )
     if "fid_inf" in wanted:
         out |= fd_inf_metrics("fid_inf", pool, ref, INCEPTION_POOL, source)
+    if "sfid" in wanted:
+        spatial_ref, spatial_source = inception_spatial_reference_stats(cfg, extractor)
+        sfid = frechet_distance(FeatureStats.of(np.concatenate(spatial)), spatial_ref)
+        out |= described("sfid", sfid, n, INCEPTION_SPATIAL, spatial_source)
     if "is" in wanted:
         mean, std = inc.inception_score(logits)
         out |= described("is", mean, n, INCEPTION_LOGITS) | {"is_std": std}
@@ -307,7 +412,9 @@ def vfm_features(images: np.ndarray, vfm, batch_size: int) -> tuple[np.ndarray, 
 def vfm_metrics(cfg: ExperimentConfig, samples: np.ndarray) -> dict:
     """FD_VFM (Stein et al. 2023, "Exposing flaws of generative model evaluation metrics",
     FD_DINOv2): our Fréchet distance on the class token of ``evaluate.fd_vfm``, samples vs
-    ``evaluate.num_real`` training images, under a key naming the VFM."""
+    ``evaluate.num_real`` training images, under a key naming the VFM (``fd_shapes_vit``),
+    with its real-vs-real baseline ``<key>_real_baseline`` for scale: as many held-out real
+    images vs the same reference."""
     from latentforge.tokenizers.vfm import load_vfm
 
     ec = cfg.evaluate
@@ -323,11 +430,13 @@ def vfm_metrics(cfg: ExperimentConfig, samples: np.ndarray) -> dict:
         lambda images: vfm_features(images, vfm, ec.batch_size)[0],
     )
     feats, token = vfm_features(samples, vfm, ec.batch_size)
+    name, extractor = vfm_metric_name(ec.fd_vfm), f"{ec.fd_vfm} {token} ({feats.shape[1]})"
+    reference = f"{ref.n} training images"
     fd = frechet_distance(FeatureStats.of(feats), ref)
-    extractor = f"{ec.fd_vfm} {token} ({feats.shape[1]})"
-    return described(
-        vfm_metric_name(ec.fd_vfm), fd, len(samples), extractor, f"{ref.n} training images"
-    )
+    held, _ = real_images(cfg, "holdout", len(samples))
+    baseline = frechet_distance(FeatureStats.of(vfm_features(held, vfm, ec.batch_size)[0]), ref)
+    out = described(name, fd, len(samples), extractor, reference)
+    return out | described(f"{name}_real_baseline", baseline, len(held), extractor, reference)
 
 
 def generation_metrics(

@@ -12,9 +12,10 @@ import json
 import shutil
 from pathlib import Path
 
+BASELINE_NOTE = "same distance for held-out real images vs the same reference (the floor)"
 METRIC_NOTES = {
     "fd_shapesnet": "Fréchet distance of embedded-classifier features, samples vs real (lower is better; not FID)",
-    "fd_shapesnet_real_baseline": "same distance for held-out real images vs the same reference (the floor)",
+    "fd_shapesnet_real_baseline": BASELINE_NOTE,
     "fd_shapesnet_inf": "fd_shapesnet extrapolated to infinitely many samples (FD∞, Chong & Forsyth 2020)",
     "fd_shapesnet_inf_slope": "slope k of the FD∞ fit FD_N = FD∞ + k/N (the small-N bias)",
     "class_accuracy": "embedded classifier agrees with the requested class (chance = 1/classes)",
@@ -26,6 +27,7 @@ METRIC_NOTES = {
     "fid": "Fréchet Inception distance (torch-fidelity InceptionV3), samples vs fid_reference",
     "fid_inf": "FID extrapolated to infinitely many samples (FID∞, Chong & Forsyth 2020)",
     "fid_inf_slope": "slope k of the FID∞ fit FID_N = FID∞ + k/N (the small-N bias)",
+    "sfid": "spatial FID (Nash et al. 2021): FD of Inception mixed_6/conv channels 0-6 (17x17), as ADM's evaluator",
     "is": "Inception Score (Salimans et al. 2016): confident and diverse classes (higher is better)",
     "kid": "Kernel Inception distance (Bińkowski et al. 2018): unbiased MMD², ± std over subsets",
     "kid_subset_size": "samples per KID subset",
@@ -79,6 +81,8 @@ def _text(value) -> str:
 def _note(key: str, metrics: dict) -> str:
     if key in METRIC_NOTES:
         return METRIC_NOTES[key]
+    if key.endswith("_real_baseline"):  # fd_vfm's, named by its VFM
+        return BASELINE_NOTE
     if key.startswith("fd_") and f"{key}_extractor" in metrics:  # fd_vfm, named by its VFM
         return VFM_NOTE
     return ""

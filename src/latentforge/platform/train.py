@@ -7,7 +7,9 @@ directory of safetensors weights of the unwrapped model (+ EMA), the optimizer s
 (the loss curve so far); a tokenizer trained with a GAN adds its discriminator
 (``discriminator.safetensors``, kept out of the tokenizer's weights) and that optimizer's
 state (``optimizer_disc.pt``). Resume = rerun the same command: the Ray Train run is named by
-the stage's config hash, and Train V2 hands the latest checkpoint back to the loop.
+the stage's config hash, and Train V2 hands the latest checkpoint back to the loop; a worker
+that crashes is restarted the same way, up to ``ray.max_failures`` times (the test hook
+``LATENTFORGE_FAULT_AT_IMAGES``, :func:`fault_hook`, crashes one on purpose).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import copy
 import json
 import math
 import os
+import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -86,12 +89,14 @@ class LocalRuntime(Runtime):
 
 
 class RayRuntime(Runtime):
-    """Inside a Ray Train worker: DDP over the worker group, dataset shard ``train``."""
+    """Inside a Ray Train worker: DDP over the worker group, dataset shard ``train``.
+    ``fault``: the armed test hook of :func:`fault_hook`, or None (always, outside tests)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fault: dict | None = None) -> None:
         import ray.train
         import ray.train.torch
 
+        self.fault = fault
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
@@ -121,6 +126,8 @@ class RayRuntime(Runtime):
 
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt)
+        if self.fault and ckpt is not None and metrics["nimg"] >= self.fault["at_images"]:
+            inject_fault(self.fault["marker"], metrics["nimg"])
 
     def checkpoint_dir(self):
         from contextlib import nullcontext
@@ -275,6 +282,7 @@ def build_transport(cfg: ExperimentConfig):
 
 
 def tokenizer_job(cfg: ExperimentConfig) -> Job:
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every run and rank
     model = build_tokenizer(cfg)
     disc = model.make_discriminator()
     tc = cfg.train
@@ -294,6 +302,7 @@ def tokenizer_job(cfg: ExperimentConfig) -> Job:
 
 
 def generator_job(cfg: ExperimentConfig, stats: dict[str, Any]) -> Job:
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every run and rank
     model = build_generator(cfg, stats)
     mean = torch.tensor(stats["mean"], dtype=torch.float32)
     std = torch.tensor(stats["std"], dtype=torch.float32)
@@ -392,6 +401,7 @@ def fit(cfg: ExperimentConfig, job: Job, runtime: Runtime, log: Callable = print
     with runtime.checkpoint_dir() as ck:
         if ck is not None:
             state, curve = load_checkpoint(ck, job, ema, opt, opt_d)
+            state.setdefault("resumed_at", []).append(state["nimg"])  # provenance of restarts
             log(f"[{job.kind}] resumed at {state['nimg']} images")
         elif job.init_from:
             if not Path(job.init_from, "state.json").is_file():
@@ -415,18 +425,21 @@ def fit(cfg: ExperimentConfig, job: Job, runtime: Runtime, log: Callable = print
     next_log = state["nimg"] + tc.log_every_images
     next_ckpt = state["nimg"] + tc.checkpoint_every_images
     sums, counts, count, t0 = {}, {}, 0, time.time()
+    gen = torch.Generator(device=runtime.device)
     while state["nimg"] < job.total_images:
-        seed = tc.seed * 1_000_003 + state["epoch"] * 1009 + runtime.rank
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        gen = torch.Generator(device=runtime.device).manual_seed(seed)
-        for group in grouped(runtime.batches(local_bs, seed), accum):
+        epoch_seed = tc.seed * 1_000_003 + state["epoch"] * 1009 + runtime.rank
+        skip = state.get("step_in_epoch", 0)  # groups of this epoch a resumed run has done
+        for i, group in enumerate(grouped(runtime.batches(local_bs, epoch_seed), accum)):
+            if i < skip:
+                continue
             group = [
                 {k: v.to(runtime.device, non_blocking=True) for k, v in b.items()} for b in group
             ]
+            seed_step(gen, tc.seed, runtime.rank, state["nimg"])
             parts = train_step(objective, opt, group, state["nimg"], gen, job, tc, opt_d)
             ema_update(ema, job.model, ema_decay_at(state["nimg"] // global_bs, job.ema_decay))
             state["nimg"] += global_bs
+            state["step_in_epoch"] = i + 1
             for k, v in parts.items():  # averaged over the steps that report them
                 sums[k] = sums.get(k, 0.0) + v
                 counts[k] = counts.get(k, 0) + 1
@@ -444,8 +457,20 @@ def fit(cfg: ExperimentConfig, job: Job, runtime: Runtime, log: Callable = print
                 next_ckpt += tc.checkpoint_every_images
             if done:
                 break
-        state["epoch"] += 1
+        else:
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
     return {"nimg": state["nimg"], "curve": curve}
+
+
+def seed_step(gen: torch.Generator, seed: int, rank: int, nimg: int) -> None:
+    """Seed torch (global and ``gen``) and NumPy from (seed, rank, images seen) before every
+    step, so that a run resumed from a checkpoint draws the same noise, times and label
+    drops as one that never stopped, with no RNG state to carry between processes."""
+    s = (int(seed) * 1_000_003 + int(rank) * 7919 + int(nimg)) % 2**63
+    gen.manual_seed(s)
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
 
 
 def grouped(batches: Iterator, n: int) -> Iterator[list]:
@@ -530,7 +555,10 @@ def autocast_for(batch: dict[str, torch.Tensor]):
 def report_checkpoint(
     runtime: Runtime, job: Job, ema, opt, state: dict, curve: list, opt_d=None
 ) -> None:
-    metrics = {"nimg": float(state["nimg"]), **{k: float(v) for k, v in curve[-1].items()}}
+    metrics = {
+        "nimg": float(state["nimg"]),
+        **{k: float(v) for k, v in (curve[-1] if curve else {}).items()},
+    }
     if runtime.rank != 0:
         runtime.report(metrics, None)
         return
@@ -546,7 +574,7 @@ def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry: rebuild the typed config and run :func:`fit`."""
     cfg = from_dict(config["experiment"], source=config.get("source", "<ray>"))
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
-    runtime = RayRuntime()
+    runtime = RayRuntime(fault=config.get("fault"))
     if config["kind"] == "tokenizer":
         job = tokenizer_job(cfg)
     else:
@@ -564,9 +592,12 @@ def run_trainer(cfg: ExperimentConfig, kind: str, name: str, dataset, stats: dic
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
+    loop_config = {"experiment": to_dict(cfg), "kind": kind, "stats": stats}
+    if fault := fault_hook(storage, name):
+        loop_config["fault"] = fault
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": to_dict(cfg), "kind": kind, "stats": stats},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,
             use_gpu=cfg.ray.use_gpu,
@@ -586,6 +617,36 @@ def run_trainer(cfg: ExperimentConfig, kind: str, name: str, dataset, stats: dic
     if result.checkpoint is None:
         raise RuntimeError(f"{kind} training ended without a checkpoint ({storage}/{name})")
     return result.checkpoint
+
+
+FAULT_ENV = "LATENTFORGE_FAULT_AT_IMAGES"
+
+
+def fault_hook(storage: str, name: str) -> dict | None:
+    """Test hook for fault tolerance, read on the driver: with ``LATENTFORGE_FAULT_AT_IMAGES=N``
+    set, rank 0 of the Train worker group kills itself (SIGKILL, a real crash) right after its
+    first checkpoint at N images or more, once per run: it first writes the marker
+    ``fault_injected.json`` (images seen, pid) into the run's directory ``storage/name``, and
+    an existing marker disarms the hook, so the restarted worker group trains on. Passed to
+    the workers in the loop's config (the driver's environment does not reach them). Unset,
+    as outside tests: None, and the loop has no hook."""
+    at = os.environ.get(FAULT_ENV)
+    if not at:
+        return None
+    return {"at_images": float(at), "marker": str(Path(storage, name, "fault_injected.json"))}
+
+
+def inject_fault(marker: str, nimg: float) -> None:
+    """Crash this worker process unless ``marker`` exists (see :func:`fault_hook`). It waits
+    until Ray Train has registered the checkpoint just reported (``ray.train.report`` returns
+    once it is uploaded, before the controller has taken it in), so the restart finds it."""
+    import ray.train
+
+    if Path(marker).exists():
+        return
+    ray.train.get_all_reported_checkpoints()  # blocks until every report is processed
+    Path(marker).write_text(json.dumps({"nimg": nimg, "pid": os.getpid()}))
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _live_groups() -> set[str]:
