@@ -8,14 +8,14 @@ import torch
 
 from latentforge.metrics.shapesnet import load_shapesnet
 from latentforge.platform.assets import AssetConfig, to_float, train_asset, vit_input
-from latentforge.shapes import HOLDOUT_OFFSET, render_shapes
+from latentforge.shapes import HOLDOUT_OFFSET, WIDE, render_shapes
 from latentforge.tokenizers.vfm import load_vfm
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "latentforge" / "assets"
 
 
-def holdout(n, res):
-    images, labels = render_shapes(range(HOLDOUT_OFFSET, HOLDOUT_OFFSET + n), res)
+def holdout(n, res, **layout):
+    images, labels = render_shapes(range(HOLDOUT_OFFSET, HOLDOUT_OFFSET + n), res, **layout)
     return to_float(images), torch.from_numpy(labels)
 
 
@@ -25,11 +25,12 @@ def test_assets_are_small():
     assert sum(sizes.values()) < 5 * 2**20
 
 
+@pytest.mark.parametrize("layout", ["default", "wide"])
 @pytest.mark.parametrize("res", [64, 32])
 @torch.no_grad()
-def test_classifier_accuracy_on_heldout_shapes(res):
+def test_classifier_accuracy_on_heldout_shapes(res, layout):
     net = load_shapesnet()
-    x, y = holdout(1000, res)
+    x, y = holdout(1000, res, **(WIDE if layout == "wide" else {}))
     acc = (net(x).argmax(1) == y).float().mean().item()
     assert acc >= 0.95, acc
     assert net.features(x[:4]).shape == (4, 128)

@@ -153,6 +153,13 @@ def test_configs_are_registered_and_typed():
         merge_schema(ParquetData, {"name": "imagefolder"}, "t")
 
 
+def test_shapes_layout_is_checked_at_build():
+    for bad, match in [({"position_jitter": 2.0}, "jitter"), ({"scale": [0.3]}, "data.scale")]:
+        cfg = merge_schema(ShapesData, {"name": "shapes", **bad}, "t")
+        with pytest.raises(ConfigError, match=match):
+            load_images(cfg, "train")
+
+
 # ----------------------------------------------------------------------- sources
 
 

@@ -1,9 +1,11 @@
 """The embedded dataset renderer."""
 
+import hashlib
+
 import numpy as np
 import pytest
 
-from latentforge.shapes import CLASS_NAMES, HOLDOUT_OFFSET, NUM_CLASSES, render_shapes
+from latentforge.shapes import CLASS_NAMES, HOLDOUT_OFFSET, NUM_CLASSES, WIDE, render_shapes
 
 
 def test_deterministic_and_order_independent():
@@ -43,3 +45,20 @@ def test_fewer_classes():
     assert labels.max() == 3
     with pytest.raises(ValueError):
         render_shapes(range(2), 32, num_classes=NUM_CLASSES + 1)
+
+
+def test_wide_layout_is_the_assets_training_data_bit_for_bit():
+    """The committed assets were trained on these pixels: a renderer change that moves
+    them makes `latentforge train-asset` stop reproducing the weights."""
+    images, _ = render_shapes(range(200), 32, **WIDE)
+    assert hashlib.sha256(images.tobytes()).hexdigest()[:16] == "91853535151dd010"
+
+
+def test_layout_changes_images_and_bad_layout_fails():
+    wide, _ = render_shapes(range(3), 32, **WIDE)
+    default, _ = render_shapes(range(3), 32)
+    assert not np.array_equal(wide, default)
+    with pytest.raises(ValueError, match="jitter"):
+        render_shapes(range(1), 32, jitter=1.5)
+    with pytest.raises(ValueError, match="scale"):
+        render_shapes(range(1), 32, scale=(0.4, 0.3))

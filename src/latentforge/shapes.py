@@ -5,6 +5,14 @@ Pure NumPy. Image ``i`` of seed ``s`` is drawn from its own generator
 same pixels. The class is ``i % num_classes`` (class-balanced). Shapes are drawn with
 random colour, scale, position and rotation over a textured background (gradient plus
 stripes, checkerboard or smooth noise), anti-aliased by 3x3 supersampling of the mask.
+
+Two layouts: the default (``SCALE``, ``JITTER``) draws large shapes near the centre, any
+rotation; ``WIDE_SCALE``/``WIDE_JITTER`` draws them anywhere and down to half that size.
+The embedded assets are trained on the wide layout, which contains the default one, so
+they also judge data of narrower layouts. Why the default is the narrower one: a class
+is then a larger share of each image, and a DiT trained for minutes on 2 CPU cores
+learns class-conditional shapes from it (with the wide layout the demo's samples reach a
+class accuracy of 0.19, with the default one several times that).
 """
 
 from __future__ import annotations
@@ -28,6 +36,11 @@ CLASS_NAMES = (
 NUM_CLASSES = len(CLASS_NAMES)
 HOLDOUT_OFFSET = 1 << 30  # the held-out split renders indices HOLDOUT_OFFSET + i
 SUPERSAMPLE = 3
+SCALE = (0.34, 0.42)  # shape radius as a fraction of the image side
+JITTER = 0.3  # share of the free range around the centre that positions may use
+WIDE_SCALE = (0.22, 0.42)
+WIDE_JITTER = 1.0
+WIDE = {"scale": WIDE_SCALE, "jitter": WIDE_JITTER}  # render_shapes(..., **WIDE)
 
 
 def label_of(indices: Iterable[int], num_classes: int = NUM_CLASSES) -> np.ndarray:
@@ -110,12 +123,16 @@ def _background(rng: np.random.Generator, res: int) -> np.ndarray:
     return np.clip(base * (1 + contrast * tex[..., None]), 0, 1)
 
 
-def _render_one(index: int, res: int, seed: int, num_classes: int) -> np.ndarray:
+def _render_one(
+    index: int, res: int, seed: int, num_classes: int, scale_range, jitter: float
+) -> np.ndarray:
     rng = np.random.default_rng([seed, int(index)])
     label = int(index) % num_classes
     image = _background(rng, res)
-    scale = rng.uniform(0.22, 0.42)  # shape radius as a fraction of the image side
+    scale = rng.uniform(*scale_range)  # shape radius as a fraction of the image side
     cx, cy = rng.uniform(scale, 1 - scale, size=2)
+    if jitter != 1.0:  # (1.0 keeps the wide layout's positions bit for bit)
+        cx, cy = 0.5 + jitter * (cx - 0.5), 0.5 + jitter * (cy - 0.5)
     rot = rng.uniform(0, 2 * np.pi)
     fg = rng.uniform(0.0, 1.0, size=3)
     # keep the shape visible: push its colour away from the background mean
@@ -141,16 +158,28 @@ def _render_one(index: int, res: int, seed: int, num_classes: int) -> np.ndarray
 
 
 def render_shapes(
-    indices: Iterable[int], resolution: int = 64, seed: int = 0, num_classes: int = NUM_CLASSES
+    indices: Iterable[int],
+    resolution: int = 64,
+    seed: int = 0,
+    num_classes: int = NUM_CLASSES,
+    scale: tuple[float, float] = SCALE,
+    jitter: float = JITTER,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Render images ``indices`` of the ``shapes`` set.
+    """Render images ``indices`` of the ``shapes`` set; ``scale`` (radius range, fraction of
+    the side) and ``jitter`` (0: centred, 1: anywhere the shape fits) set the layout.
 
     Returns uint8 images (N, H, W, 3) and int64 labels (N,).
     """
     if not 2 <= num_classes <= NUM_CLASSES:
         raise ValueError(f"num_classes must be in [2, {NUM_CLASSES}], got {num_classes}")
+    lo, hi = scale
+    if not 0.05 <= lo <= hi <= 0.5 or not 0.0 <= jitter <= 1.0:
+        raise ValueError(
+            f"shapes layout: need 0.05 <= scale <= 0.5 and jitter in [0, 1], "
+            f"got scale={scale}, jitter={jitter}"
+        )
     idx = np.asarray(list(indices), dtype=np.int64)
     images = np.empty((len(idx), resolution, resolution, 3), dtype=np.uint8)
     for k, i in enumerate(idx):
-        images[k] = _render_one(int(i), resolution, seed, num_classes)
+        images[k] = _render_one(int(i), resolution, seed, num_classes, (lo, hi), jitter)
     return images, idx % num_classes

@@ -1,7 +1,7 @@
 """Recipes of the embedded assets: the shapes ViT (stand-in VFM) and the shapes classifier.
 
-Both are trained on the ``shapes`` training split (seed 0) and checked on the held-out
-split. A one-off, single-process torch loop: these networks are tiny, and the recipe must
+Both are trained on the ``shapes`` training split (seed 0, the wide layout that contains
+the default one) and checked on its held-out split. A one-off, single-process torch loop: these networks are tiny, and the recipe must
 rebuild the committed weights bit-for-bit on a laptop, without a cluster.
 ``latentforge train-asset experiments/assets/<name>.yaml`` runs it.
 """
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentforge.shapes import HOLDOUT_OFFSET, NUM_CLASSES, render_shapes
+from latentforge.shapes import HOLDOUT_OFFSET, NUM_CLASSES, WIDE, render_shapes
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
@@ -123,9 +123,9 @@ def train_asset(cfg: AssetConfig, log=print) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.time()
-    images, labels = render_shapes(range(cfg.train_images), cfg.resolution, seed=0)
+    images, labels = render_shapes(range(cfg.train_images), cfg.resolution, seed=0, **WIDE)
     held, held_labels = render_shapes(
-        range(HOLDOUT_OFFSET, HOLDOUT_OFFSET + cfg.holdout_images), cfg.resolution, seed=0
+        range(HOLDOUT_OFFSET, HOLDOUT_OFFSET + cfg.holdout_images), cfg.resolution, seed=0, **WIDE
     )
     x_all, y_all = to_float(images), torch.from_numpy(labels)
     x_held, y_held = to_float(held), torch.from_numpy(held_labels)

@@ -36,6 +36,8 @@ from PIL import Image
 from latentforge.config import ConfigError
 from latentforge.registry import DATASETS
 from latentforge.shapes import HOLDOUT_OFFSET, NUM_CLASSES, render_shapes
+from latentforge.shapes import JITTER as SHAPES_JITTER
+from latentforge.shapes import SCALE as SHAPES_SCALE
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp", ".bmp"]
@@ -55,6 +57,8 @@ class ShapesData:
     seed: int = 0
     num_classes: int = NUM_CLASSES
     holdout_images: int = 2000
+    scale: list[float] = field(default_factory=lambda: list(SHAPES_SCALE))  # radius range
+    position_jitter: float = SHAPES_JITTER  # 0: centred; 1: anywhere (the assets' layout)
 
 
 @dataclass
@@ -254,11 +258,9 @@ class Decoder:
 # ----------------------------------------------------------------------- shapes
 
 
-def _render_batch(
-    batch: dict[str, np.ndarray], resolution: int, seed: int, num_classes: int, offset: int
-) -> dict[str, np.ndarray]:
+def _render_batch(batch: dict[str, np.ndarray], offset: int, **layout) -> dict[str, np.ndarray]:
     idx = batch["id"].astype(np.int64) + offset
-    images, labels = render_shapes(idx, resolution, seed, num_classes)
+    images, labels = render_shapes(idx, **layout)
     return {"image": images, "label": labels, "id": idx.astype(str).astype(object)}
 
 
@@ -267,16 +269,24 @@ def build_shapes(cfg: ShapesData, split: Split = "train") -> ImageSource:
     """Images ``range(num_images)`` (train) or ``HOLDOUT_OFFSET + range(holdout_images)``."""
     if not 2 <= cfg.num_classes <= NUM_CLASSES:
         raise ConfigError(f"data.num_classes: must be in [2, {NUM_CLASSES}], got {cfg.num_classes}")
+    if len(cfg.scale) != 2:
+        raise ConfigError(f"data.scale: a [min, max] radius range, got {list(cfg.scale)}")
     n = cfg.num_images if split == "train" else cfg.holdout_images
     offset = 0 if split == "train" else HOLDOUT_OFFSET
+    layout = {
+        "resolution": cfg.resolution,
+        "seed": cfg.seed,
+        "num_classes": cfg.num_classes,
+        "scale": tuple(cfg.scale),
+        "jitter": cfg.position_jitter,
+    }
+    try:
+        render_shapes([], **layout)  # a bad layout fails here, not inside a Ray task
+    except ValueError as e:
+        raise ConfigError(f"data: {e}") from None
     ds = ray.data.range(n, override_num_blocks=max(1, min(64, n // 500))).map_batches(
         _render_batch,
-        fn_kwargs={
-            "resolution": cfg.resolution,
-            "seed": cfg.seed,
-            "num_classes": cfg.num_classes,
-            "offset": offset,
-        },
+        fn_kwargs={"offset": offset, **layout},
         batch_size=500,
         batch_format="numpy",
     )
