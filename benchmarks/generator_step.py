@@ -3,7 +3,9 @@
 Default case: LightningDiT-B/1 (release flags), batch 8, 16x16x32 latents (VA-VAE f16d32 at
 256 px), fp32, 2 threads; median of 5 timed steps after 2 warm-up steps. Reports seconds per
 step, images/s and achieved FLOP/s (FLOPs of one forward+backward counted by
-``torch.utils.flop_counter``).
+``torch.utils.flop_counter``). On CPU also the share of the step's time in dense math
+(GEMMs, attention, convolutions; torch.profiler): no implementation of the same model on
+the same kernels can beat this one by more than ``1 / dense_share``.
 
 With ``--official PATH`` (a checkout of hustvl/LightningDiT; nothing is downloaded) the same
 step is timed on the official ``models.lightningdit.LightningDiT`` with the same weights,
@@ -79,6 +81,41 @@ def time_step(model, x, t, y, repeats: int, dtype) -> tuple[float, float]:
     return median_seconds(step, repeats, warmup=1), float(counter.get_total_flops())
 
 
+# Ops that do the dense math (GEMMs, fused attention, convolutions), forward and backward.
+DENSE_OPS = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    "aten::_scaled_dot_product_efficient_attention",
+    "aten::_scaled_dot_product_efficient_attention_backward",
+    "aten::_scaled_dot_product_flash_attention",
+    "aten::_scaled_dot_product_flash_attention_backward",
+    "aten::mkldnn_convolution",
+    "aten::convolution_backward",
+    "aten::_convolution",
+)
+
+
+def dense_share(model, x, t, y, dtype) -> float:
+    """Share of one forward+backward's self CPU time spent in :data:`DENSE_OPS`. Any
+    implementation of the same architecture runs the same dense math, so ``1 / share`` bounds
+    the speed-up it can have over this one on the same kernels (everything else at zero)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(x, t, y).float().square().mean()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    dense = sum(e.self_cpu_time_total for e in events if e.key in DENSE_OPS)
+    return dense / total if total else 0.0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="LightningDiT-B/1", choices=sorted(CONFIGS))
@@ -116,6 +153,9 @@ def main() -> None:
         }
         if args.peak_tflops:
             out["mfu"] = out["achieved_tflops"] / args.peak_tflops
+        if device.type == "cpu":
+            out["dense_share"] = dense_share(model, x, t, y, dtype)
+            out["speedup_bound_same_kernels"] = 1 / max(out["dense_share"], 1e-9)
         return out
 
     model = torch.compile(ours) if args.compile else ours

@@ -34,6 +34,7 @@ def test_generator_step_benchmark(tmp_path):
     assert [r["implementation"] for r in result["rows"]] == ["latentforge", "official"]
     for r in result["rows"]:
         assert r["step_s"] > 0 and r["flops_per_step"] > 0
+        assert 0 < r["dense_share"] <= 1 and r["speedup_bound_same_kernels"] >= 1
     # both rows run the same architecture, so they count the same FLOPs
     assert result["rows"][0]["flops_per_step"] == result["rows"][1]["flops_per_step"]
     assert result["speedup_vs_official"] > 0
