@@ -9,6 +9,7 @@ from latentforge.metrics.frechet import FeatureStats, frechet_distance
 from latentforge.metrics.inception import (
     INCEPTION_FILE,
     SPATIAL_DIM,
+    adm_image_count,
     capturing_spatial,
     inception_features,
     inception_spatial_features,
@@ -165,3 +166,14 @@ def test_adm_spatial_statistics_are_read_or_named_as_missing(tmp_path):
     np.savez(tmp_path / "wrong.npz", mu_s=np.zeros(768), sigma_s=np.eye(768))
     with pytest.raises(ValueError, match="2023"):
         reference_spatial_stats(tmp_path / "wrong.npz")
+
+
+def test_adm_image_count_reads_the_header_only(tmp_path, monkeypatch):
+    images = tmp_path / "images.npz"
+    np.savez(images, arr_0=np.zeros((7, 4, 4, 3), np.uint8), mu=np.zeros(3), sigma=np.eye(3))
+    stats_only = tmp_path / "stats.npz"
+    np.savez(stats_only, mu=np.zeros(3), sigma=np.eye(3))
+    monkeypatch.setattr(np.lib.format, "read_array", None)  # loading the array would fail
+    assert adm_image_count(images) == 7 and adm_image_count(stats_only) == -1
+    monkeypatch.undo()
+    assert reference_stats(images).n == 7 and reference_stats(stats_only).n == -1

@@ -26,6 +26,7 @@ during the same pass that gives pool-3 and the logits.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -132,13 +133,36 @@ def adm_has_images(path: str | Path) -> bool:
         return "arr_0" in f
 
 
+def adm_image_count(path: str | Path) -> int:
+    """Number of images ``arr_0`` of an ADM batch (-1 if none), read from the array's header
+    alone: a reference batch's images can be gigabytes."""
+    with zipfile.ZipFile(path) as z:
+        if "arr_0.npy" not in z.namelist():
+            return -1
+        with z.open("arr_0.npy") as fh:
+            major, _ = np.lib.format.read_magic(fh)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if major == 1
+                else (np.lib.format.read_array_header_2_0)
+            )
+            return int(read(fh)[0][0])
+
+
+def stored_stats(path: str | Path, f, mu: str, sigma: str) -> FeatureStats:
+    """Precomputed statistics ``f[mu]``, ``f[sigma]`` of the open ADM batch ``f`` at
+    ``path``; ``n`` is its image count if it has images, else -1."""
+    return FeatureStats(
+        f[mu].astype(np.float64), f[sigma].astype(np.float64), adm_image_count(path)
+    )
+
+
 def reference_stats(path: str | Path, extractor=None, batch_size: int = 100) -> FeatureStats:
     """Statistics of an ADM reference batch: its stored ``mu``/``sigma`` when present
     (``n`` = its image count if it has images, else -1), otherwise computed from ``arr_0``."""
     with np.load(path) as f:
-        n = len(f["arr_0"]) if "arr_0" in f else -1
         if "mu" in f and "sigma" in f:
-            return FeatureStats(f["mu"].astype(np.float64), f["sigma"].astype(np.float64), n)
+            return stored_stats(path, f, "mu", "sigma")
         if "arr_0" not in f:
             raise ValueError(f"{path}: neither mu/sigma nor arr_0 images (not an ADM batch)")
     return FeatureStats.of(adm_features(path, extractor, batch_size))
@@ -156,9 +180,8 @@ def reference_spatial_stats(
     """sFID statistics of an ADM reference batch: its stored ``mu_s``/``sigma_s`` when present
     (as ADM's evaluator reads them), otherwise computed from the images ``arr_0``."""
     with np.load(path) as f:
-        n = len(f["arr_0"]) if "arr_0" in f else -1
         if "mu_s" in f and "sigma_s" in f:
-            stats = FeatureStats(f["mu_s"].astype(np.float64), f["sigma_s"].astype(np.float64), n)
+            stats = stored_stats(path, f, "mu_s", "sigma_s")
             if stats.mu.shape != (SPATIAL_DIM,):
                 raise ValueError(
                     f"{path}: mu_s has shape {stats.mu.shape}, expected ({SPATIAL_DIM},) "
