@@ -86,6 +86,45 @@ def test_vfm_is_not_in_state_dict_but_moves_with_the_model():
     assert vfm.conv.weight.dtype == torch.float64
 
 
+def test_a_copy_has_its_own_weights_and_shares_the_frozen_vfm():
+    import copy
+
+    model = tiny(vfm=FakeVFM(), vf_weight=0.5)
+    ema = copy.deepcopy(model)
+    assert ema.vfm is model.vfm  # an EMA copy does not duplicate the loss network
+    assert ema.linear_proj.weight is not model.linear_proj.weight
+    ema.encoder.conv_in.weight.data.add_(1.0)
+    assert not torch.equal(ema.encoder.conv_in.weight, model.encoder.conv_in.weight)
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    assert torch.equal(copy.deepcopy(model).decode(model.encode(x)), model.decode(model.encode(x)))
+
+
+def test_decoder_noise_perturbs_only_the_decoder_input(monkeypatch):
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    seen = {}
+
+    def run(noise):
+        model = tiny(decoder_noise=noise, sample_posterior=False).train()
+        decode = model.decode
+
+        def spy(z):
+            seen[noise] = z
+            return decode(z)
+
+        monkeypatch.setattr(model, "decode", spy)
+        torch.manual_seed(1)
+        return model, model.loss(x, 0)
+
+    model, plain = run(0.0)
+    _, noisy = run(0.5)
+    mean = model.moments(x)[0]
+    assert torch.equal(seen[0.0], mean)  # off: the decoder sees the posterior mean
+    delta = seen[0.5] - mean
+    assert delta.abs().max() > 0 and not torch.equal(noisy["recon"], plain["recon"])
+    # per-image scale times the per-channel std of the batch: bounded, not exploding
+    assert delta.std() < 3 * 0.5 * mean.std()
+
+
 def test_loss_parts_and_adaptive_weight():
     model = tiny(vfm=FakeVFM(), vf_weight=0.5).train()
     out = model.loss(torch.rand(4, 3, 32, 32) * 2 - 1, nimg=0)

@@ -10,7 +10,14 @@ import torch
 from safetensors.torch import load_file
 
 from latentforge.config import load_experiment
-from latentforge.platform.train import LocalRuntime, ema_update, fit, generator_job, tokenizer_job
+from latentforge.platform.train import (
+    LocalRuntime,
+    ema_update,
+    fit,
+    generator_job,
+    shuffled_batches,
+    tokenizer_job,
+)
 from tests.test_config import ROOT
 
 SMOKE = ROOT / "experiments" / "smoke.yaml"
@@ -146,6 +153,20 @@ def test_ema_update():
     before = ema.weight.clone()
     ema_update(ema, model, decay=0.9)
     assert torch.allclose(ema.weight, before + 0.1)
+
+
+def test_shuffled_batches_cut_shuffled_chunks_with_carry_over():
+    rows = [np.arange(0, 5), np.arange(5, 12), np.arange(12, 16), np.arange(16, 19)]
+    chunks = [{"id": r, "x": r * 10.0} for r in rows]
+    out = list(shuffled_batches(iter(chunks), 4, seed=3))
+    assert [len(b["id"]) for b in out] == [4, 4, 4, 4]  # 19 rows: 3 dropped at the end
+    ids = torch.cat([b["id"] for b in out]).numpy()
+    assert len(set(ids)) == 16 and set(ids) <= set(range(19))  # no row twice
+    assert all(torch.equal(b["x"], b["id"] * 10.0) for b in out)  # columns stay aligned
+    assert not np.array_equal(ids, np.arange(16))  # shuffled
+    again = torch.cat([b["id"] for b in shuffled_batches(iter(chunks), 4, seed=3)]).numpy()
+    other = torch.cat([b["id"] for b in shuffled_batches(iter(chunks), 4, seed=4)]).numpy()
+    assert np.array_equal(ids, again) and not np.array_equal(ids, other)
 
 
 @pytest.mark.parametrize("bad", ["nan"])

@@ -21,7 +21,7 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,11 +67,7 @@ class LocalRuntime(Runtime):
         self.reports: list[dict[str, float]] = []
 
     def batches(self, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-        n = len(next(iter(self.arrays.values())))
-        order = np.random.default_rng(seed).permutation(n)
-        for i in range(0, n - batch_size + 1, batch_size):
-            idx = order[i : i + batch_size]
-            yield {k: torch.from_numpy(v[idx]) for k, v in self.arrays.items()}
+        yield from shuffled_batches([self.arrays], batch_size, seed)  # one chunk: all rows
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         self.reports.append(metrics)
@@ -86,6 +82,32 @@ class LocalRuntime(Runtime):
 
         ck = self.out_dir / "checkpoint"
         return nullcontext(str(ck) if (ck / "state.json").exists() else None)
+
+
+SHUFFLE_CHUNK = 64  # batches' worth of rows a Ray worker pulls at a time and shuffles
+
+
+def shuffled_batches(
+    chunks: Iterable[dict[str, np.ndarray]], batch_size: int, seed: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of ``batch_size`` rows from a stream of chunks (dicts of arrays): each chunk,
+    with the rows the previous one left over, is permuted by a generator seeded with
+    ``seed`` and cut into batches; a trailing incomplete batch is dropped. Pulling large
+    chunks and slicing them here costs far less per step than asking Ray Data for every
+    small batch (the demo's generator: 600 instead of 540 images/s on 2 cores), and
+    shuffles better than a buffer of a few batches."""
+    rng = np.random.default_rng(seed)
+    carry: dict[str, np.ndarray] = {}
+    for chunk in chunks:
+        if carry:
+            chunk = {k: np.concatenate([carry[k], v]) for k, v in chunk.items()}
+        n = len(next(iter(chunk.values())))
+        order = rng.permutation(n)
+        full = n - n % batch_size
+        for i in range(0, full, batch_size):
+            idx = order[i : i + batch_size]
+            yield {k: torch.from_numpy(v[idx]) for k, v in chunk.items()}
+        carry = {k: v[order[full:]] for k, v in chunk.items()}
 
 
 class RayRuntime(Runtime):
@@ -114,12 +136,8 @@ class RayRuntime(Runtime):
         import ray.train
 
         shard = ray.train.get_dataset_shard("train")
-        yield from shard.iter_torch_batches(
-            batch_size=batch_size,
-            drop_last=True,
-            local_shuffle_buffer_size=4 * batch_size,
-            local_shuffle_seed=seed,
-        )
+        chunks = shard.iter_batches(batch_size=SHUFFLE_CHUNK * batch_size, batch_format="numpy")
+        yield from shuffled_batches(chunks, batch_size, seed)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         import ray.train
@@ -234,8 +252,7 @@ def build_tokenizer(cfg: ExperimentConfig) -> nn.Module:
 
 def repa_dim(cfg: ExperimentConfig, stats: dict[str, Any]) -> int:
     """Width of the stored VFM features REPA aligns to; 0 when REPA is off."""
-    transport = getattr(cfg.generator, "transport", None)
-    if transport is None or transport.repa_weight <= 0:
+    if cfg.generator.transport.repa_weight <= 0:
         return 0
     if "vfm_shape" not in stats:
         raise ConfigError(
@@ -247,8 +264,7 @@ def repa_dim(cfg: ExperimentConfig, stats: dict[str, Any]) -> int:
 
 def reg_dim(cfg: ExperimentConfig, stats: dict[str, Any]) -> int:
     """Width of the VFM class token REG generates (0 without REG)."""
-    transport = getattr(cfg.generator, "transport", None)
-    if transport is None or getattr(transport, "reg_weight", 0) <= 0:
+    if cfg.generator.transport.reg_weight <= 0:
         return 0
     if "vfm_cls_dim" not in stats:
         raise ConfigError(
