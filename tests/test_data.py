@@ -310,3 +310,33 @@ def test_shapes_is_deterministic_and_matches_renderer():
     assert [by_id[i]["label"] for i in ids] == lab.tolist()
     held = load_images(cfg, "holdout").dataset.take_all()
     assert sorted(int(r["id"]) for r in held) == [HOLDOUT_OFFSET + i for i in range(10)]
+
+
+def test_skip_leaves_ids_out_before_reading_or_decoding(tmp_path):
+    """A resumed extraction's finished ids: never read (image folders) nor decoded (tar
+    members, rendered shapes), so a file that broke since is not even counted."""
+    root = make_folder(tmp_path / "train")
+    (root / "dog" / "broken.png").write_bytes(CORRUPT)
+    cfg = ImageFolderData(path=str(root), resolution=RES, holdout_fraction=0.0)
+    done = {str(root / "dog" / "broken.png"), str(root / "cat" / "0.png")}
+    source = load_images(cfg, skip=done.__contains__)
+    out = rows(source)
+    assert len(out) == len(GOOD) - 1 and not done & {r["id"] for r in out}
+    assert source.num_skipped() == 0  # broken.png was never opened
+
+    write_tar(
+        tmp_path / "s.tar", wds_members("s", GOOD) + [("bad.jpg", CORRUPT), ("bad.cls", b"1")]
+    )
+    wds = WebDatasetData(path=str(tmp_path / "s.tar"), resolution=RES)
+    wds.num_classes, wds.holdout_fraction = 2, 0.0
+    source = load_images(wds, skip=lambda i: i.endswith(("#bad", "#s000")))
+    assert [r["id"][-4:] for r in rows(source)] == ["s001", "s002", "s003", "s004"]
+    assert source.num_skipped() == 0
+
+    shapes = ShapesData(resolution=RES, num_images=20)
+    out = rows(load_images(shapes, skip=lambda i: int(i) % 2 == 0))
+    ids = sorted(int(r["id"]) for r in out)
+    assert ids == list(range(1, 20, 2))
+    ref, _ = render_shapes(ids, RES, seed=0, num_classes=10)
+    by_id = {int(r["id"]): r["image"] for r in out}
+    assert all(np.array_equal(by_id[i], ref[k]) for k, i in enumerate(ids))

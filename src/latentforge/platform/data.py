@@ -205,6 +205,7 @@ class Decoder:
     counter: Any
     split: Split
     holdout_fraction: float | None  # None: no hash split (explicit holdout_path)
+    skip: Callable[[str], bool] | None = None  # ids the caller has: neither read nor decoded
 
     def keep(self, key: str | None) -> bool:
         if self.holdout_fraction is None or key is None:
@@ -223,7 +224,7 @@ class Decoder:
     def decode(self, records: Iterable[Record]) -> Iterator[dict[str, np.ndarray]]:
         images, labels, ids, bad = [], [], [], []
         for rec in records:
-            if not self.keep(rec.key):
+            if (self.skip is not None and self.skip(rec.id)) or not self.keep(rec.key):
                 continue
             try:
                 image, label = self.row(rec)
@@ -258,14 +259,18 @@ class Decoder:
 # ----------------------------------------------------------------------- shapes
 
 
-def _render_batch(batch: dict[str, np.ndarray], offset: int, **layout) -> dict[str, np.ndarray]:
+def _render_batch(
+    batch: dict[str, np.ndarray], offset: int, skip=None, **layout
+) -> dict[str, np.ndarray]:
     idx = batch["id"].astype(np.int64) + offset
+    if skip is not None:  # rendering is this source's decoding: leave out what is done
+        idx = idx[np.asarray([not skip(str(i)) for i in idx], dtype=bool)]
     images, labels = render_shapes(idx, **layout)
     return {"image": images, "label": labels, "id": idx.astype(str).astype(object)}
 
 
 @DATASETS.register("shapes", config=ShapesData)
-def build_shapes(cfg: ShapesData, split: Split = "train") -> ImageSource:
+def build_shapes(cfg: ShapesData, split: Split = "train", skip=None) -> ImageSource:
     """Images ``range(num_images)`` (train) or ``HOLDOUT_OFFSET + range(holdout_images)``."""
     if not 2 <= cfg.num_classes <= NUM_CLASSES:
         raise ConfigError(f"data.num_classes: must be in [2, {NUM_CLASSES}], got {cfg.num_classes}")
@@ -286,7 +291,7 @@ def build_shapes(cfg: ShapesData, split: Split = "train") -> ImageSource:
         raise ConfigError(f"data: {e}") from None
     ds = ray.data.range(n, override_num_blocks=max(1, min(64, n // 500))).map_batches(
         _render_batch,
-        fn_kwargs={"offset": offset, **layout},
+        fn_kwargs={"offset": offset, "skip": skip, **layout},
         batch_size=500,
         batch_format="numpy",
     )
@@ -427,7 +432,7 @@ def class_folders(path: str) -> tuple[str, list[str]]:
 
 
 @DATASETS.register("imagefolder", config=ImageFolderData)
-def build_imagefolder(cfg: ImageFolderData, split: Split = "train") -> ImageSource:
+def build_imagefolder(cfg: ImageFolderData, split: Split = "train", skip=None) -> ImageSource:
     """``root/<class>/...`` images; the split's hash filter runs on the listing."""
     path, what, fraction = _check_file_cfg(cfg, split)
     _, names = class_folders(cfg.path)  # both splits index the training folder's classes
@@ -443,7 +448,7 @@ def build_imagefolder(cfg: ImageFolderData, split: Split = "train") -> ImageSour
         held = split == "holdout"
         files = [f for f in files if in_holdout(f[len(root) + 1 :], fraction) == held]
     counter = SkipCounter.remote()
-    decoder = Decoder(cfg.resolution, num_classes, counter, split, None)
+    decoder = Decoder(cfg.resolution, num_classes, counter, split, None, skip)
     classes = {n: i for i, n in enumerate(names)}
     ds = _paths_dataset(files, FILES_PER_BLOCK).map_batches(
         _folder_batch,
@@ -504,12 +509,12 @@ def _tar_batch(batch, decoder: Decoder, fs, prefix: str):
 
 
 @DATASETS.register("webdataset", config=WebDatasetData)
-def build_webdataset(cfg: WebDatasetData, split: Split = "train") -> ImageSource:
+def build_webdataset(cfg: WebDatasetData, split: Split = "train", skip=None) -> ImageSource:
     """One read task per shard, streamed; the hash split uses the sample key."""
     path, what, fraction = _check_file_cfg(cfg, split)
     fs, prefix, files = list_files(path, (".tar",), what)
     counter = SkipCounter.remote()
-    decoder = Decoder(cfg.resolution, cfg.num_classes, counter, split, fraction)
+    decoder = Decoder(cfg.resolution, cfg.num_classes, counter, split, fraction, skip)
     ds = _paths_dataset(files, 1).map_batches(
         _tar_batch, fn_kwargs={"decoder": decoder, "fs": fs, "prefix": prefix}, batch_size=1
     )
@@ -565,14 +570,14 @@ def _check_columns(fs, path: str, columns: tuple[str, str]) -> None:
 
 
 @DATASETS.register("parquet", config=ParquetData)
-def build_parquet(cfg: ParquetData, split: Split = "train") -> ImageSource:
+def build_parquet(cfg: ParquetData, split: Split = "train", skip=None) -> ImageSource:
     """One read task per file; ids are ``file#row``; the hash split uses ``name#row``."""
     path, what, fraction = _check_file_cfg(cfg, split)
     fs, prefix, files = list_files(path, (".parquet",), what)
     columns = (cfg.image_column, cfg.label_column)
     _check_columns(fs, files[0], columns)
     counter = SkipCounter.remote()
-    decoder = Decoder(cfg.resolution, cfg.num_classes, counter, split, fraction)
+    decoder = Decoder(cfg.resolution, cfg.num_classes, counter, split, fraction, skip)
     ds = _paths_dataset(files, 1).map_batches(
         _parquet_batch,
         fn_kwargs={"decoder": decoder, "fs": fs, "prefix": prefix, "columns": columns},
@@ -581,6 +586,10 @@ def build_parquet(cfg: ParquetData, split: Split = "train") -> ImageSource:
     return ImageSource(ds, cfg.num_classes, counter)
 
 
-def load_images(cfg: Any, split: Split = "train") -> ImageSource:
-    """The configured source's split as an :class:`ImageSource`."""
-    return DATASETS.build(cfg.name, cfg, split)
+def load_images(
+    cfg: Any, split: Split = "train", skip: Callable[[str], bool] | None = None
+) -> ImageSource:
+    """The configured source's split as an :class:`ImageSource`; ids for which ``skip`` is
+    true (a resumed extraction's finished ones) are left out before they are read (image
+    folders) or decoded (tar and parquet members, rendered shapes)."""
+    return DATASETS.build(cfg.name, cfg, split, skip=skip)

@@ -19,7 +19,8 @@ so ``shapes`` image k is in shard ``k // S``. Encoder actors write each batch's 
 atomic *part* files named by the hash of their ids. One Ray task per shard gathers its
 parts, sorts them by id, writes the shard atomically and then its marker: as soon as an
 id range holds all its rows, the other shards after the pass. A rerun skips shards with
-a marker and ids already in parts, so a killed extraction resumes; the statistics come
+a marker and ids already in parts, so a killed extraction resumes; the source leaves
+those ids out before reading (image folders) or decoding them. The statistics come
 from the markers' float64 sums in shard order. The encoder runs at one fixed batch shape
 (the last batch zero-padded) and memory layout: kernels are chosen by shape, so this
 keeps every latent a function of its image alone and a resumed extraction byte-identical
@@ -308,12 +309,17 @@ class Encoder:
         return summary
 
 
-def _drop_done(batch: dict, done_shards: frozenset, done_ids: frozenset, rows: int) -> dict:
-    """Source rows still to encode: not in a finished shard nor in a written part."""
-    keep = [
-        str(i) not in done_ids and shard_of(str(i), rows) not in done_shards for i in batch["id"]
-    ]
-    return {k: v[np.asarray(keep, dtype=bool)] for k, v in batch.items()}
+@dataclass(frozen=True)
+class AlreadyEncoded:
+    """Whether a source id is done: in a finished shard or in a written part. The source
+    applies it before reading or decoding (``load_images(skip=...)``)."""
+
+    done_shards: frozenset
+    done_ids: frozenset
+    rows: int
+
+    def __call__(self, source_id: str) -> bool:
+        return source_id in self.done_ids or shard_of(source_id, self.rows) in self.done_shards
 
 
 # --------------------------------------------------------------------------- shards
@@ -435,17 +441,12 @@ def _encode_pass(cfg, weights: str, store: Store, done: dict, log, hook, tasks) 
     part_ids = frozenset().union(*encoded.values())
     counts = {name: len(ids) for name, ids in encoded.items()}
     before = sum(m["rows"] for m in done.values()) + len(part_ids)
-    source = load_images(cfg.data, "train")
-    ds = source.dataset
+    skip = None
     if done or part_ids:
         log(f"[extract] resuming: {len(done)} shards done, {before} images encoded")
-        ds = ds.map_batches(
-            _drop_done,
-            fn_kwargs={"done_shards": frozenset(done), "done_ids": part_ids, "rows": ec.shard_rows},
-            batch_size=None,
-            batch_format="numpy",
-        )
-    ds = ds.map_batches(
+        skip = AlreadyEncoded(frozenset(done), part_ids, ec.shard_rows)
+    source = load_images(cfg.data, "train", skip=skip)
+    ds = source.dataset.map_batches(
         Encoder,
         fn_constructor_kwargs={
             "experiment": to_dict(cfg),
