@@ -299,6 +299,9 @@ def test_generation_metrics_per_class_and_fd_inf(tmp_path, real_calls):
     counts = out["class_accuracy_per_class_num_samples"]
     assert len(per_class) == cfg.data.num_classes and counts == [4] * 10
     assert np.dot(per_class, counts) / 40 == pytest.approx(out["class_accuracy"])
+    conf = np.asarray(out["class_confusion"])  # rows: requested class; columns: classified as
+    assert conf.shape == (10, 10) and conf.sum(1).tolist() == counts
+    assert np.diag(conf).tolist() == [round(a * k) for a, k in zip(per_class, counts, strict=True)]
     assert out["class_accuracy_extractor"] == "shapesnet classifier"
     assert out["fd_shapesnet_num_samples"] == 40 and "(128)" in out["fd_shapesnet_extractor"]
     assert np.isfinite(out["fd_shapesnet_inf"]) and out["fd_shapesnet_inf_sizes"][-1] == 40
@@ -326,6 +329,7 @@ def test_report_rows_carry_counts_extractors_and_meanings():
         "fid_inf_sizes": [4, 10, 40],
         "class_accuracy_per_class": [0.5, None],
         "class_accuracy_per_class_num_samples": [4, 0],
+        "class_confusion": [[3, 1] + [0] * 8, [0] * 10],  # a table of its own, not a row
     }
     rows = {row[0]: row[1:] for row in metrics_rows(metrics)}
     assert set(rows) == {
@@ -346,3 +350,14 @@ def test_report_rows_carry_counts_extractors_and_meanings():
     assert "Nash" in rows["sfid"][4] and "mixed_6/conv" in rows["sfid"][2]
     assert rows["fid_inf"][1] == "40 (fit on 3 sizes 4..40)" and "Chong" in rows["fid_inf"][4]
     assert rows["class_accuracy_per_class"][:2] == ("0.5, n/a", "4, 0")
+
+
+def test_confusion_counts_and_its_report_table():
+    from latentforge.platform.report import confusion_table
+
+    labels, preds = np.array([0, 0, 1, 1, 1]), np.array([0, 9, 1, 1, 0])
+    conf = ev.confusion(labels, preds, 2)
+    assert conf.tolist() == [[1] + [0] * 8 + [1], [1, 2] + [0] * 8]
+    table = confusion_table(conf.tolist())
+    assert table[0][:3] == ["requested / classified as", "circle", "square"]
+    assert table[0][-1] == "heart" and table[2][:3] == ["square", "1", "2"]

@@ -57,6 +57,8 @@ def test_all_artifacts(done_run):
     assert len(metrics["class_accuracy_per_class"]) == cfg.data.num_classes
     report = (p.run_dir / "report.md").read_text()
     assert "| fd_shapes_vit |" in report and "local:shapes-vit class token" in report
+    assert "| requested / classified as | circle |" in report  # the confusion table
+    assert "<h2>What the samples of each class" in (p.run_dir / "report.html").read_text()
     for name in ("report.html", "report.md", "grid.png", "curves.png", "recon.png"):
         assert (p.run_dir / name).stat().st_size > 0
     curve = json.loads((p.stage_dir("generator") / "curve.json").read_text())

@@ -467,7 +467,18 @@ def generation_metrics(
         for c, k in zip(classes, counts, strict=True)
     ]
     out["class_accuracy_per_class_num_samples"] = counts
+    out["class_confusion"] = confusion(labels, preds, cfg.data.num_classes).tolist()
     return out
+
+
+def confusion(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts (requested class, predicted class) of the embedded classifier, which always
+    chooses among all ``shapes`` classes (a run on fewer still sees every column)."""
+    from latentforge.shapes import NUM_CLASSES
+
+    cols = max(NUM_CLASSES, int(preds.max(initial=0)) + 1)
+    flat = np.bincount(labels.astype(np.int64) * cols + preds, minlength=num_classes * cols)
+    return flat[: num_classes * cols].reshape(num_classes, cols)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

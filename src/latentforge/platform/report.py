@@ -41,6 +41,7 @@ METRIC_NOTES = {
     "num_recon": "held-out images reconstructed",
 }
 VFM_NOTE = "Fréchet distance of a VFM's class token, samples vs real (FD_DINOv2, Stein et al. 2023)"
+TABLES = ("class_confusion",)  # metrics.json entries rendered as their own tables
 # a metric's companions in metrics.json, shown in its row rather than as rows of their own
 COMPANIONS = ("_num_samples", "_extractor", "_reference", "_std", "_sizes")
 
@@ -93,6 +94,7 @@ def metrics_rows(metrics: dict) -> list[tuple[str, str, str, str, str, str]]:
     companions (``<metric>_num_samples``, ``_extractor``, ``_reference``, ``_std``,
     ``_sizes``) fold into its row."""
     folded = {k + c for k in metrics for c in COMPANIONS if k + c in metrics}
+    folded |= set(TABLES)  # shown as tables of their own
     rows = []
     for key, value in metrics.items():
         if key in folded:
@@ -108,6 +110,18 @@ def metrics_rows(metrics: dict) -> list[tuple[str, str, str, str, str, str]]:
         reference = _text(metrics.get(f"{key}_reference", ""))
         rows.append((key, text, samples, extractor, reference, _note(key, metrics)))
     return rows
+
+
+def confusion_table(matrix: list[list[int]]) -> list[list[str]]:
+    """Header row, then one row per requested class: how many of its samples the embedded
+    classifier took for each class (the diagonal: right)."""
+    from latentforge.shapes import CLASS_NAMES
+
+    def name(i: int) -> str:
+        return CLASS_NAMES[i] if i < len(CLASS_NAMES) else str(i)
+
+    head = ["requested / classified as"] + [name(j) for j in range(len(matrix[0]))]
+    return [head] + [[name(i)] + [str(v) for v in row] for i, row in enumerate(matrix)]
 
 
 def write_report(pipeline, out: Path) -> dict:
@@ -137,6 +151,11 @@ def write_report(pipeline, out: Path) -> dict:
         "|---|---|---|---|---|---|",
     ]
     md += ["| " + " | ".join(row) + " |" for row in rows]
+    confusion = confusion_table(metrics["class_confusion"]) if "class_confusion" in metrics else []
+    if confusion:
+        md += ["", "## What the samples of each class were taken for", ""]
+        md += ["| " + " | ".join(confusion[0]) + " |", "|---" * len(confusion[0]) + "|"]
+        md += ["| " + " | ".join(row) + " |" for row in confusion[1:]]
     md += [
         "",
         "## Class-conditional samples (one row per class)",
@@ -159,7 +178,7 @@ def write_report(pipeline, out: Path) -> dict:
     md += [f"| {s} | {t:.1f} |" for s, t in times.items()]
     md += ["", "Resolved config: `config.yaml` in the run directory."]
     (out / "report.md").write_text("\n".join(md) + "\n")
-    (out / "report.html").write_text(render_html(title, rows, times, out))
+    (out / "report.html").write_text(render_html(title, rows, times, out, confusion))
     for name in ("report.md", "report.html", "grid.png", "recon.png", "curves.png"):
         shutil.copy(out / name, pipeline.run_dir / name)
     return {"report": str(pipeline.run_dir / "report.html")}
@@ -172,20 +191,32 @@ def _img(path: Path) -> str:
     )
 
 
-def render_html(title: str, rows, times: dict, out: Path) -> str:
+def render_html(title: str, rows, times: dict, out: Path, confusion=()) -> str:
     table = "".join(
         f"<tr><td><code>{html.escape(key)}</code></td>"
         + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells)
         + "</tr>"
         for key, *cells in rows
     )
+    conf = ""
+    if confusion:
+        cells = ["".join(f"<th>{html.escape(c)}</th>" for c in confusion[0])]
+        cells += [
+            "<th>" + html.escape(r[0]) + "</th>" + "".join(f"<td>{v}</td>" for v in r[1:])
+            for r in confusion[1:]
+        ]
+        conf = (
+            "<h2>What the samples of each class were taken for</h2><table>"
+            + "".join(f"<tr>{c}</tr>" for c in cells)
+            + "</table>"
+        )
     timing = "".join(f"<tr><td>{s}</td><td>{t:.1f}</td></tr>" for s, t in times.items())
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}</style></head>
 <body><h1>{html.escape(title)}</h1>
 <h2>Metrics</h2><table><tr><th>metric</th><th>value</th><th>samples</th><th>extractor</th>
-<th>reference</th><th>meaning</th></tr>{table}</table>
+<th>reference</th><th>meaning</th></tr>{table}</table>{conf}
 <h2>Class-conditional samples (one row per class)</h2>{_img(out / "grid.png")}
 <h2>Reconstructions (held-out image, then its reconstruction)</h2>{_img(out / "recon.png")}
 <h2>Training curves</h2>{_img(out / "curves.png")}
