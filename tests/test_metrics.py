@@ -287,6 +287,10 @@ def test_reconstruction_metrics_of_a_perfect_tokenizer(tmp_path, real_calls):
         assert out[f"{name}_extractor"], name
     assert out["lpips_extractor"] == "lpips v0.1 alex (random backbone: tests only)"
     assert out["ssim_reference"] == "16 held-out images"
+    ceiling, counts = (out[f"recon_class_accuracy_per_class{k}"] for k in ("", "_num_samples"))
+    assert sum(counts) == 16 and len(ceiling) == cfg.data.num_classes
+    hits = sum(a * k for a, k in zip(ceiling, counts, strict=True) if k)
+    assert hits / 16 == pytest.approx(out["recon_class_accuracy"])
 
 
 def test_generation_metrics_per_class_and_fd_inf(tmp_path, real_calls):

@@ -460,15 +460,19 @@ def generation_metrics(
     if "fd_shapesnet_inf" in wanted:
         out |= fd_inf_metrics("fd_shapesnet_inf", feats, ref, extractor, reference)
     out |= described("class_accuracy", float(np.mean(preds == labels)), n, "shapesnet classifier")
-    classes = range(cfg.data.num_classes)
-    counts = [int(np.sum(labels == c)) for c in classes]
-    out["class_accuracy_per_class"] = [
-        float(np.mean(preds[labels == c] == c)) if k else None
-        for c, k in zip(classes, counts, strict=True)
-    ]
-    out["class_accuracy_per_class_num_samples"] = counts
+    out |= per_class("class_accuracy", labels, preds, cfg.data.num_classes)
     out["class_confusion"] = confusion(labels, preds, cfg.data.num_classes).tolist()
     return out
+
+
+def per_class(name: str, labels: np.ndarray, preds: np.ndarray, num_classes: int) -> dict:
+    """``<name>_per_class`` (accuracy of each class; None where it has no samples) and
+    ``<name>_per_class_num_samples``."""
+    counts = [int(np.sum(labels == c)) for c in range(num_classes)]
+    accuracy = [
+        float(np.mean(preds[labels == c] == c)) if k else None for c, k in enumerate(counts)
+    ]
+    return {f"{name}_per_class": accuracy, f"{name}_per_class_num_samples": counts}
 
 
 def confusion(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
@@ -541,6 +545,7 @@ def reconstruction_metrics(
         # perfect encodings would decode to images like these
         accuracy = float(np.mean(recon_preds == held_labels))
         out |= described("recon_class_accuracy", accuracy, n, "shapesnet classifier")
+        out |= per_class("recon_class_accuracy", held_labels, recon_preds, cfg.data.num_classes)
     return out
 
 

@@ -35,6 +35,7 @@ METRIC_NOTES = {
     "precision": "share of samples inside the real-image manifold (fidelity; Kynkäänniemi et al. 2019)",
     "recall": "share of real images inside the samples' manifold (coverage; Kynkäänniemi et al. 2019)",
     "recon_class_accuracy": "embedded classifier on held-out reconstructions: the ceiling of class_accuracy",
+    "recon_class_accuracy_per_class": "recon_class_accuracy of each class: each class's ceiling",
     "num_samples": "generated samples evaluated",
     "num_real": "real training images of the reference statistics",
     "num_baseline": "held-out real images in fd_shapesnet_real_baseline",
