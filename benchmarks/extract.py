@@ -64,20 +64,24 @@ class MemorySource:
     def __init__(self, images: np.ndarray, labels: np.ndarray):
         self.images, self.labels = images, labels
 
-    def __call__(self, data, split="train"):
+    def __call__(self, data, split="train", skip=None):
         import ray
 
         from latentforge.platform.data import ImageSource
 
         n = data.num_images  # the first n images, ids "0".."n-1" as the shapes source has them
         ds = ray.data.range(n, override_num_blocks=max(1, n // 512)).map_batches(
-            _lookup, fn_kwargs={"images": self.images, "labels": self.labels}, batch_size=None
+            _lookup,
+            fn_kwargs={"images": self.images, "labels": self.labels, "skip": skip},
+            batch_size=None,
         )
         return ImageSource(ds, data.num_classes)
 
 
-def _lookup(batch: dict, images: np.ndarray, labels: np.ndarray) -> dict:
+def _lookup(batch: dict, images: np.ndarray, labels: np.ndarray, skip=None) -> dict:
     idx = batch["id"]
+    if skip is not None:  # as every source: a resumed extraction's finished ids are left out
+        idx = idx[np.asarray([not skip(str(i)) for i in idx], dtype=bool)]
     return {"image": images[idx], "label": labels[idx], "id": idx.astype(str).astype(object)}
 
 
