@@ -79,9 +79,9 @@ class MemorySource:
 
 
 def _lookup(batch: dict, images: np.ndarray, labels: np.ndarray, skip=None) -> dict:
-    idx = batch["id"]
-    if skip is not None:  # as every source: a resumed extraction's finished ids are left out
-        idx = idx[np.asarray([not skip(str(i)) for i in idx], dtype=bool)]
+    from latentforge.platform.data import drop_skipped
+
+    idx = drop_skipped(batch["id"], skip)  # as every source: finished ids are left out
     return {"image": images[idx], "label": labels[idx], "id": idx.astype(str).astype(object)}
 
 

@@ -140,12 +140,9 @@ def adm_image_count(path: str | Path) -> int:
         if "arr_0.npy" not in z.namelist():
             return -1
         with z.open("arr_0.npy") as fh:
-            major, _ = np.lib.format.read_magic(fh)
-            read = (
-                np.lib.format.read_array_header_1_0
-                if major == 1
-                else (np.lib.format.read_array_header_2_0)
-            )
+            fmt = np.lib.format
+            major, _ = fmt.read_magic(fh)
+            read = fmt.read_array_header_1_0 if major == 1 else fmt.read_array_header_2_0
             return int(read(fh)[0][0])
 
 

@@ -259,12 +259,19 @@ class Decoder:
 # ----------------------------------------------------------------------- shapes
 
 
+def drop_skipped(ids: np.ndarray, skip: Callable[[str], bool] | None) -> np.ndarray:
+    """``ids`` without those ``skip`` (``load_images``' predicate on the id text) is true for;
+    for sources whose ids exist before their images (rendered or looked up)."""
+    if skip is None:
+        return ids
+    return ids[np.asarray([not skip(str(i)) for i in ids], dtype=bool)]
+
+
 def _render_batch(
     batch: dict[str, np.ndarray], offset: int, skip=None, **layout
 ) -> dict[str, np.ndarray]:
-    idx = batch["id"].astype(np.int64) + offset
-    if skip is not None:  # rendering is this source's decoding: leave out what is done
-        idx = idx[np.asarray([not skip(str(i)) for i in idx], dtype=bool)]
+    # rendering is this source's decoding: what is done is left out before it
+    idx = drop_skipped(batch["id"].astype(np.int64) + offset, skip)
     images, labels = render_shapes(idx, **layout)
     return {"image": images, "label": labels, "id": idx.astype(str).astype(object)}
 
