@@ -41,7 +41,7 @@ def test_shapes_vit_is_a_useful_vfm():
     vfm = load_vfm("local:shapes-vit")
     x, y = holdout(1000, 32)
     acc = (vfm.model(vit_input(x)).argmax(1) == y).float().mean().item()
-    assert acc >= 0.75, acc
+    assert acc >= 0.9, acc  # 0.961 held-out in the wide layout when trained
     out = vfm(x[:2])
     assert out.patch[-1].shape == (2, vfm.embed_dim, 8, 8)
 

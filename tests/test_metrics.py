@@ -363,5 +363,5 @@ def test_confusion_counts_and_its_report_table():
     conf = ev.confusion(labels, preds, 2)
     assert conf.tolist() == [[1] + [0] * 8 + [1], [1, 2] + [0] * 8]
     table = confusion_table(conf.tolist())
-    assert table[0][:3] == ["requested / classified as", "circle", "square"]
-    assert table[0][-1] == "heart" and table[2][:3] == ["square", "1", "2"]
+    assert table[0][:3] == ["requested / classified as", "circle", "bar"]
+    assert table[0][-1] == "heart" and table[2][:3] == ["bar", "1", "2"]
