@@ -48,10 +48,12 @@ class Objective:
 
 @dataclass
 class Scheduler:
-    """``fifo`` runs every trial to the end; ``asha`` stops weak ones at rung boundaries."""
+    """``fifo`` runs every trial to the end; ``asha`` stops weak ones at rung boundaries.
+    With ``rungs`` > 1 either trains the generator in rungs and reports after each (for
+    fifo, a learning curve per trial; ASHA needs at least 2)."""
 
     name: Literal["fifo", "asha"] = "fifo"
-    rungs: int = 4  # evaluations along the generator's training (asha)
+    rungs: int = 1  # evaluations along the generator's training
     grace_rungs: int = 1  # rungs every trial runs before it may be stopped
     reduction_factor: float = 2.0  # keep the best 1/reduction_factor at each rung
     rung_samples: int | None = None  # samples for intermediate rungs (None: sample.num_images)
@@ -190,7 +192,7 @@ def _trainable(config: dict) -> None:
         num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None)
     )
     sch = sweep.spec.scheduler
-    if sch.name == "fifo":
+    if sch.rungs <= 1:
         metrics, _ = ray.get(task.remote(to_dict(cfg)))
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         tune.report({**flat, "rung": 1, "run_dir": str(cfg.run_dir)})
@@ -263,7 +265,28 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> dict:
 
 
 def sch_rungs(sweep: Sweep) -> int:
-    return sweep.spec.scheduler.rungs if sweep.spec.scheduler.name == "asha" else 1
+    return max(1, sweep.spec.scheduler.rungs)
+
+
+def trial_stage_dirs(sweep: Sweep, point: dict[str, Any], rung: int) -> list[Path]:
+    """The stage directories trial ``point`` used up to ``rung`` (tokenizer and extract
+    once, then every rung's generator, sample, evaluate and report), as ``_trainable``
+    derives them; those not (yet) done are left out."""
+    from latentforge.platform.pipeline import STAGES, Pipeline
+
+    cfg = trial_config(sweep, point)
+    if sch_rungs(sweep) <= 1:
+        pipelines = [Pipeline(cfg, log=lambda _: None)]
+    else:
+        pipelines, init = [], None
+        for r in range(1, rung + 1):
+            p = Pipeline(rung_config(sweep, cfg, r, init), log=lambda _: None)
+            pipelines.append(p)
+            if not p.is_done("generator"):
+                break
+            init = p.done_info("generator").get("checkpoint")
+    dirs = {p.stage_dir(s): None for p in pipelines for s in STAGES if p.is_done(s)}
+    return list(dirs)
 
 
 def write_results(sweep: Sweep, rows: list[dict]) -> dict:
