@@ -22,6 +22,7 @@ import argparse
 import json
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 RESULT_FILES = ("results.json", "results.csv", "frontier.png", "sweep.md")
@@ -70,9 +71,9 @@ def run_once(sweep_file: str, scheduler: str, run_dir: Path, keep: Path) -> dict
     its result files to ``keep`` and return its rows, each with its ``stage_seconds``."""
     from latentforge.platform.sweep import load_sweep, run_sweep, trial_config
 
-    base = load_sweep(sweep_file)
-    overrides = [f"run_dir={run_dir}", f"scheduler.name={scheduler}"]
-    sweep = load_sweep(sweep_file, [*overrides, f"name={base.spec.name}-{scheduler}"])
+    sweep = load_sweep(sweep_file, [f"run_dir={run_dir}", f"scheduler.name={scheduler}"])
+    # its own Tune run name: the same name would silently resume the other run
+    sweep = replace(sweep, spec=replace(sweep.spec, name=f"{sweep.spec.name}-{scheduler}"))
     t0 = time.time()
     run_sweep(sweep)
     seconds = time.time() - t0
