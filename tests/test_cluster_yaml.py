@@ -63,6 +63,23 @@ def test_setup_installs_latentforge_from_the_synced_checkout(cfg):
     assert ".git" in cfg["rsync_exclude"] and ".venv" in cfg["rsync_exclude"]
 
 
+def test_every_node_mounts_the_shared_run_dir(cfg, request):
+    # run_dir must be one path that every node sees: each node type's host mounts the shared
+    # file system (a node type's own initialization_commands replace the common ones) and
+    # docker binds it into the container at the same path, where the files' run_dir lives.
+    binds = [o.split()[1] for o in cfg["docker"]["run_options"] if o.startswith("-v ")]
+    shared = {b.split(":")[0] for b in binds if b.split(":")[0] == b.split(":")[1]}
+    assert len(shared) == 1, binds
+    (path,) = shared
+    mount = re.compile(rf"mountpoint -q {path} \|\| sudo mount -t nfs4? .* {path}$")
+    for name, t in cfg["available_node_types"].items():
+        commands = t.get("initialization_commands", cfg["initialization_commands"])
+        assert any(mount.search(c) for c in commands), (name, commands)
+    header = Path(request.node.callspec.params["cfg"]).read_text()
+    run_dirs = re.findall(r"run_dir=(\S+)", header)
+    assert run_dirs and all(d.startswith(f"{path}/") for d in run_dirs), run_dirs
+
+
 def test_two_providers():
     assert len({prepared(p)["provider"]["type"] for p in CLUSTER_FILES}) >= 2
 

@@ -54,6 +54,13 @@ def test_wrong_choice_names_key():
         load_experiment(QUICKSTART, ["generator.transport.path=zigzag"])
 
 
+def test_run_dir_uri_is_refused_not_made_a_local_directory():
+    # Path("s3://b/x") would quietly become the local directory ./s3:/b/x on the driver
+    with pytest.raises(ConfigError, match=r"run_dir: 's3://bucket/runs' is a URI.*/shared"):
+        load_experiment(QUICKSTART, ["run_dir=s3://bucket/runs"])
+    assert load_experiment(QUICKSTART, ["run_dir=/shared/runs/q"]).run_dir == "/shared/runs/q"
+
+
 def test_unknown_registry_name_lists_known(tmp_path):
     path = write(tmp_path, f"base: {QUICKSTART}\ntokenizer: {{name: nope}}\n")
     with pytest.raises(ConfigError, match=r"tokenizer\.name.*known: .*vavae"):

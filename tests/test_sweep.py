@@ -38,6 +38,8 @@ def test_bad_search_key_is_named(tmp_path):
     )
     with pytest.raises(ConfigError, match="vf_wieght"):
         load_sweep(bad)
+    with pytest.raises(ConfigError, match="run_dir: 'gs://b/sweep' is a URI"):
+        load_sweep(SMOKE_SWEEP, ["run_dir=gs://b/sweep"])
 
 
 def test_sweep_end_to_end(ray_session, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -195,7 +196,17 @@ def experiment_from_node(node: DictConfig, source: str) -> ExperimentConfig:
             raise ConfigError(f"{source}: {key}.name: {e.args[0]}") from None
         parts[key] = merge_schema(schema, sub, source, key)
     rest = merge_schema(ExperimentConfig, node, source)
+    if URI.match(rest.run_dir):
+        raise ConfigError(
+            f"{source}: run_dir: {rest.run_dir!r} is a URI; run_dir must be a filesystem path, "
+            "on a cluster one that every node mounts at the same place (cluster.yaml mounts "
+            "a shared filesystem at /shared: run_dir=/shared/runs/<name>). Cloud URIs are "
+            "read as data.path."
+        )
     return dataclasses.replace(rest, **parts)
+
+
+URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def load_experiment(

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from omegaconf import OmegaConf
 
-from latentforge.config import ConfigError, config_hash, load_experiment, merge_schema
+from latentforge.config import URI, ConfigError, config_hash, load_experiment, merge_schema
 
 
 @dataclass
@@ -116,6 +116,8 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     base = load_experiment(base_path, spec.overrides)  # validates base + shared overrides
     for point in Sweep(spec, base_path, Path()).points() or [{}]:
         load_experiment(base_path, [*spec.overrides, *(f"{k}={v}" for k, v in point.items())])
+    if spec.run_dir and URI.match(spec.run_dir):
+        raise ConfigError(f"{path}: run_dir: {spec.run_dir!r} is a URI; give a filesystem path")
     run_dir = Path(spec.run_dir or f"{base.run_dir}-{spec.name}").resolve()
     return Sweep(spec, base_path, run_dir)
 
