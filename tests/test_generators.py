@@ -15,6 +15,7 @@ from latentforge.generators.transport import (
     TransportConfig,
     dimension_shift,
     flip_time,
+    flip_velocity,
     shift_t,
 )
 from latentforge.registry import GENERATORS
@@ -293,6 +294,96 @@ def test_transport_repa_term_trains_blocks_up_to_its_depth():
     assert model.projectors[0][0].weight.grad.abs().sum() > 0
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert model.blocks[1].attn.qkv.weight.grad is None  # after the aligned block
+
+
+class GaussianPosterior(torch.nn.Module):
+    """The exact prediction for data x1 ~ N(0, std^2): E[x1 | x_t] = a std^2 x / (a^2 std^2 +
+    s^2) and E[x0 | x_t] = s x / (a^2 std^2 + s^2), turned into the transport's target, plus
+    a small fixed-seed error such as any trained network has."""
+
+    def __init__(self, tr: Transport, std: float, error: float):
+        super().__init__()
+        self.tr, self.std, self.error = tr, std, error
+        self.g = torch.Generator().manual_seed(0)
+
+    def forward(self, x, t, y):
+        a, s, da, ds = (c.double().view(-1, *[1] * (x.dim() - 1)) for c in self.tr.coefficients(t))
+        x = x.double()
+        var = a**2 * self.std**2 + s**2
+        x1, x0 = a * self.std**2 * x / var, s * x / var
+        pred = {"velocity": da * x1 + ds * x0, "noise": x0, "score": -x0 / s}[
+            self.tr.cfg.prediction
+        ]
+        return (pred + self.error * torch.randn(x.shape, generator=self.g, dtype=x.dtype)).float()
+
+
+@pytest.mark.parametrize("path", ["linear", "gvp", "vp"])
+@pytest.mark.parametrize("prediction", ["velocity", "noise", "score"])
+@pytest.mark.parametrize("method", ["euler", "heun", "euler_maruyama"])
+def test_samplers_reach_the_data_distribution(path, prediction, method):
+    # every path / prediction / sampler turns the exact model of N(0, 0.5^2) data into samples
+    # of std 0.5; noise and score prediction on linear / gvp start SAMPLE_EPS after t = 0,
+    # where alpha = 0 would multiply the model's error by 1e5 (std 0.7-0.93 before)
+    tr = Transport(TransportConfig(path=path, prediction=prediction))
+    model = GaussianPosterior(tr, std=0.5, error=1e-3)
+    n = 4000
+    noise = noise_for_seeds(range(n), (1, 2, 2))
+    x, _ = sample(
+        model,
+        tr,
+        noise,
+        torch.zeros(n, dtype=torch.long),
+        steps=100,
+        method=method,
+        null_class=1,
+        noise_seeds=range(n),
+    )
+    assert x.std().item() == pytest.approx(0.5, abs=0.02), (path, prediction, method)
+
+
+def test_safe_time_ranges_follow_the_path():
+    lin = Transport(TransportConfig())
+    assert lin.train_eps == 0 and lin.sample_range() == (0.0, 1.0)  # the demo: unchanged
+    noise = Transport(TransportConfig(prediction="noise"))
+    assert noise.train_eps == 1e-3 and noise.sample_range() == (1e-3, 1.0)
+    vp = Transport(TransportConfig(path="vp", prediction="score"))
+    assert vp.train_eps == 1e-5 and vp.sample_range() == (0.0, 1 - 1e-3)
+    t = vp.sample_t(10_000, "cpu", torch.Generator().manual_seed(0))
+    assert t.min() >= 1e-5 and t.max() <= 1 - 1e-5
+    assert Transport(TransportConfig(path="vp", train_eps=0.01)).sample_range()[1] == 0.99
+    with pytest.raises(ValueError, match="train_eps"):
+        Transport(TransportConfig(train_eps=-0.1))
+
+
+def test_sde_noise_is_per_sample_whatever_the_batch_split():
+    model, tr = trained_like(tiny()), Transport(TransportConfig())
+    seeds, y = list(range(200, 208)), balanced_labels(8, 10)
+    kw = dict(steps=4, method="euler_maruyama", cfg_scale=2.0, null_class=10, micro_batch=4)
+    full, _ = sample(model, tr, noise_for_seeds(seeds, (4, 8, 8)), y, noise_seeds=seeds, **kw)
+    parts = [
+        sample(
+            model,
+            tr,
+            noise_for_seeds(seeds[i : i + 4], (4, 8, 8)),
+            y[i : i + 4],
+            noise_seeds=seeds[i : i + 4],
+            **kw,
+        )[0]
+        for i in (0, 4)
+    ]
+    assert torch.equal(full, torch.cat(parts))
+    ode, _ = sample(model, tr, noise_for_seeds(seeds, (4, 8, 8)), y, **{**kw, "method": "euler"})
+    assert (full - ode).abs().max() > 1e-2  # the SDE did add noise
+    with pytest.raises(ValueError, match="noise_seeds"):
+        sample(model, tr, noise_for_seeds(seeds, (4, 8, 8)), y, **kw)
+
+
+def test_rectified_flow_convention_converts():
+    # a model in the t' = 1 - t convention (x = (1 - t') x1 + t' x0, predicting x0 - x1)
+    x0, x1, t = torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0.1, 0.5, 0.9])
+    rf = lambda x, tp: x0 - x1  # noqa: E731 - the exact rectified-flow velocity
+    ours = Transport(TransportConfig()).target(x0, x1, t)
+    assert torch.equal(flip_velocity(rf(None, flip_time(t))), ours)
 
 
 def test_adaptive_dopri5_matches_a_fine_fixed_grid():

@@ -353,3 +353,45 @@ def test_worker_killed_mid_run_finishes_from_its_checkpoint(ray_session, tmp_pat
     assert state["nimg"] == 128
     assert state["resumed_at"] == [64]  # the second attempt started from the checkpoint
     assert [p["nimg"] for p in curve] == [32, 64, 96, 128]
+
+
+def test_imagenet_reproduction_uses_the_official_settings():
+    # LightningDiT-XL/1 on VA-VAE f16d32, 800 epochs, the 1.35-FID sampling settings
+    # (research notes, lightningdit.md: configs/reproductions/..._800ep_cfg.yaml, train.py)
+    cfg = load_experiment(ROOT / "experiments/imagenet256/lightningdit_xl1_vavae_f16d32.yaml")
+    s, t, tr = cfg.sample, cfg.train, cfg.generator.transport
+    assert cfg.generator.config == "LightningDiT-XL/1"
+    assert (s.sampler, s.steps, s.cfg_scale, s.cfg_channels, s.timestep_shift) == (
+        "euler",
+        249,  # 250 grid points
+        6.7,
+        3,  # the official first-3-channels guidance, to reproduce its numbers
+        0.3,
+    )
+    assert tuple(s.cfg_interval) == (0.125, 1.0)
+    assert (tr.path, tr.prediction, tr.t_sampling, tr.cos_loss_weight) == (
+        "linear",
+        "velocity",
+        "lognorm",
+        1.0,
+    )
+    assert (t.generator_lr, t.generator_betas, t.weight_decay, t.warmup_images) == (
+        2e-4,
+        [0.9, 0.95],
+        0.0,
+        0,
+    )
+    assert (t.grad_clip, t.generator_batch_size, t.ema_decay) == (0.0, 1024, 0.9999)
+    assert t.generator_images == 1024 * 1_000_000  # 1M steps
+
+
+def test_generator_betas_reach_the_optimiser():
+    from latentforge.platform.train import make_optimizers
+
+    for overrides, betas in (
+        ([], (0.9, 0.99)),
+        (["train.generator_betas=[0.9,0.95]"], (0.9, 0.95)),
+    ):
+        cfg = load_experiment(SMOKE, overrides)
+        opt, _ = make_optimizers(generator_job(cfg, STATS), cfg.train)
+        assert opt.param_groups[0]["betas"] == betas

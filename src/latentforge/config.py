@@ -39,6 +39,7 @@ class TrainConfig:
     tokenizer_lr: float = 2.0e-4
     tokenizer_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])  # its AdamW betas
     generator_lr: float = 1.0e-3
+    generator_betas: list[float] | None = None  # its AdamW betas; unset: (0.9, 0.99)
     weight_decay: float = 0.0
     warmup_images: float = 1.0e4
     grad_clip: float = 1.0
@@ -72,7 +73,8 @@ class ExtractConfig:
 class SampleConfig:
     num_images: int = 1000
     steps: int = 50
-    sampler: Literal["euler", "heun", "dopri5"] = "euler"  # dopri5: adaptive (torchdiffeq)
+    # dopri5: adaptive (torchdiffeq); euler_maruyama: SDE, per-sample noise from the seeds
+    sampler: Literal["euler", "heun", "dopri5", "euler_maruyama"] = "euler"
     cfg_scale: float = 3.0
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     cfg_channels: int | None = None  # None = all channels; 3 reproduces DiT/LightningDiT

@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -28,6 +29,22 @@ def noise_for_seeds(seeds: Sequence[int], shape: tuple[int, ...], device="cpu") 
         g = torch.Generator().manual_seed(int(seed))
         out[i] = torch.randn(shape, generator=g)
     return out.to(device)
+
+
+class SeedStreams:
+    """Per-sample random streams for the SDE's per-step noise: sample i draws only from a
+    generator seeded by seeds[i] (mixed with a stream tag, so it is not the initial noise's
+    stream), so its noise does not depend on the batch it is sampled in."""
+
+    def __init__(self, seeds: Sequence[int]):
+        self.gens = []
+        for seed in seeds:
+            state = np.random.SeedSequence([int(seed), 0x5DE]).generate_state(1, np.uint64)
+            self.gens.append(torch.Generator().manual_seed(int(state[0])))
+
+    def randn(self, shape: tuple[int, ...], device, dtype) -> torch.Tensor:
+        out = torch.stack([torch.randn(shape, generator=g) for g in self.gens])
+        return out.to(device=device, dtype=dtype)
 
 
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
@@ -92,8 +109,13 @@ class Guided:
         return out
 
 
-def time_grid(steps: int, shift: float, device) -> torch.Tensor:
-    return shift_t(torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=torch.float64), shift)
+def time_grid(
+    steps: int, shift: float, device, span: tuple[float, float] = (0.0, 1.0)
+) -> torch.Tensor:
+    """``steps + 1`` shifted times from span[0] (noise side) to span[1]."""
+    grid = shift_t(torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=torch.float64), shift)
+    lo, hi = span
+    return grid if (lo, hi) == (0.0, 1.0) else lo + (hi - lo) * grid
 
 
 @torch.no_grad()
@@ -111,6 +133,7 @@ def sample(
     timestep_shift: float = 1.0,
     null_class: int,
     generator: torch.Generator | None = None,
+    noise_seeds: Sequence[int] | None = None,
     micro_batch: int | None = None,
     atol: float = 1e-6,
     rtol: float = 1e-3,
@@ -118,7 +141,11 @@ def sample(
     """Integrate from noise (t = 0) to data (t = 1).
 
     Args: noise (B, C, H, W), y (B,) class ids. Returns (samples (B, C, H, W), NFE per sample).
-    ``euler_maruyama`` needs ``generator`` for its per-step noise (deterministic given it).
+    The integration runs over ``transport.sample_range()``: [0, 1] for velocity prediction
+    on linear / gvp, otherwise a little away from the end where the path is singular.
+    ``euler_maruyama`` draws its per-step noise from ``noise_seeds`` (one seed per sample:
+    each sample's noise is its own, whatever the batch split) or else from ``generator``
+    (one stream for the batch: deterministic, but dependent on how the batch is split).
     ``dopri5`` is torchdiffeq's adaptive Dormand-Prince solver (``atol``/``rtol``; the
     official small-scale ablations use 1e-6/1e-3); ``steps`` and the shift do not apply,
     and its step sizes follow the error of the whole (micro-)batch.
@@ -129,14 +156,20 @@ def sample(
     """
     if cfg_channels is not None and isinstance(model, JointClassToken):
         raise ValueError("cfg_channels (legacy partial guidance) does not apply to REG states")
+    if method == "euler_maruyama" and noise_seeds is None and generator is None:
+        raise ValueError("euler_maruyama needs noise_seeds (one per sample) or a generator")
+    if noise_seeds is not None and len(noise_seeds) != noise.shape[0]:
+        raise ValueError(f"{len(noise_seeds)} noise_seeds for {noise.shape[0]} samples")
     if micro_batch:
         outs, nfe = [], 0
         for i in range(0, noise.shape[0], micro_batch):
             n, yy = noise[i : i + micro_batch], y[i : i + micro_batch]
+            ss = None if noise_seeds is None else list(noise_seeds[i : i + micro_batch])
             pad = micro_batch - n.shape[0]
             if pad:
                 n = torch.cat([n, n.new_zeros((pad, *n.shape[1:]))])
                 yy = torch.cat([yy, yy.new_zeros(pad)])
+                ss = None if ss is None else ss + [0] * pad
             x, nfe = sample(
                 model,
                 transport,
@@ -150,6 +183,7 @@ def sample(
                 timestep_shift=timestep_shift,
                 null_class=null_class,
                 generator=generator,
+                noise_seeds=ss,
                 atol=atol,
                 rtol=rtol,
             )
@@ -171,13 +205,14 @@ def sample(
             raise ValueError("dopri5 chooses its own steps: timestep_shift must be 1")
         from torchdiffeq import odeint
 
-        span = torch.tensor([0.0, 1.0], dtype=noise.dtype, device=noise.device)
+        span = torch.tensor(transport.sample_range(), dtype=noise.dtype, device=noise.device)
         x = odeint(
             lambda t, x: field(x, float(t)), noise, span, method="dopri5", atol=atol, rtol=rtol
         )
         model.train(was_training)
         return x[-1], field.nfe
-    ts = time_grid(steps, timestep_shift, noise.device)
+    ts = time_grid(steps, timestep_shift, "cpu", transport.sample_range())  # host scalars
+    streams = SeedStreams(noise_seeds) if method == "euler_maruyama" and noise_seeds else None
     x = noise
     for i in range(steps):
         t0, t1 = float(ts[i]), float(ts[i + 1])
@@ -189,18 +224,18 @@ def sample(
             x_pred = x + h * v0
             x = x + h * 0.5 * (v0 + field(x_pred, t1)) if i < steps - 1 else x_pred
         elif method == "euler_maruyama":
-            x = em_step(x, v0, t0, h, transport, generator, last=i == steps - 1)
+            x = em_step(x, v0, t0, h, transport, streams or generator, last=i == steps - 1)
         else:
             raise ValueError(f"unknown sampler {method!r}")
     model.train(was_training)
     return x, field.nfe
 
 
-def em_step(x, v, t: float, h: float, transport: Transport, generator, last: bool) -> torch.Tensor:
+def em_step(x, v, t: float, h: float, transport: Transport, rng, last: bool) -> torch.Tensor:
     """One Euler-Maruyama step of the reverse SDE dx = [v + w(t)/2 * s(x, t)] dt + sqrt(w(t)) dW,
-    with diffusion w(t) = sigma(t) (SiT's "sigma" form) and the score recovered from v."""
-    tt = torch.tensor([t], dtype=x.dtype, device=x.device)
-    a, s, da, ds = (c.item() for c in transport.coefficients(tt))
+    with diffusion w(t) = sigma(t) (SiT's "sigma" form) and the score recovered from v.
+    ``rng``: :class:`SeedStreams` (per-sample noise) or a ``torch.Generator``."""
+    a, s, da, ds = (c.item() for c in transport.coefficients(torch.tensor([t], dtype=x.dtype)))
     # for x_t = a x1 + s x0: score = (a v - da x) / (s (da s - a ds)), valid for 0 < t < 1
     denom = s * (da * s - a * ds)
     score = (a * v - da * x) / denom if denom > 1e-8 else torch.zeros_like(x)
@@ -209,5 +244,9 @@ def em_step(x, v, t: float, h: float, transport: Transport, generator, last: boo
     x = x + h * drift
     if last:
         return x
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if isinstance(rng, SeedStreams):
+        noise = rng.randn(tuple(x.shape[1:]), x.device, x.dtype)
+    else:
+        where = rng.device if rng is not None else x.device  # a CPU generator for CUDA x
+        noise = torch.randn(x.shape, generator=rng, device=where).to(x.device, x.dtype)
     return x + (w * h) ** 0.5 * noise

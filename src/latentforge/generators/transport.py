@@ -6,7 +6,7 @@ Time convention (used everywhere in latentforge): **t = 0 is noise, t = 1 is dat
 
 as in SiT (Ma et al. 2024) and LightningDiT (Yao et al. 2025). Papers and checkpoints
 that put data at t = 0 (e.g. rectified-flow code where t = 1 is noise) convert with
-:func:`flip_time`. Paths: ``linear`` (alpha = t, sigma = 1 - t), ``gvp``
+:func:`flip_time` (times) and :func:`flip_velocity` (their velocity output). Paths: ``linear`` (alpha = t, sigma = 1 - t), ``gvp``
 (alpha = sin(pi t / 2), sigma = cos(pi t / 2)) and ``vp`` (variance preserving with a
 linear beta schedule in [0.1, 20]). Samplers only ever see velocities: :meth:`Transport.velocity`
 turns any prediction type into dx_t/dt.
@@ -33,7 +33,9 @@ class TransportConfig:
     lognorm_std: float = 1.0
     train_shift: float = 1.0  # shift of training times (1 = none); see shift_t
     cos_loss_weight: float = 1.0  # velocity-direction loss (LightningDiT); 0 disables
-    train_eps: float = 0.0  # keep t in [eps, 1 - eps] (needed by vp / score)
+    # keep training t in [eps, 1 - eps]; 0: the path's safe default (SiT's): 1e-5 on vp,
+    # 1e-3 for noise / score prediction on linear / gvp (alpha(0) = 0), else none
+    train_eps: float = 0.0
     # REPA (Yu et al. 2025, "Representation Alignment for Generation"): weight of
     # -cos(projector(h_k), VFM patch features) on the clean image; 0 disables (REPA: 0.5)
     repa_weight: float = 0.0
@@ -45,6 +47,15 @@ class TransportConfig:
 def flip_time(t: torch.Tensor) -> torch.Tensor:
     """Convert times between the t=0-noise convention and the t=0-data one."""
     return 1.0 - t
+
+
+def flip_velocity(v: torch.Tensor) -> torch.Tensor:
+    """Convert a velocity between the two conventions: with t' = 1 - t, dx/dt' = -dx/dt.
+
+    A rectified-flow model ``f(x, t')`` (t' = 1 noise, predicting noise - data) runs here as
+    ``flip_velocity(f(x, flip_time(t)))``. Noise and score predictions do not change sign.
+    """
+    return -v
 
 
 def shift_t(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -68,13 +79,38 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (x.dim() - 1)))
 
 
+SAMPLE_EPS = 1e-3  # SiT's sample_eps: how far sampling stays from a singular end
+
+
 class Transport:
-    """One implementation of the interpolant: coefficients, targets, loss, velocity."""
+    """One implementation of the interpolant: coefficients, targets, loss, velocity.
+
+    Where the path makes a target or the conversion to a velocity singular, times stay
+    away from that end (SiT's ``train_eps`` / ``sample_eps``, Ma et al. 2024): sigma(1) = 0
+    makes the score target -x0 / sigma and, on ``vp``, the velocity's d sigma / dt infinite;
+    alpha(0) = 0 on ``linear`` / ``gvp`` makes a noise or score prediction say nothing about
+    the data at t = 0. Velocity prediction on ``linear`` / ``gvp`` is regular everywhere.
+    """
 
     def __init__(self, cfg: TransportConfig):
+        if cfg.train_eps < 0 or cfg.train_eps >= 0.5:
+            raise ValueError(f"train_eps must be in [0, 0.5), got {cfg.train_eps}")
         self.cfg = cfg
-        if cfg.prediction == "score" and cfg.path == "linear" and cfg.train_eps <= 0:
-            raise ValueError("score prediction on the linear path needs train_eps > 0")
+        velocity = cfg.prediction == "velocity"
+        if cfg.train_eps > 0:
+            self.train_eps = cfg.train_eps
+        elif cfg.path == "vp":
+            self.train_eps = 1e-5
+        else:
+            self.train_eps = 0.0 if velocity else 1e-3
+
+    def sample_range(self) -> tuple[float, float]:
+        """The times a sampler integrates between: [0, 1] where the velocity field is
+        regular at both ends, else ``SAMPLE_EPS`` away from the singular end."""
+        velocity = self.cfg.prediction == "velocity"
+        lo = 0.0 if velocity or self.cfg.path == "vp" else max(SAMPLE_EPS, self.train_eps)
+        hi = 1.0 - max(SAMPLE_EPS, self.train_eps) if self.cfg.path == "vp" else 1.0
+        return lo, hi
 
     # alpha(t), sigma(t) and their time derivatives -------------------------------
     def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -104,7 +140,7 @@ class Transport:
             n = torch.randn(batch, device=device, generator=generator)
             t = torch.sigmoid(n * self.cfg.lognorm_std + self.cfg.lognorm_mean)
         t = shift_t(t, self.cfg.train_shift)
-        eps = self.cfg.train_eps
+        eps = self.train_eps
         return t.clamp(eps, 1 - eps) if eps > 0 else t
 
     def target(self, x0, x1, t) -> torch.Tensor:

@@ -38,6 +38,7 @@ TOKENIZER_TRAIN_KEYS = (
 GENERATOR_TRAIN_KEYS = (
     "generator_images",
     "generator_lr",
+    "generator_betas",
     "generator_batch_size",
     "ema_decay",
     "generator_init",

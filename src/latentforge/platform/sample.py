@@ -44,7 +44,10 @@ def sample_images(
     labels: np.ndarray,
     log=print,
 ) -> np.ndarray:
-    """Sample latents for (seed, label) pairs, de-normalise, decode; uint8 (N, H, W, 3)."""
+    """Sample latents for (seed, label) pairs, de-normalise, decode; uint8 (N, H, W, 3).
+
+    Runs on the generator's device; the noise is drawn on the CPU from each sample's seed
+    (the same numbers on any device) and moved there."""
     from latentforge.generators.samplers import JointClassToken, noise_for_seeds, sample
     from latentforge.platform.train import build_transport
 
@@ -52,8 +55,9 @@ def sample_images(
     transport = build_transport(cfg)
     latent_shape = tuple(stats["latent_shape"])
     per_channel = (1, -1) + (1,) * (len(latent_shape) - 1)
-    mean = torch.tensor(stats["mean"], dtype=torch.float32).view(per_channel)
-    std = torch.tensor(stats["std"], dtype=torch.float32).view(per_channel)
+    device = next(generator.parameters()).device
+    mean = torch.tensor(stats["mean"], dtype=torch.float32, device=device).view(per_channel)
+    std = torch.tensor(stats["std"], dtype=torch.float32, device=device).view(per_channel)
     field, noise_shape = generator, latent_shape
     reg_dim = getattr(generator, "reg_dim", 0)
     if reg_dim:  # REG: the class token is sampled jointly; only the latent is decoded
@@ -63,12 +67,12 @@ def sample_images(
     step = max(MICRO_BATCH, sc.batch_size // MICRO_BATCH * MICRO_BATCH)
     for i in range(0, len(seeds), step):
         s, y = seeds[i : i + step], labels[i : i + step]
-        noise = noise_for_seeds([int(v) for v in s], noise_shape)
+        noise = noise_for_seeds([int(v) for v in s], noise_shape, device)
         z, nfe = sample(
             field,
             transport,
             noise,
-            torch.tensor(y, dtype=torch.long),
+            torch.tensor(y, dtype=torch.long, device=device),
             steps=sc.steps,
             method=sc.sampler,
             cfg_scale=sc.cfg_scale,
@@ -76,6 +80,7 @@ def sample_images(
             cfg_channels=sc.cfg_channels,
             timestep_shift=sc.timestep_shift,
             null_class=cfg.data.num_classes,
+            noise_seeds=[int(v) for v in s],  # the SDE's per-step noise, per sample
             micro_batch=MICRO_BATCH,
         )
         z = field.split(z)[0] if reg_dim else z

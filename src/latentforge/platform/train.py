@@ -331,6 +331,7 @@ def generator_job(cfg: ExperimentConfig, stats: dict[str, Any]) -> Job:
         cfg.train.generator_batch_size,
         cfg.train.generator_lr,
         cfg.train.ema_decay,
+        betas=tuple(cfg.train.generator_betas or Job.betas),
         init_from=cfg.train.generator_init,
     )
 
