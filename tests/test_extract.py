@@ -23,6 +23,7 @@ from latentforge.platform.extract import (
     shard_of,
     write_manifest,
 )
+from latentforge.platform.pipeline import stage_hashes
 from latentforge.platform.train import build_tokenizer, flip_augment, state_dict_of
 from latentforge.shapes import render_shapes
 from tests.test_config import ROOT
@@ -119,6 +120,34 @@ def test_shards_do_not_depend_on_batching(tmp_path, threads):
     assert table.column_names == ["id", "label", "latent"]
     stats = json.loads(one_go["stats.json"])
     assert stats["count"] == 100 and stats["samples"] == 100 * 8 * 8 and not stats["flip"]
+
+
+def test_bfloat16_latents_are_rounded_to_bf16(tmp_path, threads):
+    cfg = load_experiment(SMOKE, [*OVERRIDES[:3], "extract.dtype=bfloat16"])
+    weights = tmp_path / "tokenizer.safetensors"
+    save_file(state_dict_of(build_tokenizer(cfg)), str(weights))
+    images, _ = render_shapes(range(4), cfg.data.resolution, cfg.data.seed)
+    out = Encoder(to_dict(cfg), str(weights), Store.open(tmp_path / "x")).encode(images)
+    for name in ("latent", "latent_flip"):
+        z = torch.from_numpy(out[name])
+        assert out[name].dtype == np.float32 and torch.equal(z.bfloat16().float(), z), name
+    cfg32 = load_experiment(SMOKE, [*OVERRIDES[:3]])
+    full = Encoder(to_dict(cfg32), str(weights), Store.open(tmp_path / "y")).encode(images)
+    assert not np.array_equal(full["latent"], out["latent"])  # fp32 keeps more bits
+
+
+def test_extract_vfm_input_size_is_configurable(tmp_path, threads):
+    # REPA feeds DINOv2 224 px (a 16 x 16 grid at 256 px), not the VFM's own 518
+    cfg = load_experiment(SMOKE, [*OVERRIDES[:3], "extract.vfm=local:shapes-vit"])
+    weights = tmp_path / "tokenizer.safetensors"
+    save_file(state_dict_of(build_tokenizer(cfg)), str(weights))
+    images, _ = render_shapes(range(2), cfg.data.resolution, cfg.data.seed)
+    for extra, grid in (([], (8, 8)), (["extract.vfm_resize=64"], (16, 16))):
+        run = load_experiment(SMOKE, [*OVERRIDES[:3], "extract.vfm=local:shapes-vit", *extra])
+        out = Encoder(to_dict(run), str(weights), Store.open(tmp_path / "x")).encode(images)
+        assert out["vfm"].shape == (2, 128, *grid)
+    resized = load_experiment(SMOKE, ["extract.vfm=local:shapes-vit", "extract.vfm_resize=64"])
+    assert stage_hashes(resized)["extract"] != stage_hashes(cfg)["extract"]
 
 
 @pytest.fixture(scope="module")

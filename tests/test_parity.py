@@ -133,6 +133,9 @@ def test_published_checkpoint_file_loads(tmp_path):
     extra = {
         "loss.discriminator.main.0.weight": torch.ones(2),
         "foundation_model.model.x": torch.ones(1),
+        # the VF projection the released file was trained with; this model (vfm: null) has
+        # none, as in experiments/imagenet256/lightningdit_xl1_vavae_f16d32.yaml
+        "linear_proj.weight": torch.ones(1024, 32, 1, 1),
     }
     torch.save({"state_dict": {**weights, **extra}}, tmp_path / "vavae.pt")
     load_published(model, str(tmp_path / "vavae.pt"))

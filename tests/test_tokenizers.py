@@ -231,6 +231,17 @@ def test_gan_terms_switch_on_at_disc_start():
     assert all(p.grad is None for p in model.parameters())  # fakes are detached
 
 
+def test_adaptive_weight_caps_are_in_ldms_per_image_units():
+    # LDM clamps ||grad nll_sum|| / ||grad g|| at 1e4 with its loss summed over the image's
+    # 3 H W values; ours is their mean, so the same cap is 1e4 / (3 H W) here
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    for cap in (1e4, 1.0):
+        model = tiny(disc_weight=0.5, disc_max_weight=cap).train()
+        w = model.loss(x, nimg=0, discriminator=model.make_discriminator())["g_weight_eff"]
+        assert 0 < w.item() <= 0.5 * cap / (3 * 32 * 32) * (1 + 1e-6)
+    assert w.item() == pytest.approx(0.5 / (3 * 32 * 32))  # cap 1: it binds
+
+
 def test_discriminator_loads_official_layout_and_ours(tmp_path):
     from safetensors.torch import save_file
 

@@ -102,10 +102,10 @@ def hf_dir(tmp_path, config, model_cls, name):
     return path
 
 
-def test_hf_dinov2(tmp_path):
-    from transformers import Dinov2Config, Dinov2Model
+def tiny_dinov2_config():
+    from transformers import Dinov2Config
 
-    cfg = Dinov2Config(
+    return Dinov2Config(
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -113,7 +113,32 @@ def test_hf_dinov2(tmp_path):
         image_size=32,
         patch_size=8,
     )
+
+
+def test_hf_dinov2(tmp_path):
+    from transformers import Dinov2Model
+
+    cfg = tiny_dinov2_config()
     check(load_vfm(f"hf:{hf_dir(tmp_path, cfg, Dinov2Model, 'dinov2')}"), 32, (4, 4))
+
+
+def test_hf_patch_features_are_normalised_like_timms(tmp_path):
+    # transformers' hidden_states come before the final LayerNorm; the alignment targets
+    # (VA-VAE, REPA; timm's forward_intermediates(norm=True)) are the normalised tokens
+    from transformers import Dinov2Model
+
+    torch.manual_seed(0)
+    model = Dinov2Model(tiny_dinov2_config())
+    with torch.no_grad():
+        model.layernorm.weight.uniform_(0.5, 2.0)
+        model.layernorm.bias.normal_()
+    model.save_pretrained(tmp_path / "dinov2")
+    vfm = load_vfm(f"hf:{tmp_path / 'dinov2'}")
+    x = torch.rand(2, 3, 32, 32)  # model input, after the adapter's own preprocessing
+    with torch.no_grad():
+        grid = vfm.encode(x).patch[-1]
+        ref = model.eval()(pixel_values=x).last_hidden_state[:, 1:]
+    assert torch.allclose(grid.flatten(2).transpose(1, 2), ref, atol=1e-5)
 
 
 def test_hf_dinov2_with_registers(tmp_path):

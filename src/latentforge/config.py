@@ -61,12 +61,15 @@ class ExtractConfig:
 
     batch_size: int = 256  # encoder batch; every batch runs at this shape (padded)
     shard_rows: int = 4096  # images per shard: shard k holds source ids [k*S, (k+1)*S)
+    # bfloat16: rounded to bf16 and stored as float32 (Parquet has no bf16 type)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     actors: int = 1  # Ray Data actor-pool size for the encoder
     flip: bool = True  # also store the latent of the mirrored image (``latent_flip``)
     # a VFM (tokenizers/vfm.py spec) whose last-layer patch features are stored next to each
     # latent (column ``vfm``, float16 (D, h, w)), for REPA (generator.transport.repa_weight)
     vfm: str | None = None
+    vfm_resize: int | None = None  # its input size (None: the VFM's own; REPA: 224 at 256 px)
+    vfm_weights: str | None = None  # explicit weights file for a timm: VFM
 
 
 @dataclass

@@ -237,6 +237,7 @@ class Encoder:
             torch.backends.cudnn.deterministic = True
         self.model = load_tokenizer(cfg, weights, self.device)
         self.dtype = TORCH_DTYPES[cfg.extract.dtype]
+        self.bf16 = cfg.extract.dtype == "bfloat16"
         self.batch_size = cfg.extract.batch_size
         self.flip = cfg.extract.flip
         self.rows = cfg.extract.shard_rows
@@ -245,7 +246,9 @@ class Encoder:
         if cfg.extract.vfm:
             from latentforge.tokenizers.vfm import load_vfm
 
-            self.vfm = load_vfm(cfg.extract.vfm).to(self.device)
+            ec = cfg.extract
+            self.vfm = load_vfm(ec.vfm, resize=ec.vfm_resize, weights=ec.vfm_weights)
+            self.vfm = self.vfm.to(self.device)
 
     def fixed_shape(self, fn: Callable, x: torch.Tensor) -> np.ndarray:
         """``fn`` over ``x`` in chunks of exactly ``batch_size`` images (the last one
@@ -272,11 +275,18 @@ class Encoder:
         with torch.inference_mode():
             return self._encode(images_to_float(torch.from_numpy(np.ascontiguousarray(images))))
 
+    def stored(self, latents: np.ndarray) -> np.ndarray:
+        """Latents at the configured storage precision (bf16: rounded, kept as float32)."""
+        if self.bf16:
+            import torch
+
+            return torch.from_numpy(latents).to(torch.bfloat16).float().numpy()
+        return latents.astype(self.dtype)
+
     def _encode(self, x: torch.Tensor) -> dict[str, np.ndarray]:
-        out = {"latent": self.fixed_shape(self.model.encode, x).astype(self.dtype)}
+        out = {"latent": self.stored(self.fixed_shape(self.model.encode, x))}
         if self.flip:  # LightningDiT's augmentation: the latent of the mirrored image
-            out["latent_flip"] = self.fixed_shape(self.model.encode, x.flip(-1))
-            out["latent_flip"] = out["latent_flip"].astype(self.dtype)
+            out["latent_flip"] = self.stored(self.fixed_shape(self.model.encode, x.flip(-1)))
         if self.vfm is not None:
             # REPA targets: the VFM's patch grid of the clean image; REG's: its class token
             shapes = {}

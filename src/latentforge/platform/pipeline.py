@@ -63,7 +63,9 @@ def stage_hashes(cfg: ExperimentConfig) -> dict[str, str]:
     h["tokenizer"] = config_hash(
         "tokenizer", cfg.data, cfg.tokenizer, _pick(train, TOKENIZER_TRAIN_KEYS + SHARED_TRAIN_KEYS)
     )
-    vfm = [cfg.extract.vfm] if cfg.extract.vfm else []  # absent: earlier hashes stay valid
+    ec = cfg.extract  # absent (unset) options leave earlier hashes valid
+    options = (("resize", ec.vfm_resize), ("weights", ec.vfm_weights))
+    vfm = [ec.vfm, *(f"{k}={v}" for k, v in options if v)] if ec.vfm else []
     h["extract"] = config_hash("extract", h["tokenizer"], cfg.extract.dtype, cfg.extract.flip, *vfm)
     h["generator"] = config_hash(
         "generator",

@@ -23,6 +23,9 @@ from latentforge.registry import TOKENIZERS
 from latentforge.tokenizers import losses
 from latentforge.tokenizers.base import Tokenizer
 
+# VA-VAE's clamp of the adaptive VF weight, in LDM's per-image-sum units (see disc_max_weight)
+VF_MAX_WEIGHT = 1.0e8
+
 
 @dataclass(frozen=True)
 class AEArch:
@@ -107,7 +110,9 @@ class VAVAEConfig:
     disc_weight: float = 0.0  # x the adaptive weight (disc_adaptive) on the generator term
     disc_start: float = 0.0  # images seen before the GAN terms and discriminator steps start
     disc_adaptive: bool = True
-    disc_max_weight: float = 1.0e4  # clamp of the adaptive generator weight
+    # clamp of the adaptive generator weight, in LDM's units (its reconstruction loss summed
+    # per image; ours is a per-pixel mean, so the clamp applied is this / (3 H W))
+    disc_max_weight: float = 1.0e4
     disc_layers: int = 3  # stride-2 convolutions (3: 70x70 patches)
     disc_channels: int = 64
     disc_lr: float | None = None  # None: train.tokenizer_lr
@@ -377,7 +382,8 @@ class VAVAE(Tokenizer):
             p = self.perceptual(images, x_hat)
             nll = nll + cfg.perceptual_weight * p
             out[f"perceptual_{cfg.perceptual}"] = p.detach()
-        kl = losses.kl_loss(mean, logvar, images[0].numel())
+        pixels = images[0].numel()  # LDM sums nll per image; ours is its per-pixel mean
+        kl = losses.kl_loss(mean, logvar, pixels)
         total = nll + cfg.kl_weight * kl
         out["kl"] = kl.detach()
         adaptive = self.training and torch.is_grad_enabled()
@@ -386,7 +392,8 @@ class VAVAE(Tokenizer):
             vf = losses.vf_loss(self.linear_proj(z), feats, cfg.vf_margin_cos, cfg.vf_margin_dist)
             weight = cfg.vf_weight
             if cfg.vf_adaptive and adaptive:
-                weight = weight * losses.adaptive_weight(nll, vf, self.encoder.conv_out.weight)
+                last = self.encoder.conv_out.weight
+                weight = weight * losses.adaptive_weight(nll, vf, last, VF_MAX_WEIGHT / pixels)
             total = total + weight * vf
             out.update(vf=vf.detach(), vf_weight_eff=torch.as_tensor(weight).detach())
         if discriminator is not None and self.gan_active(nimg):
@@ -394,7 +401,8 @@ class VAVAE(Tokenizer):
             weight = cfg.disc_weight
             if cfg.disc_adaptive and adaptive:  # Esser et al. 2021, Eq. 7
                 last = self.decoder.conv_out.weight
-                weight = weight * losses.adaptive_weight(nll, g, last, cfg.disc_max_weight)
+                cap = cfg.disc_max_weight / pixels
+                weight = weight * losses.adaptive_weight(nll, g, last, cap)
             total = total + weight * g
             out.update(g_loss=g.detach(), g_weight_eff=torch.as_tensor(weight).detach())
             out["fake"] = x_hat.detach()
@@ -522,13 +530,16 @@ def load_published(model: VAVAE, path: str) -> None:
     """Load an official checkpoint strictly: every autoencoder key must be present and
     match. Training-only entries of the official files (``loss.*``: LPIPS and the
     discriminator; ``foundation_model.*``: the frozen VFM) are dropped; ``linear_proj``
-    (the VF projection) may be absent, as it is only used in training."""
+    (the VF projection, only used in training) may be absent, and is dropped when this
+    model has none (``tokenizer.vfm: null``: using the published tokenizer as it is)."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"tokenizer.weights: {file} does not exist ({PUBLISHED_HINT})")
     sd = read_weights(file)
-    sd = {k: v for k, v in sd.items() if not k.startswith(("loss.", "foundation_model."))}
     ours = model.state_dict()
+    drop = ("loss.", "foundation_model.")
+    drop += () if any(k.startswith("linear_proj.") for k in ours) else ("linear_proj.",)
+    sd = {k: v for k, v in sd.items() if not k.startswith(drop)}
     missing = [k for k in ours if k not in sd and not k.startswith("linear_proj.")]
     unexpected = [k for k in sd if k not in ours]
     shapes = [k for k in sd if k in ours and sd[k].shape != ours[k].shape]

@@ -179,6 +179,11 @@ class HFVFM(VFM):
             name, vcfg.image_size, vcfg.patch_size, vcfg.hidden_size, mean, std, normalize, resize
         )
         self.model = model.eval().requires_grad_(False)
+        # transformers' hidden_states precede the model's final LayerNorm; VA-VAE and REPA
+        # align to normalised tokens, as timm's forward_intermediates(norm=True) gives them
+        root = getattr(model, "vision_model", model)
+        norms = [getattr(root, n, None) for n in ("layernorm", "post_layernorm")]
+        self.final_norm = next((m for m in norms if isinstance(m, nn.Module)), nn.Identity())
         self.depth = vcfg.num_hidden_layers  # transformer blocks; ``layers`` index them
         self.layers = layers or [self.depth - 1]
         self.has_cls = model.config.model_type not in (
@@ -198,7 +203,7 @@ class HFVFM(VFM):
         out = self.model(pixel_values=x, output_hidden_states=True, **kwargs)
         grids = []
         for layer in self.layers:
-            h = out.hidden_states[layer + 1]  # hidden_states[0] is the embedding output
+            h = self.final_norm(out.hidden_states[layer + 1])  # [0]: the embedding output
             grids.append(_tokens_to_grid(h[:, h.shape[1] - n :], grid))
         pooled = getattr(out, "pooler_output", None)
         cls = out.last_hidden_state[:, 0] if self.has_cls else pooled
