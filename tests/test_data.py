@@ -187,6 +187,23 @@ def test_imagefolder_hash_split_is_disjoint_and_complete(tmp_path):
     assert again == held
 
 
+def test_subset_draws_across_classes_not_the_first_folders(tmp_path):
+    # ImageNet-style listing: 8 class folders of 6 files; the first 12 files in listing order
+    # are classes 0-1 only, an evaluation's reference set must come from all over the split
+    names = [f"c{k}" for k in range(8)]
+    for k, name in enumerate(names):
+        (tmp_path / name).mkdir()
+        for i in range(6):
+            (tmp_path / name / f"{i}.png").write_bytes(encode((30 * k, 0, 0), (9, 9)))
+    cfg = ImageFolderData(path=str(tmp_path), resolution=RES, holdout_fraction=0.0)
+    first = [r["label"] for r in sorted(load_images(cfg).dataset.take_all(), key=lambda r: r["id"])]
+    assert set(first[:12]) == {0, 1}
+    picked = rows(load_images(cfg, subset=12))
+    assert len(picked) == 12 and len({r["label"] for r in picked}) >= 5
+    assert [r["id"] for r in rows(load_images(cfg, subset=12))] == [r["id"] for r in picked]
+    assert len(rows(load_images(cfg, subset=100))) == 48
+
+
 def test_imagefolder_holdout_path_uses_training_classes(tmp_path):
     train = make_folder(tmp_path / "train")
     val = tmp_path / "val"

@@ -139,6 +139,23 @@ def test_inception_metrics_from_one_pass_with_cached_reference(
         assert again[name] == pytest.approx(first[name], rel=1e-6, abs=1e-9), name
 
 
+def test_reference_cache_is_keyed_by_the_extractors_weights(tmp_path, inception_file):
+    # retrained or swapped weights must not reuse features cached under another file
+    cfg = smoke_cfg(tmp_path, f"evaluate.inception_weights={inception_file}")
+    other = tmp_path / "other_inception.pth"
+    other.write_bytes(Path(inception_file).read_bytes())
+    swapped = smoke_cfg(tmp_path, f"evaluate.inception_weights={other}")
+    key = ev._cache_file(cfg, "train", 12, "inception", "")
+    assert ev._cache_file(swapped, "train", 12, "inception", "") != key
+    assert ev._cache_file(cfg, "train", 12, "inception", "") == key  # stable
+    asset = tmp_path / "shapes-vit-retrained.safetensors"
+    asset.write_bytes(b"x")
+    vfm = smoke_cfg(tmp_path, f"evaluate.fd_vfm=local:{asset}")
+    before = ev._cache_file(vfm, "train", 12, "vfm-x", "")
+    asset.write_bytes(b"xy")  # retrained in place: same name, new file
+    assert ev._cache_file(vfm, "train", 12, "vfm-x", "") != before
+
+
 @pytest.mark.slow
 def test_adm_reference_images_and_statistics_only(tmp_path, inception_file, monkeypatch):
     samples = noisy(render_shapes(range(8), 32)[0], 1)

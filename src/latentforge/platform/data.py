@@ -141,10 +141,19 @@ def parse_label(value: Any, num_classes: int) -> int:
     return label
 
 
+def _key_hash(key: str, salt: str = "") -> int:
+    return int.from_bytes(hashlib.blake2b((salt + key).encode(), digest_size=8).digest(), "big")
+
+
 def in_holdout(key: str, fraction: float) -> bool:
     """Deterministic hash split of keys (used when no holdout_path is given)."""
-    h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
-    return (h % 1_000_000) < fraction * 1_000_000
+    return (_key_hash(key) % 1_000_000) < fraction * 1_000_000
+
+
+def hashed_order(items: list[str], key: Callable[[str], str] = str) -> list[str]:
+    """``items`` in the order of a hash of their keys: a fixed pseudo-random order that does
+    not follow the listing's (class-sorted) one, so any prefix draws from every class."""
+    return sorted(items, key=lambda item: _key_hash(key(item), "subset:"))
 
 
 # ----------------------------------------------------------------------- skip counting
@@ -277,13 +286,15 @@ def _render_batch(
 
 
 @DATASETS.register("shapes", config=ShapesData)
-def build_shapes(cfg: ShapesData, split: Split = "train", skip=None) -> ImageSource:
-    """Images ``range(num_images)`` (train) or ``HOLDOUT_OFFSET + range(holdout_images)``."""
+def build_shapes(cfg: ShapesData, split: Split = "train", skip=None, subset=None) -> ImageSource:
+    """Images ``range(num_images)`` (train) or ``HOLDOUT_OFFSET + range(holdout_images)``;
+    a ``subset`` is the first images (labels cycle through the classes: balanced)."""
     if not 2 <= cfg.num_classes <= NUM_CLASSES:
         raise ConfigError(f"data.num_classes: must be in [2, {NUM_CLASSES}], got {cfg.num_classes}")
     if len(cfg.scale) != 2:
         raise ConfigError(f"data.scale: a [min, max] radius range, got {list(cfg.scale)}")
     n = cfg.num_images if split == "train" else cfg.holdout_images
+    n = n if subset is None else min(n, subset)
     offset = 0 if split == "train" else HOLDOUT_OFFSET
     layout = {
         "resolution": cfg.resolution,
@@ -439,8 +450,11 @@ def class_folders(path: str) -> tuple[str, list[str]]:
 
 
 @DATASETS.register("imagefolder", config=ImageFolderData)
-def build_imagefolder(cfg: ImageFolderData, split: Split = "train", skip=None) -> ImageSource:
-    """``root/<class>/...`` images; the split's hash filter runs on the listing."""
+def build_imagefolder(
+    cfg: ImageFolderData, split: Split = "train", skip=None, subset=None
+) -> ImageSource:
+    """``root/<class>/...`` images; the split's hash filter runs on the listing, and so does a
+    ``subset``: that many files, chosen by hash (:func:`hashed_order`) across all classes."""
     path, what, fraction = _check_file_cfg(cfg, split)
     _, names = class_folders(cfg.path)  # both splits index the training folder's classes
     num_classes = len(names) if cfg.num_classes is None else cfg.num_classes
@@ -454,6 +468,8 @@ def build_imagefolder(cfg: ImageFolderData, split: Split = "train", skip=None) -
     if fraction is not None:  # hash of the root-relative path: the split survives a move
         held = split == "holdout"
         files = [f for f in files if in_holdout(f[len(root) + 1 :], fraction) == held]
+    if subset is not None:
+        files = sorted(hashed_order(files, lambda f: f[len(root) + 1 :])[:subset])
     counter = SkipCounter.remote()
     decoder = Decoder(cfg.resolution, num_classes, counter, split, None, skip)
     classes = {n: i for i, n in enumerate(names)}
@@ -516,10 +532,15 @@ def _tar_batch(batch, decoder: Decoder, fs, prefix: str):
 
 
 @DATASETS.register("webdataset", config=WebDatasetData)
-def build_webdataset(cfg: WebDatasetData, split: Split = "train", skip=None) -> ImageSource:
-    """One read task per shard, streamed; the hash split uses the sample key."""
+def build_webdataset(
+    cfg: WebDatasetData, split: Split = "train", skip=None, subset=None
+) -> ImageSource:
+    """One read task per shard, streamed; the hash split uses the sample key. With a
+    ``subset`` the shards come in hashed order (a caller's ``limit`` then reads whole shards
+    from across the listing, not the first ones)."""
     path, what, fraction = _check_file_cfg(cfg, split)
     fs, prefix, files = list_files(path, (".tar",), what)
+    files = files if subset is None else hashed_order(files)
     counter = SkipCounter.remote()
     decoder = Decoder(cfg.resolution, cfg.num_classes, counter, split, fraction, skip)
     ds = _paths_dataset(files, 1).map_batches(
@@ -577,10 +598,12 @@ def _check_columns(fs, path: str, columns: tuple[str, str]) -> None:
 
 
 @DATASETS.register("parquet", config=ParquetData)
-def build_parquet(cfg: ParquetData, split: Split = "train", skip=None) -> ImageSource:
-    """One read task per file; ids are ``file#row``; the hash split uses ``name#row``."""
+def build_parquet(cfg: ParquetData, split: Split = "train", skip=None, subset=None) -> ImageSource:
+    """One read task per file; ids are ``file#row``; the hash split uses ``name#row``. A
+    ``subset`` orders the files as in :func:`build_webdataset`."""
     path, what, fraction = _check_file_cfg(cfg, split)
     fs, prefix, files = list_files(path, (".parquet",), what)
+    files = files if subset is None else hashed_order(files)
     columns = (cfg.image_column, cfg.label_column)
     _check_columns(fs, files[0], columns)
     counter = SkipCounter.remote()
@@ -594,9 +617,15 @@ def build_parquet(cfg: ParquetData, split: Split = "train", skip=None) -> ImageS
 
 
 def load_images(
-    cfg: Any, split: Split = "train", skip: Callable[[str], bool] | None = None
+    cfg: Any,
+    split: Split = "train",
+    skip: Callable[[str], bool] | None = None,
+    subset: int | None = None,
 ) -> ImageSource:
     """The configured source's split as an :class:`ImageSource`; ids for which ``skip`` is
     true (a resumed extraction's finished ones) are left out before they are read (image
-    folders) or decoded (tar and parquet members, rendered shapes)."""
-    return DATASETS.build(cfg.name, cfg, split, skip=skip)
+    folders) or decoded (tar and parquet members, rendered shapes). ``subset=n``: a fixed
+    sample of about n images drawn across the whole split (evaluation's real images): exactly
+    the n chosen for shapes and image folders, whole shards in hashed order otherwise, for
+    the caller to ``limit``."""
+    return DATASETS.build(cfg.name, cfg, split, skip=skip, subset=subset)

@@ -121,10 +121,14 @@ def described(
 
 
 def real_images(cfg: ExperimentConfig, split: str, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``n`` images (uint8 N x H x W x 3) and labels of a split of the data."""
+    """``n`` images (uint8 N x H x W x 3) and labels of a split of the data: a fixed sample
+    drawn across the split (``load_images(subset=n)``), not its first n files, which in
+    class-sorted listings (ImageNet's folders) would hold a handful of classes. Read in
+    order, so the same images on every run (fewer when some of them are corrupt)."""
     from latentforge.platform.data import load_images
 
-    ds = load_images(cfg.data, split).dataset.limit(n)
+    ds = load_images(cfg.data, split, subset=n).dataset.limit(n)
+    ds.context.execution_options.preserve_order = True  # which n rows: never by timing
     images, labels = [], []
     for batch in ds.iter_batches(batch_size=512, batch_format="numpy"):
         images.append(batch["image"])
@@ -146,8 +150,42 @@ def classify(images: np.ndarray, batch_size: int = 250) -> tuple[np.ndarray, np.
     return np.concatenate(feats), np.concatenate(preds)
 
 
+def file_identity(path: str | Path) -> list:
+    """Resolved path, size and mtime: changes whenever the file is rewritten."""
+    st = Path(path).stat()
+    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+
+
+def extractor_weights(cfg: ExperimentConfig, extractor: str) -> Path | None:
+    """The weights file behind a cached extractor's features, where there is one (a hub
+    model named by its spec has none here: the name identifies it)."""
+    ec = cfg.evaluate
+    if extractor == "shapesnet":
+        from latentforge.metrics.shapesnet import ASSETS
+
+        return ASSETS / "shapesnet.safetensors"
+    if extractor.startswith("inception"):
+        from latentforge.metrics.inception import inception_weights_path
+
+        return inception_weights_path(ec.inception_weights)
+    if extractor.startswith("vfm-"):
+        if ec.fd_vfm_weights:
+            return Path(ec.fd_vfm_weights)
+        if ec.fd_vfm and ec.fd_vfm.startswith("local:"):
+            from latentforge.tokenizers.vfm import ASSETS
+
+            name = ec.fd_vfm.split(":", 1)[1]
+            return Path(name) if name.endswith(".safetensors") else ASSETS / f"{name}.safetensors"
+    return None
+
+
 def _cache_file(cfg: ExperimentConfig, split: str, n: int, extractor: str, suffix: str) -> Path:
-    key = config_hash(extractor, cfg.data, split, n)
+    """Cache of real images' features, keyed by everything they depend on: the data config,
+    split, count, the sampling rule of :func:`real_images` and the extractor's weights file
+    (so retrained weights never meet another file's cached features)."""
+    weights = extractor_weights(cfg, extractor)
+    identity = file_identity(weights) if weights is not None and weights.exists() else None
+    key = config_hash(extractor, cfg.data, split, n, "hashed-subset", identity)
     name = re.sub(r"[^\w.-]+", "_", extractor)
     return Path(cfg.run_dir, "cache", f"real-{split}-{n}-{name}-{key}{suffix}.npz")
 
