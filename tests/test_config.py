@@ -121,6 +121,11 @@ def test_every_asset_recipe_loads(path):
         ("train.generator_batch_size=64", "generator"),
         ("sample.cfg_scale=5.0", "sample"),
         ("sample.batch_size=7", None),  # compute settings change no result
+        ("generator.grad_checkpointing=true", None),
+        ("ray.num_workers=4", None),
+        ("train.generator_betas=[0.9,0.95]", "generator"),
+        ("extract.vfm_resize=64", None),  # no extract.vfm: no VFM features to resize
+        ("sample.sampler=euler_maruyama", "sample"),
     ],
 )
 def test_stage_hashes_follow_the_stage_that_changed(override, changed):

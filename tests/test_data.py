@@ -204,6 +204,21 @@ def test_subset_draws_across_classes_not_the_first_folders(tmp_path):
     assert len(rows(load_images(cfg, subset=100))) == 48
 
 
+def test_training_rows_mix_class_ordered_data_once():
+    import ray
+
+    from latentforge.platform.data import training_rows
+
+    ordered = ray.data.from_items([{"label": i // 50} for i in range(500)], override_num_blocks=10)
+    folder = ImageFolderData(path="/data", resolution=RES)
+    rows_ = training_rows(ordered, folder, seed=0).take_all()
+    assert sorted(r["label"] for r in rows_) == [i // 50 for i in range(500)]  # all, once
+    assert len({r["label"] for r in rows_[:32]}) >= 6  # a batch's worth spans the classes
+    again = training_rows(ordered, folder, seed=0).take_all()
+    assert [r["label"] for r in again] == [r["label"] for r in rows_]
+    assert training_rows(ordered, ShapesData(), seed=0) is ordered  # mixed by construction
+
+
 def test_imagefolder_holdout_path_uses_training_classes(tmp_path):
     train = make_folder(tmp_path / "train")
     val = tmp_path / "val"

@@ -40,6 +40,15 @@ def test_bad_search_key_is_named(tmp_path):
         load_sweep(bad)
     with pytest.raises(ConfigError, match="run_dir: 'gs://b/sweep' is a URI"):
         load_sweep(SMOKE_SWEEP, ["run_dir=gs://b/sweep"])
+    with pytest.raises(ConfigError, match="num_samples: 3 repeats every grid point"):
+        load_sweep(SMOKE_SWEEP, ["num_samples=3"])
+    choice = tmp_path / "choice.yaml"
+    choice.write_text(
+        f"base: {ROOT / 'experiments' / 'smoke.yaml'}\nmax_concurrent_trials: 2\n"
+        "search_space:\n  tokenizer.latent_channels: {choice: [4, 8]}\n"
+    )
+    with pytest.raises(ConfigError, match="draw one point twice"):
+        load_sweep(choice)
 
 
 def test_sweep_end_to_end(ray_session, tmp_path):
@@ -111,6 +120,10 @@ def test_pareto_front_and_groups():
     front = pareto_front(rows, "rfd", "fd")
     assert [(r["metrics"]["rfd"], r["metrics"]["fd"]) for r in front] == [(1, 5), (2, 3), (4, 1)]
     assert pareto_front(rows, "rfd", "fd", mode="max")[-1]["metrics"]["fd"] == 6
+    # PSNR as the reconstruction axis: higher is better, (4, 1) dominates everything with
+    # more fd, (1, 5) and (2, 6) are dominated
+    psnr = pareto_front(rows, "rfd", "fd", x_mode="max")
+    assert [(r["metrics"]["rfd"], r["metrics"]["fd"]) for r in psnr] == [(4, 1)]
     assert _group_of({"tokenizer.latent_channels": 8, "tokenizer.vf_weight": 0.0}) == (
         "8",
         "VF off",

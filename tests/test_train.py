@@ -178,6 +178,17 @@ def test_non_finite_loss_is_an_error(tmp_path, bad):
         fit(cfg, generator_job(cfg, STATS), LocalRuntime(data, tmp_path), log=lambda *_: None)
 
 
+def test_batch_that_cannot_be_split_or_filled_is_an_error(tmp_path):
+    # a global batch not divisible by workers x accumulation would silently shrink; a data
+    # share smaller than one step used to loop forever without a single step
+    cfg = load_experiment(SMOKE, ["train.generator_images=64", "train.grad_accum=3"])
+    with pytest.raises(ValueError, match="not a multiple of ray.num_workers 1 x train.grad_acc"):
+        fit(cfg, generator_job(cfg, STATS), LocalRuntime(latents(), tmp_path / "a"))
+    cfg = load_experiment(SMOKE, ["train.generator_images=64"])
+    with pytest.raises(ValueError, match="smaller than one step"):
+        fit(cfg, generator_job(cfg, STATS), LocalRuntime(latents(n=8), tmp_path / "b"))
+
+
 def test_published_tokenizer_stage_uses_weights_as_they_are(tmp_path):
     """train.tokenizer_images=0 with tokenizer.weights: no training, the stage's artifact is
     the published autoencoder (VF projection absent from the file, as in official ones)."""

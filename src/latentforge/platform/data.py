@@ -616,6 +616,18 @@ def build_parquet(cfg: ParquetData, split: Split = "train", skip=None, subset=No
     return ImageSource(ds, cfg.num_classes, counter)
 
 
+def training_rows(dataset: ray.data.Dataset, cfg: Any, seed: int) -> ray.data.Dataset:
+    """``dataset`` (images or their latents) in an order fit for training. Listings, and the
+    extraction's shards that follow them, come class by class (ImageNet's folders): a
+    worker's stream, and its local shuffle window, would then hold two or three classes per
+    batch. Those are shuffled once, globally (``random_shuffle``: an all-to-all pass over
+    the data, before it is materialised for training). ``shapes`` is exempt: its labels
+    cycle through the classes id by id, so every block already holds all of them."""
+    if isinstance(cfg, ShapesData):
+        return dataset
+    return dataset.random_shuffle(seed=seed)
+
+
 def load_images(
     cfg: Any,
     split: Split = "train",

@@ -67,10 +67,13 @@ def stage_hashes(cfg: ExperimentConfig) -> dict[str, str]:
     options = (("resize", ec.vfm_resize), ("weights", ec.vfm_weights))
     vfm = [ec.vfm, *(f"{k}={v}" for k, v in options if v)] if ec.vfm else []
     h["extract"] = config_hash("extract", h["tokenizer"], cfg.extract.dtype, cfg.extract.flip, *vfm)
+    generator = cfg.generator
+    if getattr(generator, "grad_checkpointing", False):  # compute only: the same gradients
+        generator = dataclasses.replace(generator, grad_checkpointing=False)
     h["generator"] = config_hash(
         "generator",
         h["extract"],
-        cfg.generator,
+        generator,
         _pick(train, GENERATOR_TRAIN_KEYS + SHARED_TRAIN_KEYS),
     )
     sample = dataclasses.replace(cfg.sample, batch_size=0)
@@ -180,12 +183,13 @@ class Pipeline:
         return info
 
     def _tokenizer(self, out: Path) -> dict:
-        from latentforge.platform.data import load_images
+        from latentforge.platform.data import load_images, training_rows
 
         if self.cfg.train.tokenizer_images == 0:
             return self._published_tokenizer(out)
         source = load_images(self.cfg.data, "train")
-        dataset = source.dataset.select_columns(["image", "label"]).materialize()
+        dataset = source.dataset.select_columns(["image", "label"])
+        dataset = training_rows(dataset, self.cfg.data, self.cfg.train.seed).materialize()
         info = self._train("tokenizer", dataset, out)
         info["num_skipped"] = source.num_skipped()
         return info
@@ -216,6 +220,7 @@ class Pipeline:
     def _generator(self, out: Path) -> dict:
         import torch
 
+        from latentforge.platform.data import training_rows
         from latentforge.platform.extract import latent_dataset
         from latentforge.platform.train import build_generator, reg_dim, repa_dim
 
@@ -227,7 +232,8 @@ class Pipeline:
                 repa, reg = repa_dim(self.cfg, stats) > 0, reg_dim(self.cfg, stats) > 0
             except (KeyError, ValueError) as e:
                 raise ConfigError(f"generator: {e}") from None
-        dataset = latent_dataset(self.stage_dir("extract"), vfm=repa, cls=reg).materialize()
+        dataset = latent_dataset(self.stage_dir("extract"), vfm=repa, cls=reg)
+        dataset = training_rows(dataset, self.cfg.data, self.cfg.train.seed).materialize()
         return self._train("generator", dataset, out, stats)
 
     def _sample(self, out: Path) -> dict:

@@ -59,6 +59,11 @@ class Scheduler:
     rung_samples: int | None = None  # samples for intermediate rungs (None: sample.num_images)
 
 
+HIGHER_IS_BETTER = frozenset(
+    {"psnr", "ssim", "recon_class_accuracy", "class_accuracy", "is", "precision", "recall"}
+)
+
+
 @dataclass
 class SweepSpec:
     """Schema of a sweep YAML."""
@@ -72,6 +77,8 @@ class SweepSpec:
     objective: Objective = field(default_factory=Objective)
     scheduler: Scheduler = field(default_factory=Scheduler)
     frontier_x: str = "rfd_shapesnet"  # reconstruction axis of the frontier plot
+    # its better direction; None: max for HIGHER_IS_BETTER metrics (psnr, ...), else min
+    frontier_x_mode: Literal["min", "max"] | None = None
     # the trial driver only waits on its pipeline task: reserve memory, not CPUs, so the
     # Train workers and Ray Data operators of the trial get every CPU
     resources_per_trial: dict[str, float] = field(
@@ -113,6 +120,20 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             )
     if spec.scheduler.name == "asha" and spec.scheduler.rungs < 2:
         raise ConfigError(f"{path}: scheduler.rungs: asha needs at least 2 rungs")
+    # a trial's run directory is named by its point, so a repeated point is the same trial:
+    # a cache hit when run after the first, a collision when run beside it
+    dims = spec.search_space.values()
+    if spec.num_samples > 1 and all(d.grid is not None for d in dims):
+        raise ConfigError(
+            f"{path}: num_samples: {spec.num_samples} repeats every grid point, and a repeated "
+            "point is the same (cached) trial; set num_samples: 1"
+        )
+    if spec.max_concurrent_trials > 1 and any(d.choice is not None for d in dims):
+        raise ConfigError(
+            f"{path}: search_space: random `choice` dims can draw one point twice, and two "
+            "trials of one point must not run at once (they share its run directory); use "
+            "`grid` for discrete dims or max_concurrent_trials: 1"
+        )
     base = load_experiment(base_path, spec.overrides)  # validates base + shared overrides
     for point in Sweep(spec, base_path, Path()).points() or [{}]:
         load_experiment(base_path, [*spec.overrides, *(f"{k}={v}" for k, v in point.items())])
@@ -315,7 +336,8 @@ def write_results(sweep: Sweep, rows: list[dict]) -> dict:
             )
     ok = [r for r in rows if r["error"] is None and y in r["metrics"]]
     full = [r for r in ok if not r.get("stopped_early")]
-    front = pareto_front(full, x, y, spec.objective.mode)
+    x_mode = spec.frontier_x_mode or ("max" if x in HIGHER_IS_BETTER else "min")
+    front = pareto_front(full, x, y, spec.objective.mode, x_mode)
     plot_frontier(ok, x, y, out / "frontier.png", front)
     sign = 1 if spec.objective.mode == "min" else -1
     best = min(full, key=lambda r: sign * r["metrics"][y]) if full else None
@@ -345,17 +367,20 @@ def write_results(sweep: Sweep, rows: list[dict]) -> dict:
     }
 
 
-def pareto_front(rows: list[dict], x: str, y: str, mode: str = "min") -> list[dict]:
-    """Trials not dominated on (``x`` reconstruction, lower is better; ``y`` objective, in
-    ``mode``): no other trial is at least as good on both and better on one."""
-    sign = 1 if mode == "min" else -1
-    pts = [(r["metrics"][x], sign * r["metrics"][y], r) for r in rows if x in r["metrics"]]
+def pareto_front(
+    rows: list[dict], x: str, y: str, mode: str = "min", x_mode: str = "min"
+) -> list[dict]:
+    """Trials not dominated on (``x`` reconstruction, better in ``x_mode``; ``y`` objective,
+    in ``mode``): no other trial is at least as good on both and better on one. Sorted by
+    ``x`` ascending."""
+    sign, sx = (1 if mode == "min" else -1), (1 if x_mode == "min" else -1)
+    pts = [(sx * r["metrics"][x], sign * r["metrics"][y], r) for r in rows if x in r["metrics"]]
 
     def dominated(a, b) -> bool:  # b dominates a
         return b[0] <= a[0] and b[1] <= a[1] and (b[0] < a[0] or b[1] < a[1])
 
     front = [p for p in pts if not any(dominated(p, q) for q in pts)]
-    return [p[2] for p in sorted(front, key=lambda p: p[0])]
+    return [p[2] for p in sorted(front, key=lambda p: sx * p[0])]
 
 
 def _group_of(point: dict) -> tuple[str, str]:

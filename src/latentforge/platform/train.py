@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -384,13 +385,14 @@ def load_checkpoint(path: str, job: Job, ema, opt, opt_d=None) -> tuple[dict, li
     job.model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
     if ema is not None:
         ema.load_state_dict(load_file(os.path.join(path, "ema.safetensors")))
-    opt.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    # on the CPU first (a GPU-saved state would otherwise land on cuda:0 on every rank, or
+    # fail on a CPU-only run); load_state_dict moves it to the parameters' device
+    load = partial(torch.load, map_location="cpu", weights_only=True)
+    opt.load_state_dict(load(os.path.join(path, "optimizer.pt")))
     if job.discriminator is not None:
         disc = load_file(os.path.join(path, "discriminator.safetensors"))
         job.discriminator.load_state_dict(disc)
-        opt_d.load_state_dict(
-            torch.load(os.path.join(path, "optimizer_disc.pt"), weights_only=True)
-        )
+        opt_d.load_state_dict(load(os.path.join(path, "optimizer_disc.pt")))
     state = json.loads(Path(path, "state.json").read_text())
     curve = json.loads(Path(path, "curve.json").read_text())
     return state, curve
@@ -437,7 +439,12 @@ def fit(cfg: ExperimentConfig, job: Job, runtime: Runtime, log: Callable = print
     if tc.compile:
         objective = torch.compile(objective, backend=tc.compile)
     accum = max(1, tc.grad_accum)
-    local_bs = max(1, job.batch_size // (runtime.world_size * accum))
+    if job.batch_size % (runtime.world_size * accum):
+        raise ValueError(
+            f"train.{job.kind}_batch_size {job.batch_size} is not a multiple of ray.num_workers "
+            f"{runtime.world_size} x train.grad_accum {accum}: the global batch would change"
+        )
+    local_bs = job.batch_size // (runtime.world_size * accum)
     global_bs = local_bs * runtime.world_size * accum  # images per optimizer step
     next_log = state["nimg"] + tc.log_every_images
     next_ckpt = state["nimg"] + tc.checkpoint_every_images
@@ -446,6 +453,7 @@ def fit(cfg: ExperimentConfig, job: Job, runtime: Runtime, log: Callable = print
     while state["nimg"] < job.total_images:
         epoch_seed = tc.seed * 1_000_003 + state["epoch"] * 1009 + runtime.rank
         skip = state.get("step_in_epoch", 0)  # groups of this epoch a resumed run has done
+        i = -1
         for i, group in enumerate(grouped(runtime.batches(local_bs, epoch_seed), accum)):
             if i < skip:
                 continue
@@ -475,6 +483,12 @@ def fit(cfg: ExperimentConfig, job: Job, runtime: Runtime, log: Callable = print
             if done:
                 break
         else:
+            if i < 0:  # not one step in a whole epoch: it would loop forever
+                raise ValueError(
+                    f"{job.kind} training: this worker's share of the data is smaller than "
+                    f"one step ({local_bs} x {accum} images); use fewer workers or a smaller "
+                    "batch"
+                )
             state["epoch"] += 1
             state["step_in_epoch"] = 0
     return {"nimg": state["nimg"], "curve": curve}
