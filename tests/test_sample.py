@@ -1,6 +1,7 @@
 """Sampling in a worker (platform/sample.py), without Ray."""
 
 import numpy as np
+import pytest
 import torch
 
 import latentforge.platform.sample as sample_mod
@@ -12,6 +13,7 @@ SMOKE = ROOT / "experiments" / "smoke.yaml"
 STATS = {"latent_shape": [4, 8, 8], "mean": [0.1] * 4, "std": [2.0] * 4}
 
 
+@pytest.mark.filterwarnings("ignore:for .* copying from a non-meta parameter")
 def test_sampling_runs_on_the_models_device(monkeypatch):
     # ray.use_gpu puts both models on CUDA; the meta device stands in for it here: every
     # tensor the sampler makes (noise, labels, latent statistics) must follow the models,
