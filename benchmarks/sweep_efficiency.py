@@ -90,9 +90,14 @@ def run_once(sweep_file: str, scheduler: str, run_dir: Path, keep: Path) -> dict
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("sweep", help="sweep YAML (its scheduler section sets the ASHA rungs)")
+    ap.add_argument(
+        "sweep",
+        nargs="?",
+        default="experiments/sweeps/smoke.yaml",
+        help="sweep YAML (its scheduler section sets the ASHA rungs)",
+    )
     ap.add_argument("--run-dir", default="runs/sweep_efficiency")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default="runs/bench/sweep_efficiency.json")
     args = ap.parse_args()
     root = Path(args.run_dir).resolve()
     fifo = run_once(args.sweep, "fifo", root, root / "fifo")

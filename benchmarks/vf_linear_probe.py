@@ -80,7 +80,7 @@ def main() -> None:
     ap.add_argument("--probe-images", type=int, default=4000)
     ap.add_argument("--holdout", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/vf_linear_probe.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     train_imgs, _ = render_shapes(np.arange(20000), 32, seed=0)

@@ -38,6 +38,13 @@ def test_unknown_key_names_key_and_file(tmp_path):
     assert "sample.cfg_scal" in msg and str(path) in msg and "\n" not in msg
 
 
+def test_typo_in_an_override_names_the_override_not_the_file():
+    with pytest.raises(ConfigError, match=r"^override 'sample\.cfg_scal=2': sample\.cfg_scal"):
+        load_experiment(QUICKSTART, ["sample.cfg_scal=2"])
+    with pytest.raises(ConfigError, match=r"^override 'train\.generator_batch_size=x'"):
+        load_experiment(QUICKSTART, ["train.generator_batch_size=x"])
+
+
 def test_unknown_key_in_polymorphic_part(tmp_path):
     path = write(tmp_path, f"base: {QUICKSTART}\ntokenizer: {{vf_wieght: 0.5}}\n")
     with pytest.raises(ConfigError, match=r"tokenizer\.vf_wieght"):
@@ -136,3 +143,37 @@ def test_stage_hashes_follow_the_stage_that_changed(override, changed):
     first = STAGES.index(changed) if changed else len(STAGES)
     for i, stage in enumerate(STAGES):
         assert (base[stage] != new[stage]) == (i >= first), stage
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("generator.config=nosuch", r"generator\.config: unknown generator config 'nosuch'"),
+        ("tokenizer.config=nosuch", r"tokenizer\.config: unknown tokenizer config .*shapes-f4d4"),
+        ("evaluate.metrics=[fidd]", r"evaluate\.metrics: unknown \['fidd'\]"),
+        ("tokenizer.weights=/nonexistent/v.pt", r"tokenizer\.weights: .* hustvl/vavae"),
+        ("tokenizer.vfm=local:nope", r"tokenizer\.vfm: 'local:nope'"),
+        ("extract.vfm=hf:/nonexistent/dinov2", r"extract\.vfm: .* does not exist"),
+        ("evaluate.inception_weights=/nonexistent/i.pth", r"/nonexistent/i\.pth"),
+    ],
+)
+def test_preflight_finds_late_stage_errors_before_anything_runs(tmp_path, override, message):
+    from latentforge.platform.pipeline import Pipeline
+
+    extra = ["evaluate.metrics=[fid]"] if "inception" in override else []
+    cfg = load_experiment(QUICKSTART, [f"run_dir={tmp_path}", override, *extra])
+    with pytest.raises(ConfigError, match=message):
+        Pipeline(cfg).preflight()
+
+
+def test_preflight_skips_stages_already_done(tmp_path):
+    from latentforge.platform.pipeline import Pipeline
+
+    cfg = load_experiment(QUICKSTART, [f"run_dir={tmp_path}", "evaluate.metrics=[fidd]"])
+    p = Pipeline(cfg)
+    p.stage_dir("evaluate").mkdir(parents=True)
+    (p.stage_dir("evaluate") / "done.json").write_text("{}")
+    p.preflight()  # the evaluate stage will not run again: its settings cannot fail it
+    (p.stage_dir("evaluate") / "done.json").unlink()
+    with pytest.raises(ConfigError, match="fidd"):
+        p.preflight()

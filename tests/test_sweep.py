@@ -40,6 +40,12 @@ def test_bad_search_key_is_named(tmp_path):
         load_sweep(bad)
     with pytest.raises(ConfigError, match="run_dir: 'gs://b/sweep' is a URI"):
         load_sweep(SMOKE_SWEEP, ["run_dir=gs://b/sweep"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("base: x.yaml\nsearch_space: {a: [\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_sweep(broken)
+    with pytest.raises(ConfigError, match="override 'scheduler.rungs': expected key=value"):
+        load_sweep(SMOKE_SWEEP, ["scheduler.rungs"])
     with pytest.raises(ConfigError, match="num_samples: 3 repeats every grid point"):
         load_sweep(SMOKE_SWEEP, ["num_samples=3"])
     choice = tmp_path / "choice.yaml"

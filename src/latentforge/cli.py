@@ -41,6 +41,7 @@ def cmd_experiment(args) -> int:
     cfg = load_experiment(args.config, args.overrides)
     pipeline = Pipeline(cfg)
     stages = STAGES if args.verb == "run" else (STAGE_VERBS[args.verb],)
+    pipeline.preflight(stages)
     if args.dry_run:
         print(to_yaml(cfg))
         for row in pipeline.plan():

@@ -171,11 +171,11 @@ def merge_schema(schema: type, values: Any, source: str, prefix: str = "") -> An
 def load_config(path: str | Path, schema: type, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """Load a non-polymorphic config (asset recipes, sweeps) into ``schema``."""
     node = read_yaml(path)
-    node = _apply_overrides(node, overrides, path)
+    node = apply_overrides(node, overrides, path)
     return merge_schema(schema, node, str(path))
 
 
-def _apply_overrides(node: DictConfig, overrides, source) -> DictConfig:
+def apply_overrides(node: DictConfig, overrides, source) -> DictConfig:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
@@ -218,8 +218,25 @@ def load_experiment(
     path: str | Path, overrides: list[str] | tuple[str, ...] = ()
 ) -> ExperimentConfig:
     """Load ``path`` with ``key=value`` overrides into a typed :class:`ExperimentConfig`."""
-    node = _apply_overrides(read_yaml(path), overrides, path)
-    return experiment_from_node(node, str(path))
+    node = apply_overrides(read_yaml(path), overrides, path)
+    try:
+        return experiment_from_node(node, str(path))
+    except ConfigError as e:
+        raise _blame_override(e, str(path), overrides) from None
+
+
+def _blame_override(error: ConfigError, source: str, overrides) -> ConfigError:
+    """``error`` (``"<source>: <key>: ..."``) charged to the override that set ``key``,
+    when one did: the file is not where the typo is."""
+    text = str(error)
+    if not text.startswith(f"{source}: "):
+        return error
+    key, _, msg = text[len(source) + 2 :].partition(": ")
+    for item in overrides:
+        name = item.split("=", 1)[0]
+        if key == name or key.startswith(name + ".") or name.startswith(key + "."):
+            return ConfigError(f"override {item!r}: {key}: {msg}")
+    return error
 
 
 def to_yaml(cfg: Any) -> str:

@@ -113,12 +113,49 @@ class Pipeline:
             for s in STAGES
         ]
 
+    def preflight(self, stages: tuple[str, ...] = STAGES) -> None:
+        """Check what a stage would only meet after the ones before it ran, possibly for
+        hours: named model configs, metric names, weights and reference files of the
+        ``stages`` still to run. Raises :class:`ConfigError` naming the key."""
+        cfg, todo = self.cfg, {s for s in stages if not self.is_done(s)}
+        try:
+            if todo & {"tokenizer", "extract", "sample", "evaluate"}:
+                check_model_configs(cfg, generator=bool(todo - {"tokenizer", "extract"}))
+            if "tokenizer" in todo:
+                weights = getattr(cfg.tokenizer, "weights", None)
+                if weights and not Path(weights).expanduser().is_file():
+                    from latentforge.tokenizers.vavae import PUBLISHED_HINT
+
+                    hint = f" ({PUBLISHED_HINT})" if cfg.tokenizer.name == "vavae" else ""
+                    raise ConfigError(f"tokenizer.weights: {weights} does not exist{hint}")
+                check_vfm(
+                    "tokenizer.vfm",
+                    getattr(cfg.tokenizer, "vfm", None),
+                    getattr(cfg.tokenizer, "vfm_weights", None),
+                )
+            if "extract" in todo:
+                check_vfm("extract.vfm", cfg.extract.vfm, cfg.extract.vfm_weights)
+            if "generator" in todo:
+                check_model_configs(cfg, generator=True)
+            if "evaluate" in todo:
+                from latentforge.platform.evaluate import check_inputs, check_metrics
+
+                check_metrics(list(cfg.evaluate.metrics))
+                check_inputs(cfg, set(cfg.evaluate.metrics))
+                check_vfm("evaluate.fd_vfm", cfg.evaluate.fd_vfm, cfg.evaluate.fd_vfm_weights)
+        except (KeyError, ValueError, FileNotFoundError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            raise ConfigError(msg) from None
+
     def save_config(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
 
     def run(self, stages: tuple[str, ...] = STAGES, upstream: bool = False) -> dict:
         """Run ``stages`` in order. With ``upstream``, missing earlier stages run too."""
+        self.preflight(STAGES if upstream else tuple(stages))
         self.save_config()
         wanted = list(stages)
         if upstream:
@@ -255,6 +292,43 @@ class Pipeline:
         from latentforge.platform.report import write_report
 
         return write_report(self, out)
+
+
+def check_model_configs(cfg: ExperimentConfig, generator: bool) -> None:
+    """The tokenizer's (and generator's) named configs exist (KeyError listing the known)."""
+    from latentforge.generators import lightningdit
+    from latentforge.tokenizers import vavae
+
+    try:
+        if isinstance(cfg.tokenizer, vavae.VAVAEConfig):
+            vavae.resolve_arch(cfg.tokenizer)
+    except KeyError as e:
+        raise ConfigError(f"tokenizer.config: {e.args[0]}") from None
+    try:
+        if generator and isinstance(cfg.generator, lightningdit.LightningDiTConfig):
+            lightningdit.resolve_arch(cfg.generator)
+    except KeyError as e:
+        raise ConfigError(f"generator.config: {e.args[0]}") from None
+
+
+def check_vfm(key: str, spec: str | None, weights: str | None) -> None:
+    """A VFM spec's local files exist: a ``local:`` asset, an ``hf:`` directory given as a
+    path, an explicit weights file (hub caches are checked when the VFM loads)."""
+    if not spec:
+        return
+    if weights and not Path(weights).expanduser().is_file():
+        raise ConfigError(f"{key}_weights: {weights} does not exist")
+    kind, _, name = spec.partition(":")
+    if kind == "local":
+        from latentforge.tokenizers.vfm import ASSETS
+
+        path = Path(name) if name.endswith(".safetensors") else ASSETS / f"{name}.safetensors"
+        if not path.is_file():
+            raise ConfigError(f"{key}: {spec!r}: {path} does not exist")
+    elif kind == "hf" and name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
+        raise ConfigError(f"{key}: {spec!r}: directory {name} does not exist")
+    elif kind not in ("local", "hf", "timm"):
+        raise ConfigError(f"{key}: {spec!r}: expected local:<asset>, timm:<model> or hf:<repo>")
 
 
 def connect(cfg: ExperimentConfig) -> None:

@@ -27,7 +27,14 @@ from typing import Any, Literal
 
 from omegaconf import OmegaConf
 
-from latentforge.config import URI, ConfigError, config_hash, load_experiment, merge_schema
+from latentforge.config import (
+    URI,
+    ConfigError,
+    apply_overrides,
+    config_hash,
+    load_experiment,
+    merge_schema,
+)
 
 
 @dataclass
@@ -105,7 +112,11 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: sweep file not found")
-    node = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml errors: one line, naming the file
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    node = apply_overrides(node, overrides, path)
     spec: SweepSpec = merge_schema(SweepSpec, node, str(path))
     if not spec.base:
         raise ConfigError(f"{path}: base: the experiment YAML this sweep varies is required")
@@ -134,9 +145,12 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             "trials of one point must not run at once (they share its run directory); use "
             "`grid` for discrete dims or max_concurrent_trials: 1"
         )
-    base = load_experiment(base_path, spec.overrides)  # validates base + shared overrides
-    for point in Sweep(spec, base_path, Path()).points() or [{}]:
-        load_experiment(base_path, [*spec.overrides, *(f"{k}={v}" for k, v in point.items())])
+    try:  # the base, the shared overrides and every grid point (a typo names its key)
+        base = load_experiment(base_path, spec.overrides)
+        for point in Sweep(spec, base_path, Path()).points() or [{}]:
+            load_experiment(base_path, [*spec.overrides, *(f"{k}={v}" for k, v in point.items())])
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if spec.run_dir and URI.match(spec.run_dir):
         raise ConfigError(f"{path}: run_dir: {spec.run_dir!r} is a URI; give a filesystem path")
     run_dir = Path(spec.run_dir or f"{base.run_dir}-{spec.name}").resolve()
