@@ -177,3 +177,18 @@ def test_preflight_skips_stages_already_done(tmp_path):
     (p.stage_dir("evaluate") / "done.json").unlink()
     with pytest.raises(ConfigError, match="fidd"):
         p.preflight()
+
+
+def test_quickstart_stage_hashes_are_stable():
+    # a new optional key (unset) or a compute setting must not invalidate every cached run:
+    # these are the hashes of the demo's stages since 2026-11-30 (session 6's measurements)
+    from latentforge.platform.pipeline import stage_hashes
+
+    assert stage_hashes(load_experiment(QUICKSTART)) == {
+        "tokenizer": "37a511a89d3b",
+        "extract": "878b8d57516f",
+        "generator": "42aa9c599ec7",
+        "sample": "a40b053687b5",
+        "evaluate": "450649caa488",
+        "report": "1e75a14d2797",
+    }

@@ -406,3 +406,55 @@ def test_generator_betas_reach_the_optimiser():
         cfg = load_experiment(SMOKE, overrides)
         opt, _ = make_optimizers(generator_job(cfg, STATS), cfg.train)
         assert opt.param_groups[0]["betas"] == betas
+
+
+def test_published_generator_loads_the_official_layout_without_extraction(tmp_path):
+    """train.generator_images=0 with generator.weights (an official LightningDiT file:
+    {"model", "ema", "opt"}, DDP "module." keys) and generator.latent_stats (its
+    latents_stats.pt): the stage stores the EMA weights as they are, and needs no latents."""
+    from safetensors.torch import save_file
+
+    from latentforge.config import ConfigError
+    from latentforge.platform.pipeline import Pipeline, latent_shape_of
+    from latentforge.platform.train import build_generator, build_tokenizer, state_dict_of
+
+    vae = state_dict_of(build_tokenizer(load_experiment(SMOKE)))
+    vae = {k: v for k, v in vae.items() if not k.startswith("linear_proj.")}
+    save_file(vae, str(tmp_path / "vae.safetensors"))
+    stats_file = tmp_path / "latents_stats.pt"
+    torch.save(
+        {"mean": torch.full((1, 4, 1, 1), 0.5), "std": torch.full((1, 4, 1, 1), 2.0)}, stats_file
+    )
+    base = [
+        f"run_dir={tmp_path / 'run'}",
+        "train.tokenizer_images=0",
+        f"tokenizer.weights={tmp_path / 'vae.safetensors'}",
+        "train.generator_images=0",
+        f"generator.latent_stats={stats_file}",
+    ]
+    shape = latent_shape_of(load_experiment(SMOKE, base))
+    assert shape == (4, 8, 8)
+    trained = state_dict_of(build_generator(load_experiment(SMOKE, base), {"latent_shape": shape}))
+    ema = {k: v + 0.01 for k, v in trained.items()}
+    official = {"model": trained, "ema": {f"module.{k}": v for k, v in ema.items()}, "opt": {}}
+    torch.save(official, tmp_path / "official.pt")
+    cfg = load_experiment(SMOKE, [*base, f"generator.weights={tmp_path / 'official.pt'}"])
+    p = Pipeline(cfg, log=lambda *_: None)
+    p.run(("tokenizer", "generator"))
+    assert not p.is_done("extract")
+    stored = load_file(str(p.stage_dir("generator") / "ema.safetensors"))
+    assert all(torch.equal(stored[k], v) for k, v in ema.items())
+    stats = p.stats()
+    assert stats["mean"] == [0.5] * 4 and stats["std"] == [2.0] * 4
+    assert stats["latent_shape"] == [4, 8, 8]
+    other = load_experiment(
+        SMOKE,
+        [
+            *base,
+            "run_dir=" + str(tmp_path / "other"),
+            f"generator.weights={tmp_path / 'official.pt'}",
+            "generator.config=small",
+        ],
+    )
+    with pytest.raises(ConfigError, match="not a checkpoint of this generator config"):
+        Pipeline(other, log=lambda *_: None).run(("tokenizer", "generator"))

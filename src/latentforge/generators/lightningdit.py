@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from latentforge.generators.base import Generator
 from latentforge.generators.transport import TransportConfig
 from latentforge.registry import GENERATORS
+from latentforge.state_dicts import mismatch
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,13 @@ class LightningDiTConfig:
     repa_projector_dim: int = 2048  # hidden width of the projector (REPA: 2048)
     grad_checkpointing: bool = False  # recompute block activations in backward (memory)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    # a published checkpoint (official LightningDiT .pt: its "ema" entry; DiT .pt; our
+    # safetensors): loaded strictly; with train.generator_images: 0 it is the generator
+    weights: str | None = None
+    # the latent normalisation the weights were trained with, replacing the extracted
+    # mean/std: LightningDiT's latents_stats.pt ({mean, std} of shape (1, C, 1, 1)) or a
+    # JSON {"mean": [...], "std": [...]} (DiT on SD-VAE: mean 0, std 1 / 0.18215)
+    latent_stats: str | None = None
 
 
 # ------------------------------------------------------------------------ embeddings
@@ -494,3 +503,66 @@ def build_lightningdit(
         grad_checkpointing=cfg.grad_checkpointing,
         reg_dim=reg_dim if cfg.transport.reg_weight > 0 else 0,
     )
+
+
+# ------------------------------------------------------------------ published weights
+
+PUBLISHED_GENERATOR_HINT = (
+    "the released LightningDiT-XL/1 checkpoints and their latents_stats.pt are linked from "
+    "hustvl/LightningDiT's README, DiT-XL/2 is DiT-XL-2-256x256.pt from facebookresearch/DiT; "
+    "download one and set generator.weights=<path> (and generator.latent_stats=<path>)"
+)
+
+
+def read_generator_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A published checkpoint's state_dict: safetensors as is; a torch file's ``"ema"``
+    entry (what the official LightningDiT inference loads), else ``"model"``, else the file
+    as a plain state_dict (DiT); a DDP ``module.`` prefix is dropped."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"generator.weights: {file} does not exist ({PUBLISHED_GENERATOR_HINT})"
+        )
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(file))
+    else:
+        ckpt = torch.load(str(file), map_location="cpu", weights_only=True)
+        sd = next((ckpt[k] for k in ("ema", "model", "state_dict") if k in ckpt), ckpt)
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_published(model: LightningDiT, path: str | Path) -> None:
+    """Load ``generator.weights`` strictly, naming what does not match."""
+    sd = read_generator_weights(path)
+    if differs := mismatch(model.state_dict(), sd):
+        raise ValueError(
+            f"generator.weights {path}: not a checkpoint of this generator config ({differs})"
+        )
+    model.load_state_dict(sd, strict=True)
+
+
+def read_latent_stats(path: str | Path, channels: int) -> dict[str, list[float]]:
+    """Per-channel ``mean`` / ``std`` from LightningDiT's latents_stats.pt or a JSON file."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"generator.latent_stats: {file} does not exist")
+    if file.suffix == ".json":
+        import json
+
+        raw = json.loads(file.read_text())
+    else:
+        raw = torch.load(str(file), map_location="cpu", weights_only=True)
+    out = {}
+    for key in ("mean", "std"):
+        values = torch.as_tensor(raw[key], dtype=torch.float64).flatten().tolist()
+        if len(values) == 1:
+            values = values * channels
+        if len(values) != channels:
+            raise ValueError(
+                f"generator.latent_stats {file}: {key} has {len(values)} values for "
+                f"{channels} latent channels"
+            )
+        out[key] = values
+    return out

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from latentforge.config import ConfigError, ExperimentConfig, config_hash, to_yaml
+from latentforge.config import ConfigError, ExperimentConfig, config_hash, to_dict, to_yaml
 
 STAGES = ("tokenizer", "extract", "generator", "sample", "evaluate", "report")
 UPSTREAM = dict(zip(STAGES[1:], STAGES[:-1], strict=True))
@@ -67,9 +67,12 @@ def stage_hashes(cfg: ExperimentConfig) -> dict[str, str]:
     options = (("resize", ec.vfm_resize), ("weights", ec.vfm_weights))
     vfm = [ec.vfm, *(f"{k}={v}" for k, v in options if v)] if ec.vfm else []
     h["extract"] = config_hash("extract", h["tokenizer"], cfg.extract.dtype, cfg.extract.flip, *vfm)
-    generator = cfg.generator
-    if getattr(generator, "grad_checkpointing", False):  # compute only: the same gradients
-        generator = dataclasses.replace(generator, grad_checkpointing=False)
+    generator = to_dict(cfg.generator)
+    if "grad_checkpointing" in generator:  # compute only: the same gradients
+        generator["grad_checkpointing"] = False
+    for key in ("weights", "latent_stats"):  # unset: earlier hashes stay valid
+        if generator.get(key) is None:
+            generator.pop(key, None)
     h["generator"] = config_hash(
         "generator",
         h["extract"],
@@ -137,6 +140,14 @@ class Pipeline:
                 check_vfm("extract.vfm", cfg.extract.vfm, cfg.extract.vfm_weights)
             if "generator" in todo:
                 check_model_configs(cfg, generator=True)
+                for key in ("weights", "latent_stats"):
+                    file = getattr(cfg.generator, key, None)
+                    if file and not Path(file).expanduser().is_file():
+                        from latentforge.generators.lightningdit import PUBLISHED_GENERATOR_HINT
+
+                        raise ConfigError(
+                            f"generator.{key}: {file} does not exist ({PUBLISHED_GENERATOR_HINT})"
+                        )
             if "evaluate" in todo:
                 from latentforge.platform.evaluate import check_inputs, check_metrics
 
@@ -161,15 +172,29 @@ class Pipeline:
         if upstream:
             first = min(STAGES.index(s) for s in stages)
             wanted = sorted(set(wanted) | set(STAGES[:first]), key=STAGES.index)
+        if self.published_generator() and "generator" in wanted and not self.is_done("extract"):
+            # a published generator with its own latent statistics samples without latents
+            self.log("[extract] not needed: generator.weights with generator.latent_stats")
+            wanted = [s for s in wanted if s != "extract"]
         for stage in wanted:
             self.run_stage(stage)
         return {s: self.done_info(s) for s in wanted}
+
+    def published_generator(self) -> bool:
+        """``train.generator_images: 0`` with ``generator.weights`` and
+        ``generator.latent_stats``: the generator stage needs no extracted latents."""
+        g = self.cfg.generator
+        return self.cfg.train.generator_images == 0 and bool(
+            getattr(g, "weights", None) and getattr(g, "latent_stats", None)
+        )
 
     def run_stage(self, stage: str) -> dict:
         if self.is_done(stage):
             self.log(f"[{stage}] cached: {self.stage_dir(stage)}")
             return self.done_info(stage)
         before = UPSTREAM.get(stage)
+        if stage == "generator" and self.published_generator():
+            before = "tokenizer"  # its latent shape; the statistics come with the weights
         if before and not self.is_done(before):
             raise StageNotReady(
                 f"{stage} needs the {before} stage's artifacts ({self.stage_dir(before)}); "
@@ -204,7 +229,23 @@ class Pipeline:
         }
 
     def stats(self) -> dict:
-        return json.loads((self.stage_dir("extract") / "stats.json").read_text())
+        """The latent statistics: the extraction's, with ``generator.latent_stats`` (the
+        normalisation published weights were trained with) replacing mean / std; a
+        published generator with its statistics needs no extraction (shape from config)."""
+        path = self.stage_dir("extract") / "stats.json"
+        if path.exists():
+            stats = json.loads(path.read_text())
+        elif self.published_generator():
+            stats = {"latent_shape": list(latent_shape_of(self.cfg))}
+        else:
+            raise StageNotReady(f"no latent statistics yet: {path} (run `latentforge extract`)")
+        file = getattr(self.cfg.generator, "latent_stats", None)
+        if file:
+            from latentforge.generators.lightningdit import read_latent_stats
+
+            stats.update(read_latent_stats(file, stats["latent_shape"][0]))
+            stats["stats_source"] = str(file)
+        return stats
 
     def _train(self, kind: str, dataset, out: Path, stats: dict | None = None) -> dict:
         from latentforge.platform.train import run_trainer
@@ -233,20 +274,13 @@ class Pipeline:
 
     def _published_tokenizer(self, out: Path) -> dict:
         """``train.tokenizer_images: 0``: the tokenizer is ``tokenizer.weights`` as published."""
-        from safetensors.torch import save_file
 
         from latentforge.platform.train import build_tokenizer, state_dict_of
 
         weights = getattr(self.cfg.tokenizer, "weights", None)
         if not weights:
             raise ConfigError("train.tokenizer_images=0 needs tokenizer.weights (no training)")
-        sd = state_dict_of(build_tokenizer(self.cfg))
-        for name in ("model.safetensors", "ema.safetensors"):
-            save_file(sd, str(out / name))
-        (out / "curve.json").write_text("[]")
-        info = {"nimg": 0, "weights": str(weights)}
-        (out / "state.json").write_text(json.dumps(info))
-        return info
+        return store_published(out, state_dict_of(build_tokenizer(self.cfg)), weights)
 
     def _extract(self, out: Path) -> dict:
         from latentforge.platform.extract import extract
@@ -261,6 +295,8 @@ class Pipeline:
         from latentforge.platform.extract import latent_dataset
         from latentforge.platform.train import build_generator, reg_dim, repa_dim
 
+        if self.cfg.train.generator_images == 0:
+            return self._published_generator(out)
         stats = self.stats()
         # config errors surface here, in one line, not from inside the Ray Train workers
         with torch.device("meta"):
@@ -272,6 +308,23 @@ class Pipeline:
         dataset = latent_dataset(self.stage_dir("extract"), vfm=repa, cls=reg)
         dataset = training_rows(dataset, self.cfg.data, self.cfg.train.seed).materialize()
         return self._train("generator", dataset, out, stats)
+
+    def _published_generator(self, out: Path) -> dict:
+        """``train.generator_images: 0``: the generator is ``generator.weights`` as
+        published (official LightningDiT / DiT layouts load strictly)."""
+
+        from latentforge.generators.lightningdit import load_published
+        from latentforge.platform.train import build_generator, state_dict_of
+
+        weights = getattr(self.cfg.generator, "weights", None)
+        if not weights:
+            raise ConfigError("train.generator_images=0 needs generator.weights (no training)")
+        model = build_generator(self.cfg, self.stats())
+        try:
+            load_published(model, weights)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return store_published(out, state_dict_of(model), weights)
 
     def _sample(self, out: Path) -> dict:
         from latentforge.platform.sample import run_sampling
@@ -292,6 +345,32 @@ class Pipeline:
         from latentforge.platform.report import write_report
 
         return write_report(self, out)
+
+
+def store_published(out: Path, sd: dict, weights: str) -> dict:
+    """A training stage's artifacts for published weights: they are both the model and its
+    EMA, with no curve and no images seen."""
+    from safetensors.torch import save_file
+
+    for name in ("model.safetensors", "ema.safetensors"):
+        save_file(sd, str(out / name))
+    (out / "curve.json").write_text("[]")
+    info = {"nimg": 0, "weights": str(weights)}
+    (out / "state.json").write_text(json.dumps(info))
+    return info
+
+
+def latent_shape_of(cfg: ExperimentConfig) -> tuple[int, ...]:
+    """(C, H, W) of the configured tokenizer's latents at ``data.resolution``."""
+    from latentforge.tokenizers import vavae
+
+    if not isinstance(cfg.tokenizer, vavae.VAVAEConfig):
+        raise ConfigError(f"tokenizer {cfg.tokenizer.name}: latent shape needs the extraction")
+    arch = vavae.resolve_arch(cfg.tokenizer)
+    res = cfg.data.resolution
+    if res % arch.downsample:
+        raise ConfigError(f"data.resolution {res} is not divisible by {arch.downsample}")
+    return (arch.z_channels, res // arch.downsample, res // arch.downsample)
 
 
 def check_model_configs(cfg: ExperimentConfig, generator: bool) -> None:

@@ -135,9 +135,10 @@ def write_report(pipeline, out: Path) -> dict:
     plot_curves(curves, out / "curves.png")
     shutil.copy(pipeline.stage_dir("sample") / "grid.png", out / "grid.png")
     shutil.copy(pipeline.stage_dir("evaluate") / "recon.png", out / "recon.png")
-    times = {
+    times = {  # a published generator may have skipped the extraction
         s: pipeline.done_info(s).get("seconds", 0.0)
         for s in ("tokenizer", "extract", "generator", "sample", "evaluate")
+        if pipeline.is_done(s)
     }
     title = f"latentforge report: {cfg.tokenizer.name} + {cfg.generator.name} on {cfg.data.name}"
     rows = metrics_rows(metrics)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentforge.registry import TOKENIZERS
+from latentforge.state_dicts import mismatch
 from latentforge.tokenizers import losses
 from latentforge.tokenizers.base import Tokenizer
 
@@ -540,12 +541,8 @@ def load_published(model: VAVAE, path: str) -> None:
     drop = ("loss.", "foundation_model.")
     drop += () if any(k.startswith("linear_proj.") for k in ours) else ("linear_proj.",)
     sd = {k: v for k, v in sd.items() if not k.startswith(drop)}
-    missing = [k for k in ours if k not in sd and not k.startswith("linear_proj.")]
-    unexpected = [k for k in sd if k not in ours]
-    shapes = [k for k in sd if k in ours and sd[k].shape != ours[k].shape]
-    if missing or unexpected or shapes:
+    if differs := mismatch(ours, sd, optional="linear_proj."):
         raise ValueError(
-            f"tokenizer.weights {file}: not a VA-VAE {model.cfg.config} checkpoint "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {shapes[:3]})"
+            f"tokenizer.weights {file}: not a VA-VAE {model.cfg.config} checkpoint ({differs})"
         )
     model.load_state_dict(sd, strict=False)
