@@ -458,3 +458,23 @@ def test_published_generator_loads_the_official_layout_without_extraction(tmp_pa
     )
     with pytest.raises(ConfigError, match="not a checkpoint of this generator config"):
         Pipeline(other, log=lambda *_: None).run(("tokenizer", "generator"))
+
+
+def test_wait_for_release_does_not_stall_on_other_trials_groups(monkeypatch):
+    import itertools
+
+    import latentforge.platform.train as train_mod
+
+    live = [{"a", "ours"}, {"a", "ours"}, {"a"}]  # our group goes on the third look
+    monkeypatch.setattr(
+        train_mod, "_live_groups", lambda: live.pop(0) if len(live) > 1 else live[0]
+    )
+    monkeypatch.setattr(train_mod.time, "sleep", lambda s: None)
+    train_mod.wait_for_release({"a"})
+    assert live == [{"a"}]
+    # two concurrent trials' groups appeared; neither goes: bounded by shared_s, not 120 s
+    clock = itertools.count(0, 5)
+    monkeypatch.setattr(train_mod.time, "time", lambda: next(clock))
+    monkeypatch.setattr(train_mod, "_live_groups", lambda: {"a", "ours", "theirs"})
+    train_mod.wait_for_release({"a"}, timeout_s=120, shared_s=15)
+    assert next(clock) <= 30

@@ -686,10 +686,15 @@ def _live_groups() -> set[str]:
     return {pid for pid, pg in placement_group_table().items() if pg["state"] != "REMOVED"}
 
 
-def wait_for_release(before: set[str], timeout_s: float = 120.0) -> None:
+def wait_for_release(before: set[str], timeout_s: float = 120.0, shared_s: float = 15.0) -> None:
     """Train V2 frees its worker placement group asynchronously after ``fit`` returns;
-    wait until the groups created since ``before`` are gone, so the next stage's actors
-    start at once instead of queueing behind a group that is being torn down."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline and _live_groups() - before:
+    wait until the group created since ``before`` is gone, so the next stage's actors
+    start at once instead of queueing behind a group that is being torn down. Groups are
+    unnamed: when several appeared meanwhile (concurrent sweep trials, whose groups live
+    on), wait for one of them to go, for at most ``shared_s``."""
+    created = _live_groups() - before
+    if not created:
+        return
+    deadline = time.time() + (timeout_s if len(created) == 1 else shared_s)
+    while time.time() < deadline and created <= _live_groups():
         time.sleep(0.5)
