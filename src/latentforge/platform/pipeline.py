@@ -82,7 +82,8 @@ def stage_hashes(cfg: ExperimentConfig) -> dict[str, str]:
     sample = dataclasses.replace(cfg.sample, batch_size=0)
     h["sample"] = config_hash("sample", h["generator"], sample)
     evaluate = dataclasses.replace(cfg.evaluate, batch_size=0)
-    h["evaluate"] = config_hash("evaluate", h["sample"], evaluate)
+    # the rule choosing real images is part of what the metrics mean (evaluate.real_images)
+    h["evaluate"] = config_hash("evaluate", h["sample"], evaluate, "real-images: hashed subset")
     h["report"] = config_hash("report", h["evaluate"])
     return h
 
