@@ -408,15 +408,20 @@ def _group_of(point: dict) -> tuple[str, str]:
 def plot_frontier(
     rows: list[dict], x: str, y: str, path: Path, front: list[dict] | None = None
 ) -> None:
-    """One point per trial: colour = latent width, marker = VF alignment on/off, hollow =
-    stopped early by ASHA; the Pareto front of the finished trials as a line."""
+    """One point per trial: colour = latent width (in numeric order), marker = VF alignment
+    on/off, hollow = stopped early by ASHA; the Pareto front of the finished trials as a
+    line. The generation axis is logarithmic when its values span more than 10x (one
+    failed width would otherwise flatten the rest)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
-    widths = sorted({_group_of(r["point"])[0] for r in rows})
+    widths = sorted(
+        {_group_of(r["point"])[0] for r in rows},
+        key=lambda w: (0, float(w), "") if w.replace(".", "", 1).isdigit() else (1, 0.0, w),
+    )
     colours = {w: plt.cm.viridis(i / max(len(widths) - 1, 1)) for i, w in enumerate(widths)}
     markers = {"VF on": "o", "VF off": "s", "n/a": "D"}
     seen = set()
@@ -445,6 +450,9 @@ def plot_frontier(
             ls="--",
             label="Pareto front",
         )
+    ys = [r["metrics"][y] for r in rows if x in r["metrics"] and y in r["metrics"]]
+    if ys and min(ys) > 0 and max(ys) > 10 * min(ys):
+        ax.set_yscale("log")
     ax.set_xlabel(f"{x} (reconstruction)")
     ax.set_ylabel(f"{y} (generation)")
     ax.set_title("reconstruction vs generation frontier (hollow: stopped early)")
