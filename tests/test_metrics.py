@@ -74,7 +74,14 @@ def test_one_inception_pass_gives_pool_features_and_logits(random_inception):
 def test_is_kid_precision_recall_on_known_features():
     # IS: uniform predictions score 1; confident, balanced predictions over C classes score C
     assert inception_score(np.zeros((20, 1008)))[0] == pytest.approx(1.0)
-    assert inception_score(np.tile(50 * np.eye(10), (3, 1)), splits=1)[0] == pytest.approx(10.0)
+    # 10 equally likely, confidently predicted classes: IS = 10, one chunk below 5k samples
+    assert inception_score(np.tile(50 * np.eye(10), (3, 1))) == pytest.approx((10.0, 0.0, 1))
+    # ADM's contiguous chunks, unshuffled: 12k samples -> 5k, 5k, 2k; a chunk of one class
+    # scores 1, a chunk of all ten 10
+    one = np.tile(50 * np.eye(10)[0], (5000, 1))
+    ten = np.tile(50 * np.eye(10), (500, 1))
+    mean, std, splits = inception_score(np.concatenate([one, ten, ten[:2000]]))
+    assert splits == 3 and mean == pytest.approx((1 + 10 + 10) / 3, rel=1e-6)
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(200, 16)), rng.normal(size=(200, 16))
     shifted = rng.normal(size=(200, 16)) + 1.0

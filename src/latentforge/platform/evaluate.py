@@ -406,8 +406,8 @@ def fid_metrics(cfg: ExperimentConfig, samples: np.ndarray, wanted=("fid",)) -> 
         sfid = frechet_distance(FeatureStats.of(np.concatenate(spatial)), spatial_ref)
         out |= described("sfid", sfid, n, INCEPTION_SPATIAL, spatial_source)
     if "is" in wanted:
-        mean, std = inc.inception_score(logits)
-        out |= described("is", mean, n, INCEPTION_LOGITS) | {"is_std": std}
+        mean, std, splits = inc.inception_score(logits)
+        out |= described("is", mean, n, INCEPTION_LOGITS) | {"is_std": std, "is_splits": splits}
     if "kid" in wanted:
         mean, std, size = inc.kernel_inception_distance(
             pool, real, ec.kid_subset_size, ec.kid_subsets

@@ -83,7 +83,9 @@ def stage_hashes(cfg: ExperimentConfig) -> dict[str, str]:
     h["sample"] = config_hash("sample", h["generator"], sample)
     evaluate = dataclasses.replace(cfg.evaluate, batch_size=0)
     # the rule choosing real images is part of what the metrics mean (evaluate.real_images)
-    h["evaluate"] = config_hash("evaluate", h["sample"], evaluate, "real-images: hashed subset")
+    rules = ["real-images: hashed subset"]
+    rules += ["is: adm 5k chunks"] if "is" in cfg.evaluate.metrics else []
+    h["evaluate"] = config_hash("evaluate", h["sample"], evaluate, *rules)
     h["report"] = config_hash("report", h["evaluate"])
     return h
 

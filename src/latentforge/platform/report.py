@@ -44,7 +44,7 @@ METRIC_NOTES = {
 VFM_NOTE = "Fréchet distance of a VFM's class token, samples vs real (FD_DINOv2, Stein et al. 2023)"
 TABLES = ("class_confusion",)  # metrics.json entries rendered as their own tables
 # a metric's companions in metrics.json, shown in its row rather than as rows of their own
-COMPANIONS = ("_num_samples", "_extractor", "_reference", "_std", "_sizes")
+COMPANIONS = ("_num_samples", "_extractor", "_reference", "_std", "_sizes", "_splits")
 
 
 def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
