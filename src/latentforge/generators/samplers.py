@@ -115,7 +115,7 @@ def time_grid(
     """``steps + 1`` shifted times from span[0] (noise side) to span[1]."""
     grid = shift_t(torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=torch.float64), shift)
     lo, hi = span
-    return grid if (lo, hi) == (0.0, 1.0) else lo + (hi - lo) * grid
+    return lo + (hi - lo) * grid
 
 
 @torch.no_grad()

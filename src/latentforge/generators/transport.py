@@ -6,7 +6,8 @@ Time convention (used everywhere in latentforge): **t = 0 is noise, t = 1 is dat
 
 as in SiT (Ma et al. 2024) and LightningDiT (Yao et al. 2025). Papers and checkpoints
 that put data at t = 0 (e.g. rectified-flow code where t = 1 is noise) convert with
-:func:`flip_time` (times) and :func:`flip_velocity` (their velocity output). Paths: ``linear`` (alpha = t, sigma = 1 - t), ``gvp``
+:func:`flip_time` (times) and :func:`flip_velocity` (their velocity output). Paths:
+``linear`` (alpha = t, sigma = 1 - t), ``gvp``
 (alpha = sin(pi t / 2), sigma = cos(pi t / 2)) and ``vp`` (variance preserving with a
 linear beta schedule in [0.1, 20]). Samplers only ever see velocities: :meth:`Transport.velocity`
 turns any prediction type into dx_t/dt.

@@ -35,6 +35,7 @@ import torch
 
 from latentforge.config import ExperimentConfig, config_hash
 from latentforge.metrics.frechet import FeatureStats, frechet_distance, frechet_distance_inf
+from latentforge.platform.pipeline import REAL_IMAGES_RULE
 
 METRICS = (
     "fd_shapesnet",
@@ -172,10 +173,9 @@ def extractor_weights(cfg: ExperimentConfig, extractor: str) -> Path | None:
         if ec.fd_vfm_weights:
             return Path(ec.fd_vfm_weights)
         if ec.fd_vfm and ec.fd_vfm.startswith("local:"):
-            from latentforge.tokenizers.vfm import ASSETS
+            from latentforge.tokenizers.vfm import local_asset
 
-            name = ec.fd_vfm.split(":", 1)[1]
-            return Path(name) if name.endswith(".safetensors") else ASSETS / f"{name}.safetensors"
+            return local_asset(ec.fd_vfm.split(":", 1)[1])
     return None
 
 
@@ -185,7 +185,7 @@ def _cache_file(cfg: ExperimentConfig, split: str, n: int, extractor: str, suffi
     (so retrained weights never meet another file's cached features)."""
     weights = extractor_weights(cfg, extractor)
     identity = file_identity(weights) if weights is not None and weights.exists() else None
-    key = config_hash(extractor, cfg.data, split, n, "hashed-subset", identity)
+    key = config_hash(extractor, cfg.data, split, n, REAL_IMAGES_RULE, identity)
     name = re.sub(r"[^\w.-]+", "_", extractor)
     return Path(cfg.run_dir, "cache", f"real-{split}-{n}-{name}-{key}{suffix}.npz")
 
@@ -242,8 +242,7 @@ def _adm_cache_file(cfg: ExperimentConfig, extractor: str, suffix: str) -> Path:
     """Cache file for ``evaluate.fid_reference`` under ``extractor``, keyed by the file's
     path, size and mtime."""
     src = Path(cfg.evaluate.fid_reference)
-    st = src.stat()
-    key = config_hash(extractor, str(src.resolve()), st.st_size, st.st_mtime_ns)
+    key = config_hash(extractor, *file_identity(src))
     return Path(cfg.run_dir, "cache", f"adm-{src.stem}-{extractor}-{key}{suffix}.npz")
 
 

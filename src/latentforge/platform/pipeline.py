@@ -43,6 +43,8 @@ GENERATOR_TRAIN_KEYS = (
     "ema_decay",
     "generator_init",
 )
+# how evaluation picks real images (evaluate.real_images): in its cache keys and its hash
+REAL_IMAGES_RULE = "real-images: hashed subset"
 SHARED_TRAIN_KEYS = ("weight_decay", "warmup_images", "grad_clip", "seed")
 
 
@@ -83,7 +85,7 @@ def stage_hashes(cfg: ExperimentConfig) -> dict[str, str]:
     h["sample"] = config_hash("sample", h["generator"], sample)
     evaluate = dataclasses.replace(cfg.evaluate, batch_size=0)
     # the rule choosing real images is part of what the metrics mean (evaluate.real_images)
-    rules = ["real-images: hashed subset"]
+    rules = [REAL_IMAGES_RULE]
     rules += ["is: adm 5k chunks"] if "is" in cfg.evaluate.metrics else []
     h["evaluate"] = config_hash("evaluate", h["sample"], evaluate, *rules)
     h["report"] = config_hash("report", h["evaluate"])
@@ -125,8 +127,8 @@ class Pipeline:
         ``stages`` still to run. Raises :class:`ConfigError` naming the key."""
         cfg, todo = self.cfg, {s for s in stages if not self.is_done(s)}
         try:
-            if todo & {"tokenizer", "extract", "sample", "evaluate"}:
-                check_model_configs(cfg, generator=bool(todo - {"tokenizer", "extract"}))
+            if todo - {"report"}:
+                check_model_configs(cfg, generator=bool(todo & {"generator", "sample"}))
             if "tokenizer" in todo:
                 weights = getattr(cfg.tokenizer, "weights", None)
                 if weights and not Path(weights).expanduser().is_file():
@@ -142,7 +144,6 @@ class Pipeline:
             if "extract" in todo:
                 check_vfm("extract.vfm", cfg.extract.vfm, cfg.extract.vfm_weights)
             if "generator" in todo:
-                check_model_configs(cfg, generator=True)
                 for key in ("weights", "latent_stats"):
                     file = getattr(cfg.generator, key, None)
                     if file and not Path(file).expanduser().is_file():
@@ -402,9 +403,9 @@ def check_vfm(key: str, spec: str | None, weights: str | None) -> None:
         raise ConfigError(f"{key}_weights: {weights} does not exist")
     kind, _, name = spec.partition(":")
     if kind == "local":
-        from latentforge.tokenizers.vfm import ASSETS
+        from latentforge.tokenizers.vfm import local_asset
 
-        path = Path(name) if name.endswith(".safetensors") else ASSETS / f"{name}.safetensors"
+        path = local_asset(name)
         if not path.is_file():
             raise ConfigError(f"{key}: {spec!r}: {path} does not exist")
     elif kind == "hf" and name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():

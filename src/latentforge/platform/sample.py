@@ -67,7 +67,8 @@ def sample_images(
     step = max(MICRO_BATCH, sc.batch_size // MICRO_BATCH * MICRO_BATCH)
     for i in range(0, len(seeds), step):
         s, y = seeds[i : i + step], labels[i : i + step]
-        noise = noise_for_seeds([int(v) for v in s], noise_shape, device)
+        chunk_seeds = [int(v) for v in s]
+        noise = noise_for_seeds(chunk_seeds, noise_shape, device)
         z, nfe = sample(
             field,
             transport,
@@ -80,7 +81,7 @@ def sample_images(
             cfg_channels=sc.cfg_channels,
             timestep_shift=sc.timestep_shift,
             null_class=cfg.data.num_classes,
-            noise_seeds=[int(v) for v in s],  # the SDE's per-step noise, per sample
+            noise_seeds=chunk_seeds,  # the SDE's per-step noise, per sample
             micro_batch=MICRO_BATCH,
         )
         z = field.split(z)[0] if reg_dim else z

@@ -302,6 +302,11 @@ def _hf_norm(repo: str) -> tuple:
         return IMAGENET_MEAN, IMAGENET_STD
 
 
+def local_asset(name: str) -> Path:
+    """The file of a ``local:`` VFM spec: an embedded asset's name or a .safetensors path."""
+    return Path(name) if name.endswith(".safetensors") else ASSETS / f"{name}.safetensors"
+
+
 def load_vfm(
     spec: str,
     layers: list[int] | None = None,
@@ -312,8 +317,7 @@ def load_vfm(
     """Load a frozen VFM by spec (``local:``, ``timm:``, ``hf:``); see the module docstring."""
     kind, _, name = spec.partition(":")
     if kind == "local":
-        path = Path(name) if name.endswith(".safetensors") else ASSETS / f"{name}.safetensors"
-        return load_local(spec, path, layers, normalize, resize)
+        return load_local(spec, local_asset(name), layers, normalize, resize)
     if kind == "timm":
         return load_timm(spec, name, layers, normalize, resize, weights)
     if kind == "hf":
