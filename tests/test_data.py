@@ -217,6 +217,55 @@ def test_training_rows_mix_class_ordered_data_once():
     again = training_rows(ordered, folder, seed=0).take_all()
     assert [r["label"] for r in again] == [r["label"] for r in rows_]
     assert training_rows(ordered, ShapesData(), seed=0) is ordered  # mixed by construction
+    # streamed: read anew each epoch, so no all-to-all pass; the listing is shuffled instead
+    assert training_rows(ordered, folder, seed=0, stream=True) is ordered
+
+
+def test_training_listing_is_a_seeded_permutation_across_classes(tmp_path):
+    from latentforge.platform.data import listing_seed, shuffled
+
+    items = list(range(100))
+    assert shuffled(items, None) is items
+    assert shuffled(items, 3) == shuffled(items, 3) != shuffled(items, 4)
+    assert sorted(shuffled(items, 3)) == items
+    assert listing_seed(ShapesData(), 7) is None  # ids cycle through the classes already
+    assert listing_seed(ImageFolderData(path="/x"), 7) == 7
+    root = tmp_path / "folder"
+    for c in range(6):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            (root / f"c{c}" / f"{i}.png").write_bytes(encode((40 * c, 0, 0), (9, 9)))
+    cfg = ImageFolderData(path=str(root), resolution=RES)
+    listed = load_images(cfg, seed=5)
+    assert listed.rows == 48
+    read = [r["id"] for r in listed.dataset.take_all()]  # one read task: listing order
+    assert sorted(read) == sorted(r["id"] for r in load_images(cfg).dataset.take_all())
+    assert len({i.rsplit("/", 2)[-2] for i in read[:8]}) >= 4  # not folder by folder
+    assert read == [r["id"] for r in load_images(cfg, seed=5).dataset.take_all()]
+
+
+@pytest.mark.parametrize(
+    ("requested", "nbytes", "spare", "mode"),
+    [
+        ("auto", 10 << 20, 0, "memory"),  # fits in a quarter of the 1 GiB store
+        ("auto", 600 << 20, 1, "stream"),  # does not
+        ("auto", None, 1, "stream"),  # size unknown before reading (tar shards)
+        ("auto", 600 << 20, 0.5, "memory"),  # no CPU left to stream: held (and spilled)
+        ("memory", 600 << 20, 4, "memory"),
+        ("stream", 10 << 20, 2, "stream"),
+    ],
+)
+def test_training_data_mode(requested, nbytes, spare, mode):
+    from latentforge.platform.data import training_data_mode
+
+    assert training_data_mode(requested, nbytes, 1 << 30, spare) == mode
+
+
+def test_streaming_without_a_spare_cpu_is_a_config_error():
+    from latentforge.platform.data import training_data_mode
+
+    with pytest.raises(ConfigError, match="ray.training_data=stream.*ray.num_workers"):
+        training_data_mode("stream", 10, 1 << 30, 0)
 
 
 def test_imagefolder_holdout_path_uses_training_classes(tmp_path):

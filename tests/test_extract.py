@@ -19,6 +19,7 @@ from latentforge.platform.extract import (
     finalize_shard,
     id_order,
     latent_dataset,
+    latent_nbytes,
     parse_id,
     shard_of,
     write_manifest,
@@ -193,6 +194,31 @@ def test_manifest_and_shards(setup):
         (full / "stats.json").read_text()
     )
     assert any("complete" in line for line in logs)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_latent_dataset_order_and_size_estimate(setup, monkeypatch):
+    """Seeded reads list the shards in a permuted order (Ray Data then groups small files
+    into read tasks as it likes); the size estimate (what ``ray.training_data=auto``
+    compares with the object store) is that of the columns actually read."""
+    import ray
+
+    from latentforge.platform.data import shuffled
+
+    _, _, _, full, _ = setup
+    manifest = json.loads((full / "manifest.json").read_text())
+    listed = [str(full / s["file"]) for s in manifest["shards"]]
+    calls, read = [], ray.data.read_parquet
+    monkeypatch.setattr(ray.data, "read_parquet", lambda p, **kw: calls.append(p) or read(p, **kw))
+    rows = latent_dataset(full, seed=2).take_all()
+    assert calls == [shuffled(listed, 2)] and shuffled(listed, 2) != listed
+    assert len(rows) == 200
+    for vfm, cls in ((False, False), (True, True)):
+        rows = latent_dataset(full, vfm=vfm, cls=cls).take_all()
+        actual = sum(np.asarray(v).nbytes for r in rows for v in r.values())
+        estimate = latent_nbytes(full, vfm=vfm, cls=cls)
+        assert actual <= estimate <= 1.05 * actual, (estimate, actual)
 
 
 @pytest.mark.ray

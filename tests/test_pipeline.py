@@ -146,9 +146,20 @@ def test_repa_and_reg_through_extract_generator_and_sampling(done_run):
     reg_cfg = load_experiment(
         SMOKE, [f"run_dir={cfg.run_dir}", *overrides, "generator.transport.reg_weight=0.03"]
     )
-    r = Pipeline(reg_cfg)
+    streamed = load_experiment(  # and streamed: its latents read anew each epoch
+        SMOKE,
+        [
+            f"run_dir={cfg.run_dir}",
+            *overrides,
+            "generator.transport.reg_weight=0.03",
+            "ray.training_data=stream",
+        ],
+    )
+    r = Pipeline(streamed)
+    assert r.hashes == Pipeline(reg_cfg).hashes  # how data is held is not part of a result
     assert r.hashes["extract"] == q.hashes["extract"]
     r.run(("generator", "sample"))
+    assert r.done_info("generator")["training_data"] == "stream"
     curve = json.loads((r.stage_dir("generator") / "curve.json").read_text())
     assert all(np.isfinite(point["reg"]) and np.isfinite(point["repa"]) for point in curve)
     with np.load(r.stage_dir("sample") / "samples.npz") as f:
@@ -158,6 +169,49 @@ def test_repa_and_reg_through_extract_generator_and_sampling(done_run):
     )
     with pytest.raises(ConfigError, match="class token"):
         Pipeline(no_cls).run(("generator",))
+
+
+def test_tokenizer_streams_an_image_folder(ray_session, tmp_path, monkeypatch):
+    """``ray.training_data=stream``: the tokenizer trains on an image folder read anew each
+    epoch (two epochs here) through Ray Train, never materialised in the object store."""
+    import dataclasses
+
+    from PIL import Image
+    from ray.data.dataset import MaterializedDataset
+
+    from latentforge.platform import train
+    from latentforge.platform.data import ImageFolderData
+
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        (tmp_path / "img" / f"class{c}").mkdir(parents=True)
+        for i in range(12):
+            pixels = np.full((40, 36, 3), 60 * c, np.uint8) + rng.integers(0, 30, (40, 36, 3))
+            Image.fromarray(pixels.astype(np.uint8)).save(tmp_path / "img" / f"class{c}/{i}.png")
+    cfg = load_experiment(
+        SMOKE,
+        [
+            f"run_dir={tmp_path / 'run'}",
+            "ray.training_data=stream",
+            "train.tokenizer_images=64",
+            "train.tokenizer_batch_size=16",
+            "train.log_every_images=32",
+            "train.checkpoint_every_images=32",
+        ],
+    )
+    data = ImageFolderData(path=str(tmp_path / "img"), resolution=32, holdout_fraction=0.25)
+    cfg = dataclasses.replace(cfg, data=data)
+    given, run_trainer = [], train.run_trainer
+    monkeypatch.setattr(
+        train,
+        "run_trainer",
+        lambda c, k, n, ds, *a: given.append(ds) or run_trainer(c, k, n, ds, *a),
+    )
+    info = Pipeline(cfg).run(("tokenizer",))["tokenizer"]
+    assert info["training_data"] == "stream" and info["nimg"] == 64
+    assert not isinstance(given[0], MaterializedDataset)
+    curve = json.loads((Pipeline(cfg).stage_dir("tokenizer") / "curve.json").read_text())
+    assert [p["nimg"] for p in curve] == [32, 64] and all(np.isfinite(p["loss"]) for p in curve)
 
 
 def test_fid_in_the_evaluate_stage(done_run, tmp_path):

@@ -111,6 +111,10 @@ class RayConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 1
+    # how training stages hold their data (platform/data.py training_data_mode): "memory"
+    # (materialised in the object store), "stream" (read anew each epoch) or "auto" (memory
+    # when it fits in a quarter of the object store, else stream); not part of stage hashes
+    training_data: Literal["auto", "memory", "stream"] = "auto"
 
 
 @dataclass

@@ -174,7 +174,8 @@ class SkipCounter:
 
 
 class ImageSource:
-    """A lazy Ray Dataset of ``image``/``label``/``id`` rows plus its skip counter."""
+    """A lazy Ray Dataset of ``image``/``label``/``id`` rows plus its skip counter and, where
+    the listing tells it, its number of rows."""
 
     def __init__(
         self,
@@ -182,10 +183,12 @@ class ImageSource:
         num_classes: int,
         counter: Any = None,
         class_names: list[str] | None = None,
+        rows: int | None = None,
     ) -> None:
         self.dataset = dataset
         self.num_classes = num_classes
         self.class_names = class_names
+        self.rows = rows  # at most this many rows, where known before reading
         self._counter = counter
 
     def skipped_ids(self) -> list[str]:
@@ -286,9 +289,12 @@ def _render_batch(
 
 
 @DATASETS.register("shapes", config=ShapesData)
-def build_shapes(cfg: ShapesData, split: Split = "train", skip=None, subset=None) -> ImageSource:
+def build_shapes(
+    cfg: ShapesData, split: Split = "train", skip=None, subset=None, seed=None
+) -> ImageSource:
     """Images ``range(num_images)`` (train) or ``HOLDOUT_OFFSET + range(holdout_images)``;
-    a ``subset`` is the first images (labels cycle through the classes: balanced)."""
+    a ``subset`` is the first images (labels cycle through the classes: balanced, so there
+    is no listing to shuffle and ``seed`` is unused)."""
     if not 2 <= cfg.num_classes <= NUM_CLASSES:
         raise ConfigError(f"data.num_classes: must be in [2, {NUM_CLASSES}], got {cfg.num_classes}")
     if len(cfg.scale) != 2:
@@ -313,7 +319,7 @@ def build_shapes(cfg: ShapesData, split: Split = "train", skip=None, subset=None
         batch_size=500,
         batch_format="numpy",
     )
-    return ImageSource(ds, cfg.num_classes)
+    return ImageSource(ds, cfg.num_classes, rows=n)
 
 
 # ----------------------------------------------------------------------- listing files
@@ -411,10 +417,21 @@ def _check_file_cfg(cfg: FileData, split: Split) -> tuple[str, str, float | None
     return cfg.path, "data.path", cfg.holdout_fraction
 
 
-def _paths_dataset(paths: list[str], per_block: int) -> ray.data.Dataset:
-    """A dataset of ``{"path": str}`` rows, ``per_block`` paths per block (= read task)."""
+def _paths_dataset(paths: list[str], per_block: int, seed: int | None = None) -> ray.data.Dataset:
+    """A dataset of ``{"path": str}`` rows, ``per_block`` paths per block (= read task);
+    with a ``seed``, the listing is permuted first (:func:`shuffled`)."""
+    paths = shuffled(paths, seed)
     chunks = [paths[i : i + per_block] for i in range(0, len(paths), per_block)] or [[]]
     return ray.data.from_arrow([pa.table({"path": pa.array(c, pa.string())}) for c in chunks])
+
+
+def shuffled(items: list, seed: int | None) -> list:
+    """``items`` permuted by ``seed`` (None: as they are). Training sources are listed in this
+    order: a streamed epoch then reads files (or shards) from across the classes rather
+    than folder by folder, and each read task holds a mix of classes."""
+    if seed is None:
+        return items
+    return [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
 
 
 def _reader(fs: pafs.FileSystem, path: str) -> Callable[[], bytes]:
@@ -451,7 +468,7 @@ def class_folders(path: str) -> tuple[str, list[str]]:
 
 @DATASETS.register("imagefolder", config=ImageFolderData)
 def build_imagefolder(
-    cfg: ImageFolderData, split: Split = "train", skip=None, subset=None
+    cfg: ImageFolderData, split: Split = "train", skip=None, subset=None, seed=None
 ) -> ImageSource:
     """``root/<class>/...`` images; the split's hash filter runs on the listing, and so does a
     ``subset``: that many files, chosen by hash (:func:`hashed_order`) across all classes."""
@@ -473,7 +490,7 @@ def build_imagefolder(
     counter = SkipCounter.remote()
     decoder = Decoder(cfg.resolution, num_classes, counter, split, None, skip)
     classes = {n: i for i, n in enumerate(names)}
-    ds = _paths_dataset(files, FILES_PER_BLOCK).map_batches(
+    ds = _paths_dataset(files, FILES_PER_BLOCK, seed).map_batches(
         _folder_batch,
         fn_kwargs={
             "decoder": decoder,
@@ -484,7 +501,7 @@ def build_imagefolder(
         },
         batch_size=ROWS_PER_BATCH,
     )
-    return ImageSource(ds, num_classes, counter, names)
+    return ImageSource(ds, num_classes, counter, names, rows=len(files))
 
 
 # ----------------------------------------------------------------------- webdataset
@@ -533,7 +550,7 @@ def _tar_batch(batch, decoder: Decoder, fs, prefix: str):
 
 @DATASETS.register("webdataset", config=WebDatasetData)
 def build_webdataset(
-    cfg: WebDatasetData, split: Split = "train", skip=None, subset=None
+    cfg: WebDatasetData, split: Split = "train", skip=None, subset=None, seed=None
 ) -> ImageSource:
     """One read task per shard, streamed; the hash split uses the sample key. With a
     ``subset`` the shards come in hashed order (a caller's ``limit`` then reads whole shards
@@ -543,7 +560,7 @@ def build_webdataset(
     files = files if subset is None else hashed_order(files)
     counter = SkipCounter.remote()
     decoder = Decoder(cfg.resolution, cfg.num_classes, counter, split, fraction, skip)
-    ds = _paths_dataset(files, 1).map_batches(
+    ds = _paths_dataset(files, 1, seed).map_batches(
         _tar_batch, fn_kwargs={"decoder": decoder, "fs": fs, "prefix": prefix}, batch_size=1
     )
     return ImageSource(ds, cfg.num_classes, counter)
@@ -598,7 +615,9 @@ def _check_columns(fs, path: str, columns: tuple[str, str]) -> None:
 
 
 @DATASETS.register("parquet", config=ParquetData)
-def build_parquet(cfg: ParquetData, split: Split = "train", skip=None, subset=None) -> ImageSource:
+def build_parquet(
+    cfg: ParquetData, split: Split = "train", skip=None, subset=None, seed=None
+) -> ImageSource:
     """One read task per file; ids are ``file#row``; the hash split uses ``name#row``. A
     ``subset`` orders the files as in :func:`build_webdataset`."""
     path, what, fraction = _check_file_cfg(cfg, split)
@@ -608,7 +627,7 @@ def build_parquet(cfg: ParquetData, split: Split = "train", skip=None, subset=No
     _check_columns(fs, files[0], columns)
     counter = SkipCounter.remote()
     decoder = Decoder(cfg.resolution, cfg.num_classes, counter, split, fraction, skip)
-    ds = _paths_dataset(files, 1).map_batches(
+    ds = _paths_dataset(files, 1, seed).map_batches(
         _parquet_batch,
         fn_kwargs={"decoder": decoder, "fs": fs, "prefix": prefix, "columns": columns},
         batch_size=1,
@@ -616,16 +635,52 @@ def build_parquet(cfg: ParquetData, split: Split = "train", skip=None, subset=No
     return ImageSource(ds, cfg.num_classes, counter)
 
 
-def training_rows(dataset: ray.data.Dataset, cfg: Any, seed: int) -> ray.data.Dataset:
-    """``dataset`` (images or their latents) in an order fit for training. Listings, and the
-    extraction's shards that follow them, come class by class (ImageNet's folders): a
-    worker's stream, and its local shuffle window, would then hold two or three classes per
-    batch. Those are shuffled once, globally (``random_shuffle``: an all-to-all pass over
-    the data, before it is materialised for training). ``shapes`` is exempt: its labels
-    cycle through the classes id by id, so every block already holds all of them."""
-    if isinstance(cfg, ShapesData):
+def training_rows(
+    dataset: ray.data.Dataset, cfg: Any, seed: int, stream: bool = False
+) -> ray.data.Dataset:
+    """``dataset`` (images or their latents, listed in :func:`shuffled` order) in an order fit
+    for training. Listings, and the extraction's shards that follow them, come class by
+    class (ImageNet's folders): a worker's stream, and its local shuffle window, would then
+    hold two or three classes per batch. To be held in memory (``stream=False``) they are
+    shuffled once, globally (``random_shuffle``: an all-to-all pass over the data before it
+    is materialised). A streamed dataset is read anew every epoch, where an all-to-all pass
+    would cost a second copy of the data each time: it keeps its shuffled listing, and the
+    workers' shuffle window mixes the rows of the read tasks in flight. ``shapes`` is
+    exempt: its labels cycle through the classes id by id, so every block holds all of them."""
+    if stream or isinstance(cfg, ShapesData):
         return dataset
     return dataset.random_shuffle(seed=seed)
+
+
+def listing_seed(cfg: Any, seed: int) -> int | None:
+    """The seed a training stage permutes ``cfg``'s listing (or its latents' shards) with
+    (:func:`shuffled`): None for ``shapes``, whose ids already cycle through the classes."""
+    return None if isinstance(cfg, ShapesData) else seed
+
+
+MEMORY_SHARE = 0.25  # training data held in memory may use this share of the object store
+
+
+def training_data_mode(
+    requested: str, nbytes: int | None, object_store: float, spare_cpus: float
+) -> str:
+    """How a training stage holds its data (``ray.training_data``): ``memory`` (materialised
+    in the object store: one global shuffle, and a resumed run sees exactly the batches it
+    would have) or ``stream`` (read anew each epoch through Ray Data: memory bounded by its
+    buffers, whatever the dataset's size). ``auto`` holds it in memory when its estimated
+    size ``nbytes`` (None: unknown before reading, as for tar shards) fits in
+    :data:`MEMORY_SHARE` of the cluster's object store, and streams it otherwise. Streaming
+    needs a CPU beyond the training workers' for its read tasks (``spare_cpus``)."""
+    fits = nbytes is not None and nbytes <= MEMORY_SHARE * object_store
+    if requested == "memory" or (requested == "auto" and (fits or spare_cpus < 1)):
+        return "memory"
+    if spare_cpus < 1:
+        raise ConfigError(
+            "ray.training_data=stream: the training workers take every CPU of the cluster and "
+            "none is left to read the data; lower ray.num_workers or ray.cpus_per_worker, or "
+            "add a node"
+        )
+    return "stream"
 
 
 def load_images(
@@ -633,11 +688,13 @@ def load_images(
     split: Split = "train",
     skip: Callable[[str], bool] | None = None,
     subset: int | None = None,
+    seed: int | None = None,
 ) -> ImageSource:
-    """The configured source's split as an :class:`ImageSource`; ids for which ``skip`` is
+    """The configured source's split as an :class:`ImageSource`, its files (or shards) in an
+    order permuted by ``seed`` when given (:func:`shuffled`); ids for which ``skip`` is
     true (a resumed extraction's finished ones) are left out before they are read (image
     folders) or decoded (tar and parquet members, rendered shapes). ``subset=n``: a fixed
     sample of about n images drawn across the whole split (evaluation's real images): exactly
     the n chosen for shapes and image folders, whole shards in hashed order otherwise, for
     the caller to ``limit``."""
-    return DATASETS.build(cfg.name, cfg, split, skip=skip, subset=subset)
+    return DATASETS.build(cfg.name, cfg, split, skip=skip, subset=subset, seed=seed)

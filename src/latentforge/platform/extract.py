@@ -678,18 +678,50 @@ def write_manifest(cfg: ExperimentConfig, store: Store, encoded: dict) -> dict:
     return stats
 
 
-def latent_dataset(out_dir: str | Path, vfm: bool = False, cls: bool = False):
-    """The extracted latents as a Ray Dataset: ``latent``, ``label`` (+ ``latent_flip``
-    when extracted with flips; ``vfm`` patch features and the ``vfm_cls`` class token on
-    request), shards in manifest order."""
-    import ray
-
-    store = Store.open(out_dir)
+def _latent_files(store: Store, vfm: bool, cls: bool) -> tuple[list[str], list[str] | None]:
+    """(columns, shard paths in manifest order; None for the layout before manifests)."""
     columns = ["latent", "label"] + (["vfm"] if vfm else []) + (["vfm_cls"] if cls else [])
-    if not store.exists("manifest.json"):  # the layout before manifests: a parquet directory
-        return ray.data.read_parquet(store.path("shards"), filesystem=store.fs, columns=columns)
+    if not store.exists("manifest.json"):
+        return columns, None
     manifest = store.read_json("manifest.json")
     if manifest["flip"]:
         columns.append("latent_flip")
-    paths = [store.path(s["file"]) for s in manifest["shards"]]
-    return ray.data.read_parquet(paths, filesystem=store.fs, columns=columns)
+    return columns, [store.path(s["file"]) for s in manifest["shards"]]
+
+
+def latent_dataset(out_dir: str | Path, vfm: bool = False, cls: bool = False, seed=None):
+    """The extracted latents as a Ray Dataset: ``latent``, ``label`` (+ ``latent_flip``
+    when extracted with flips; ``vfm`` patch features and the ``vfm_cls`` class token on
+    request), shards in manifest order or, with a ``seed``, permuted by it."""
+    import ray
+
+    from latentforge.platform.data import shuffled
+
+    store = Store.open(out_dir)
+    columns, paths = _latent_files(store, vfm, cls)
+    if paths is None:  # the layout before manifests: a parquet directory
+        return ray.data.read_parquet(store.path("shards"), filesystem=store.fs, columns=columns)
+    return ray.data.read_parquet(shuffled(paths, seed), filesystem=store.fs, columns=columns)
+
+
+def latent_nbytes(out_dir: str | Path, vfm: bool = False, cls: bool = False) -> int | None:
+    """In-memory size of :func:`latent_dataset`'s rows, from the row count and the tensor
+    shapes in the first shard's schema (None for the layout before manifests)."""
+    import ray.data  # noqa: F401  (registers the tensor type the schema names)
+
+    store = Store.open(out_dir)
+    columns, paths = _latent_files(store, vfm, cls)
+    if paths is None:
+        return None
+    rows = sum(s["rows"] for s in store.read_json("manifest.json")["shards"])
+    with store.fs.open_input_file(paths[0]) as f:
+        schema = pq.read_schema(f)
+    per_row = 0
+    for name in columns:
+        kind = schema.field(name).type
+        if hasattr(kind, "shape"):  # a tensor per row: its values and a list offset
+            width = kind.storage_type.value_type.bit_width // 8
+            per_row += int(np.prod(kind.shape)) * width + 8
+        else:
+            per_row += kind.bit_width // 8
+    return rows * per_row

@@ -264,16 +264,40 @@ class Pipeline:
         info["checkpoint"] = ckpt.path  # the full training state, for train.generator_init
         return info
 
+    def training_data(self, kind: str, dataset, nbytes: int | None):
+        """``dataset`` ready for ``kind``'s trainer: ordered for training and materialised,
+        or left to stream, as ``ray.training_data`` and the cluster decide; returns it and
+        the mode."""
+        import ray
+
+        from latentforge.platform.data import training_data_mode, training_rows
+
+        rc = self.cfg.ray
+        total = ray.cluster_resources()
+        spare = total.get("CPU", 0) - rc.num_workers * rc.cpus_per_worker
+        mode = training_data_mode(
+            rc.training_data, nbytes, total.get("object_store_memory", 0), spare
+        )
+        size = "size unknown" if nbytes is None else f"~{nbytes / 2**30:.2f} GiB"
+        store = total.get("object_store_memory", 0) / 2**30
+        self.log(f"[{kind}] training data: {mode} ({size}; object store {store:.1f} GiB)")
+        rows = training_rows(dataset, self.cfg.data, self.cfg.train.seed, mode == "stream")
+        return (rows if mode == "stream" else rows.materialize()), mode
+
     def _tokenizer(self, out: Path) -> dict:
-        from latentforge.platform.data import load_images, training_rows
+        from latentforge.platform.data import listing_seed, load_images
 
         if self.cfg.train.tokenizer_images == 0:
             return self._published_tokenizer(out)
-        source = load_images(self.cfg.data, "train")
+        seed = listing_seed(self.cfg.data, self.cfg.train.seed)
+        source = load_images(self.cfg.data, "train", seed=seed)
         dataset = source.dataset.select_columns(["image", "label"])
-        dataset = training_rows(dataset, self.cfg.data, self.cfg.train.seed).materialize()
+        res = self.cfg.data.resolution
+        nbytes = None if source.rows is None else source.rows * (res * res * 3 + 8)
+        dataset, mode = self.training_data("tokenizer", dataset, nbytes)
         info = self._train("tokenizer", dataset, out)
         info["num_skipped"] = source.num_skipped()
+        info["training_data"] = mode
         return info
 
     def _published_tokenizer(self, out: Path) -> dict:
@@ -295,8 +319,8 @@ class Pipeline:
     def _generator(self, out: Path) -> dict:
         import torch
 
-        from latentforge.platform.data import training_rows
-        from latentforge.platform.extract import latent_dataset
+        from latentforge.platform.data import listing_seed
+        from latentforge.platform.extract import latent_dataset, latent_nbytes
         from latentforge.platform.train import build_generator, reg_dim, repa_dim
 
         if self.cfg.train.generator_images == 0:
@@ -309,9 +333,12 @@ class Pipeline:
                 repa, reg = repa_dim(self.cfg, stats) > 0, reg_dim(self.cfg, stats) > 0
             except (KeyError, ValueError) as e:
                 raise ConfigError(f"generator: {e}") from None
-        dataset = latent_dataset(self.stage_dir("extract"), vfm=repa, cls=reg)
-        dataset = training_rows(dataset, self.cfg.data, self.cfg.train.seed).materialize()
-        return self._train("generator", dataset, out, stats)
+        latents = self.stage_dir("extract")
+        seed = listing_seed(self.cfg.data, self.cfg.train.seed)
+        dataset = latent_dataset(latents, vfm=repa, cls=reg, seed=seed)
+        nbytes = latent_nbytes(latents, vfm=repa, cls=reg)
+        dataset, mode = self.training_data("generator", dataset, nbytes)
+        return {**self._train("generator", dataset, out, stats), "training_data": mode}
 
     def _published_generator(self, out: Path) -> dict:
         """``train.generator_images: 0``: the generator is ``generator.weights`` as
