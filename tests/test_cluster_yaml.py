@@ -80,6 +80,37 @@ def test_every_node_mounts_the_shared_run_dir(cfg, request):
     assert run_dirs and all(d.startswith(f"{path}/") for d in run_dirs), run_dirs
 
 
+GPUS = {"p4d.24xlarge": 8, "g5.2xlarge": 1, "a2-highgpu-8g": 8, "g2-standard-8": 1}
+
+
+def max_gpus(cfg: dict) -> int:
+    """The most GPUs the autoscaler can bring up: the largest nodes first, within each
+    type's and the cluster's ``max_workers``."""
+    per_type = []
+    for t in cfg["available_node_types"].values():
+        kind = t["node_config"].get("InstanceType") or t["node_config"].get("machineType")
+        per_type += [GPUS.get(kind, 0)] * t["max_workers"]
+    return sum(sorted(per_type, reverse=True)[: cfg["max_workers"]])
+
+
+@pytest.mark.parametrize(
+    "experiment", sorted((ROOT / "experiments").rglob("*.yaml")), ids=lambda p: p.name
+)
+def test_gpu_experiments_fit_the_cluster_files(experiment):
+    """A Train job asking for more GPU workers than the cluster can start waits for its
+    placement group forever (Ray Train retries it), so every GPU experiment must fit."""
+    spec = yaml.safe_load(experiment.read_text()) or {}
+    ray_cfg = spec.get("ray") or {}
+    if not ray_cfg.get("use_gpu"):
+        return
+    for path in CLUSTER_FILES:
+        assert ray_cfg["num_workers"] <= max_gpus(prepared(path)), (experiment, path)
+
+
+def test_max_gpus_counts_the_largest_nodes_first():
+    assert [max_gpus(prepared(p)) for p in CLUSTER_FILES] == [22, 22]
+
+
 def test_two_providers():
     assert len({prepared(p)["provider"]["type"] for p in CLUSTER_FILES}) >= 2
 

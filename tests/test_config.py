@@ -68,6 +68,29 @@ def test_run_dir_uri_is_refused_not_made_a_local_directory():
     assert load_experiment(QUICKSTART, ["run_dir=/shared/runs/q"]).run_dir == "/shared/runs/q"
 
 
+def test_relative_run_dir_is_refused_inside_a_ray_job_copy(tmp_path, monkeypatch):
+    """`ray job submit --working-dir .` runs the entry point in an unpacked copy of the
+    checkout in Ray's temp dir on the head: a relative run_dir would land there."""
+    from latentforge.platform.pipeline import Pipeline
+    from latentforge.platform.sweep import load_sweep
+
+    quickstart = ROOT / "experiments" / "quickstart.yaml"
+    sweep = ROOT / "experiments" / "sweeps" / "smoke.yaml"
+    copy = tmp_path / "session_1/runtime_resources/working_dir_files/_ray_pkg_0123abcd"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    cfg = load_experiment(quickstart)  # loading is fine: the check is where it is resolved
+    with pytest.raises(ConfigError, match=r"run_dir: 'runs/quickstart' is relative.*/shared/"):
+        Pipeline(cfg)
+    with pytest.raises(ConfigError, match="is relative"):
+        load_sweep(sweep)
+    shared = load_experiment(quickstart, [f"run_dir={tmp_path / 'shared/runs/q'}"])
+    assert Pipeline(shared).run_dir == tmp_path / "shared/runs/q"
+    assert load_sweep(sweep, [f"run_dir={tmp_path / 's'}"]).run_dir == tmp_path / "s"
+    monkeypatch.chdir(tmp_path)  # outside a job, relative paths resolve against the cwd
+    assert Pipeline(cfg).run_dir == tmp_path / "runs/quickstart"
+
+
 def test_unknown_registry_name_lists_known(tmp_path):
     path = write(tmp_path, f"base: {QUICKSTART}\ntokenizer: {{name: nope}}\n")
     with pytest.raises(ConfigError, match=r"tokenizer\.name.*known: .*vavae"):

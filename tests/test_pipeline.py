@@ -171,6 +171,21 @@ def test_repa_and_reg_through_extract_generator_and_sampling(done_run):
         Pipeline(no_cls).run(("generator",))
 
 
+def test_report_without_reconstruction_metrics(done_run):
+    """Generation metrics only: no reconstructions are made, and the report (and the run
+    directory's copy of it) has no reconstruction section or stale image."""
+    cfg, p = done_run
+    assert (p.run_dir / "recon.png").exists()  # the full run's report has one
+    gen_only = load_experiment(SMOKE, [f"run_dir={cfg.run_dir}", "evaluate.metrics=[fd_shapesnet]"])
+    q = Pipeline(gen_only)
+    q.run(("evaluate", "report"))
+    assert not (q.stage_dir("evaluate") / "recon.png").exists()
+    assert "fd_shapesnet" in json.loads((q.stage_dir("evaluate") / "metrics.json").read_text())
+    report = (q.run_dir / "report.md").read_text()
+    assert "Reconstructions" not in report and "grid.png" in report
+    assert not (q.run_dir / "recon.png").exists()
+
+
 def test_tokenizer_streams_an_image_folder(ray_session, tmp_path, monkeypatch):
     """``ray.training_data=stream``: the tokenizer trains on an image folder read anew each
     epoch (two epochs here) through Ray Train, never materialised in the object store."""

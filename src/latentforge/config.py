@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,6 +217,22 @@ def experiment_from_node(node: DictConfig, source: str) -> ExperimentConfig:
 
 
 URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+RAY_JOB_COPY = "/runtime_resources/working_dir_files/"  # where `ray job submit` unpacks code
+
+
+def resolve_run_dir(run_dir: str, source: str) -> Path:
+    """``run_dir`` as an absolute path. A relative one is refused inside a Ray job's unpacked
+    copy of the checkout (``--working-dir``): it would resolve into Ray's temp dir on the
+    head, which the workers do not see and the next job (another copy) does not find."""
+    cwd = os.getcwd()
+    if not Path(run_dir).is_absolute() and RAY_JOB_COPY in cwd + "/":
+        raise ConfigError(
+            f"{source}: run_dir: {run_dir!r} is relative, and this job runs in Ray's unpacked "
+            f"copy of the checkout ({cwd}), which only the head has and the next job will not "
+            "reuse: give an absolute path that every node mounts, e.g. "
+            f"run_dir=/shared/{run_dir.strip('./') or 'runs'} (cluster.yaml mounts /shared)"
+        )
+    return Path(run_dir).resolve()
 
 
 def load_experiment(

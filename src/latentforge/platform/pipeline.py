@@ -17,7 +17,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from latentforge.config import ConfigError, ExperimentConfig, config_hash, to_dict, to_yaml
+from latentforge.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_hash,
+    resolve_run_dir,
+    to_dict,
+    to_yaml,
+)
 
 STAGES = ("tokenizer", "extract", "generator", "sample", "evaluate", "report")
 UPSTREAM = dict(zip(STAGES[1:], STAGES[:-1], strict=True))
@@ -98,7 +105,7 @@ class Pipeline:
     def __init__(self, cfg: ExperimentConfig, log: Callable[[str], None] = print):
         self.cfg = cfg
         self.log = log
-        self.run_dir = Path(cfg.run_dir).resolve()
+        self.run_dir = resolve_run_dir(cfg.run_dir, "experiment")
         self.hashes = stage_hashes(cfg)
 
     def stage_dir(self, stage: str) -> Path:

@@ -125,6 +125,9 @@ def confusion_table(matrix: list[list[int]]) -> list[list[str]]:
     return [head] + [[name(i)] + [str(v) for v in row] for i, row in enumerate(matrix)]
 
 
+RECON_HEADING = "Reconstructions (held-out image, then its reconstruction)"
+
+
 def write_report(pipeline, out: Path) -> dict:
     cfg = pipeline.cfg
     metrics = json.loads(Path(pipeline.paths()["metrics"]).read_text())
@@ -134,7 +137,9 @@ def write_report(pipeline, out: Path) -> dict:
     }
     plot_curves(curves, out / "curves.png")
     shutil.copy(pipeline.stage_dir("sample") / "grid.png", out / "grid.png")
-    shutil.copy(pipeline.stage_dir("evaluate") / "recon.png", out / "recon.png")
+    recon = pipeline.stage_dir("evaluate") / "recon.png"  # with reconstruction metrics only
+    if recon.exists():
+        shutil.copy(recon, out / "recon.png")
     times = {  # a published generator may have skipped the extraction
         s: pipeline.done_info(s).get("seconds", 0.0)
         for s in ("tokenizer", "extract", "generator", "sample", "evaluate")
@@ -164,10 +169,10 @@ def write_report(pipeline, out: Path) -> dict:
         "",
         "![samples](grid.png)",
         "",
-        "## Reconstructions (held-out image, then its reconstruction)",
-        "",
-        "![recon](recon.png)",
-        "",
+    ]
+    if recon.exists():
+        md += [f"## {RECON_HEADING}", "", "![recon](recon.png)", ""]
+    md += [
         "## Training curves",
         "",
         "![curves](curves.png)",
@@ -182,7 +187,10 @@ def write_report(pipeline, out: Path) -> dict:
     (out / "report.md").write_text("\n".join(md) + "\n")
     (out / "report.html").write_text(render_html(title, rows, times, out, confusion))
     for name in ("report.md", "report.html", "grid.png", "recon.png", "curves.png"):
-        shutil.copy(out / name, pipeline.run_dir / name)
+        if (out / name).exists():
+            shutil.copy(out / name, pipeline.run_dir / name)
+        else:  # not this report's: an earlier run's would pass for it
+            (pipeline.run_dir / name).unlink(missing_ok=True)
     return {"report": str(pipeline.run_dir / "report.html")}
 
 
@@ -213,6 +221,9 @@ def render_html(title: str, rows, times: dict, out: Path, confusion=()) -> str:
             + "</table>"
         )
     timing = "".join(f"<tr><td>{s}</td><td>{t:.1f}</td></tr>" for s, t in times.items())
+    recon = ""
+    if (out / "recon.png").exists():
+        recon = f"<h2>{RECON_HEADING}</h2>{_img(out / 'recon.png')}"
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}</style></head>
@@ -220,7 +231,7 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;t
 <h2>Metrics</h2><table><tr><th>metric</th><th>value</th><th>samples</th><th>extractor</th>
 <th>reference</th><th>meaning</th></tr>{table}</table>{conf}
 <h2>Class-conditional samples (one row per class)</h2>{_img(out / "grid.png")}
-<h2>Reconstructions (held-out image, then its reconstruction)</h2>{_img(out / "recon.png")}
+{recon}
 <h2>Training curves</h2>{_img(out / "curves.png")}
 <h2>Stage times (s)</h2><table>{timing}</table></body></html>
 """

@@ -34,6 +34,7 @@ from latentforge.config import (
     config_hash,
     load_experiment,
     merge_schema,
+    resolve_run_dir,
 )
 
 
@@ -153,7 +154,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise ConfigError(f"{path}: {e}") from None
     if spec.run_dir and URI.match(spec.run_dir):
         raise ConfigError(f"{path}: run_dir: {spec.run_dir!r} is a URI; give a filesystem path")
-    run_dir = Path(spec.run_dir or f"{base.run_dir}-{spec.name}").resolve()
+    run_dir = resolve_run_dir(spec.run_dir or f"{base.run_dir}-{spec.name}", str(path))
     return Sweep(spec, base_path, run_dir)
 
 
