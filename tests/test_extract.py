@@ -123,6 +123,38 @@ def test_shards_do_not_depend_on_batching(tmp_path, threads):
     assert stats["count"] == 100 and stats["samples"] == 100 * 8 * 8 and not stats["flip"]
 
 
+def test_trained_tokenizer_loads_without_training_only_files(tmp_path, threads):
+    """Extraction actors and sampling tasks load the stage's weights only: the VFM, LPIPS
+    and the published weights training started from may be absent on their node."""
+    from latentforge.platform.extract import load_tokenizer
+
+    cfg = load_experiment(SMOKE, [f"run_dir={tmp_path}", *OVERRIDES])
+    torch.manual_seed(0)
+    trained = build_tokenizer(cfg)
+    assert trained.linear_proj is not None  # trained with VF alignment
+    save_file(state_dict_of(trained), str(tmp_path / "model.safetensors"))
+    missing = str(tmp_path / "missing.safetensors")
+    remote = load_experiment(
+        SMOKE,
+        [
+            f"run_dir={tmp_path}",
+            *OVERRIDES,
+            "tokenizer.vfm=timm:vit_large_patch14_dinov2.lvd142m",
+            f"tokenizer.vfm_weights={missing}",
+            "tokenizer.perceptual=lpips",
+            f"tokenizer.weights={missing}",
+        ],
+    )
+    with pytest.raises(FileNotFoundError):  # training would need them
+        build_tokenizer(remote)
+    model = load_tokenizer(remote, tmp_path / "model.safetensors")
+    assert model.vfm is None and model.perceptual is None
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        expected = trained.eval().decode(trained.encode(x))
+        assert torch.equal(model.decode(model.encode(x)), expected)
+
+
 def test_bfloat16_latents_are_rounded_to_bf16(tmp_path, threads):
     cfg = load_experiment(SMOKE, [*OVERRIDES[:3], "extract.dtype=bfloat16"])
     weights = tmp_path / "tokenizer.safetensors"

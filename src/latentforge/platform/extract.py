@@ -55,14 +55,28 @@ FORMAT = 1  # manifest format version
 LOG_EVERY_S = 10.0  # progress log interval
 
 
+# what only training uses: the frozen loss networks and the weights training started from
+TRAINING_ONLY = {"vfm": None, "perceptual": "none", "weights": None, "disc_weights": None}
+
+
 def load_tokenizer(cfg: ExperimentConfig, weights: str | Path, device="cpu") -> torch.nn.Module:
-    """Build the configured tokenizer and load its trained weights (strict)."""
+    """The configured tokenizer with its trained weights, for encoding and decoding: built
+    without what only training uses (:data:`TRAINING_ONLY`), so extraction actors and
+    sampling tasks on other nodes need no VFM, LPIPS or published-weights file, only
+    ``weights``; loaded strictly but for the VF loss's projection (``linear_proj``)."""
+    import dataclasses
+
     from safetensors.torch import load_file
 
     from latentforge.platform.train import build_tokenizer
 
-    model = build_tokenizer(cfg)
-    model.load_state_dict(load_file(str(weights)), strict=True)
+    tok = cfg.tokenizer
+    slim = {k: v for k, v in TRAINING_ONLY.items() if hasattr(tok, k)}
+    model = build_tokenizer(dataclasses.replace(cfg, tokenizer=dataclasses.replace(tok, **slim)))
+    state = load_file(str(weights))
+    if getattr(model, "linear_proj", None) is None:
+        state = {k: v for k, v in state.items() if not k.startswith("linear_proj.")}
+    model.load_state_dict(state, strict=True)
     return model.to(device).eval().requires_grad_(False)
 
 
