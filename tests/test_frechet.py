@@ -48,10 +48,12 @@ def test_rank_deficient_covariances_stay_finite_and_real():
 
 
 def test_save_load(tmp_path):
-    s = FeatureStats.of(np.random.default_rng(3).normal(size=(20, 4)))
+    """A round trip keeps the mean, covariance and count exactly (float64)."""
+    s = FeatureStats.of(np.random.default_rng(3).normal(size=(20, 4)) + [1.0, -2.0, 0.5, 3.0])
     s.save(tmp_path / "s.npz")
     t = FeatureStats.load(tmp_path / "s.npz")
-    assert t.n == 20 and np.allclose(t.sigma, s.sigma)
+    assert t.n == 20 and np.array_equal(t.sigma, s.sigma) and np.array_equal(t.mu, s.mu)
+    assert t.mu.dtype == t.sigma.dtype == np.float64
 
 
 @pytest.mark.parametrize("dim, n", [(64, 500), (512, 300), (2048, 600), (2048, 4000)])

@@ -165,6 +165,31 @@ def test_micro_batch_padding_keeps_results():
     assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
 
 
+class TimeSpy(torch.nn.Module):
+    """Zero velocity; records the times it is evaluated at."""
+
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def forward(self, x, t, y):
+        self.times.append(t[0].item())
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("shift", [0.3, 1.0, 2.0])
+def test_euler_evaluates_the_shifted_time_grid(shift):
+    """Euler with ``steps`` steps evaluates the model at the first ``steps`` points of the
+    uniform grid u_i = i / steps mapped by LightningDiT's timestep shift
+    t = s u / (1 + (s - 1) u) (t = 1 data)."""
+    spy, steps = TimeSpy(), 5
+    noise = torch.zeros(2, 4, 8, 8)
+    sample(spy, Transport(TransportConfig()), noise, torch.tensor([0, 1]), steps=steps,
+           timestep_shift=shift, null_class=10)  # fmt: skip
+    u = [i / steps for i in range(steps)]
+    assert spy.times == pytest.approx([shift * v / (1 + (shift - 1) * v) for v in u], abs=1e-7)
+
+
 def test_balanced_labels():
     assert torch.bincount(balanced_labels(1000, 10)).tolist() == [100] * 10
 
@@ -198,6 +223,17 @@ def test_lognorm_times_reproducible_and_in_range():
     a = tr.sample_t(1000, "cpu", torch.Generator().manual_seed(3))
     b = tr.sample_t(1000, "cpu", torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and a.min() > 0 and a.max() < 1 and abs(a.median() - 0.5) < 0.05
+
+
+@pytest.mark.parametrize("mean, std", [(0.0, 1.0), (-0.5, 0.6)])
+def test_lognorm_times_are_logit_normal(mean, std):
+    """Logit-normal sampling (Esser et al. 2024, SD3 Sec. 3.1): logit(t) ~ N(mean, std^2)
+    (uniform t would give logit(t) a std of pi / sqrt(3) = 1.81)."""
+    cfg = TransportConfig(t_sampling="lognorm", lognorm_mean=mean, lognorm_std=std)
+    t = Transport(cfg).sample_t(20_000, "cpu", torch.Generator().manual_seed(0)).double()
+    logit = torch.log(t / (1 - t))
+    assert logit.mean().item() == pytest.approx(mean, abs=0.05)
+    assert logit.std().item() == pytest.approx(std, abs=0.1 * std)
 
 
 def test_shift_and_time_conventions():

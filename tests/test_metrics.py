@@ -339,6 +339,130 @@ def test_generation_metrics_per_class_and_fd_inf(tmp_path, real_calls):
     assert "fd_shapesnet_inf" not in out
 
 
+def shapesnet_outputs(images):
+    """The embedded classifier's penultimate features and predicted classes, computed here
+    from its documented input convention (float images in [-1, 1], channels first)."""
+    from latentforge.metrics.shapesnet import load_shapesnet
+
+    net = load_shapesnet()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).double().div(255).mul(2).sub(1).float()
+    with torch.no_grad():
+        return net.features(x).double().numpy(), net(x).argmax(1).numpy()
+
+
+def test_generation_metrics_equal_an_independent_computation(tmp_path, real_calls):
+    """fd_shapesnet = FD(shapesnet features of the samples, of the num_real training images),
+    its real baseline = FD(held-out images, same reference), FD∞ the extrapolation of the
+    samples' FD, class_accuracy = the fraction of samples classified as their label."""
+    from latentforge.metrics.frechet import frechet_distance, frechet_distance_inf
+
+    cfg = smoke_cfg(tmp_path, "evaluate.num_real=40")
+    samples, labels = render_shapes(range(300, 340), 32)
+    samples = noisy(samples, 5, scale=60)  # not the training images: FD > 0
+    labels = labels.copy()
+    labels[:8] = (labels[:8] + 1) % 10  # some requested labels the images do not show
+    out = ev.generation_metrics(cfg, samples, labels, ["fd_shapesnet", "fd_shapesnet_inf"])
+    feats, preds = shapesnet_outputs(samples)
+    train, _ = render_shapes(range(40), 32, cfg.data.seed)  # what real_images gave it
+    held, _ = render_shapes(range(10_000, 10_040), 32, cfg.data.seed)
+    ref = FeatureStats.of(shapesnet_outputs(train)[0])
+    fd = frechet_distance(FeatureStats.of(feats), ref)
+    baseline = frechet_distance(FeatureStats.of(shapesnet_outputs(held)[0]), ref)
+    assert fd > 2 * baseline > 0  # noisy samples are farther from the reference than real ones
+    assert out["fd_shapesnet"] == pytest.approx(fd, rel=1e-5)
+    assert out["fd_shapesnet_real_baseline"] == pytest.approx(baseline, rel=1e-5)
+    assert out["fd_shapesnet_inf"] == pytest.approx(
+        frechet_distance_inf(feats, ref).value, rel=1e-4
+    )
+    accuracy = float(np.mean(preds == labels))
+    assert 0 < accuracy < 1 and out["class_accuracy"] == pytest.approx(accuracy)
+
+
+def test_fd_vfm_equals_the_distance_of_the_vfms_class_tokens(tmp_path, monkeypatch, real_calls):
+    """fd_shapes_vit = FD(class tokens of the samples, of the training images), the tokens
+    computed here by the VFM on images in [-1, 1] (its documented input)."""
+    from latentforge.metrics.frechet import frechet_distance
+    from latentforge.tokenizers import vfm as vfm_mod
+    from latentforge.tokenizers.vfm import load_vfm
+
+    vfm = load_vfm("local:shapes-vit")
+    monkeypatch.setattr(vfm_mod, "load_vfm", lambda spec, weights=None: vfm)  # load it once
+    cfg = smoke_cfg(tmp_path, "evaluate.num_real=8", "evaluate.metrics=[fd_vfm]")
+    samples = noisy(render_shapes(range(200, 208), 32)[0], 2)
+    out = ev.vfm_metrics(cfg, samples)
+
+    def tokens(images):
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).double().div(255).mul(2).sub(1)
+        return vfm(x.float()).cls.double().numpy()
+
+    ref = FeatureStats.of(tokens(render_shapes(range(8), 32, cfg.data.seed)[0]))
+    fd = frechet_distance(FeatureStats.of(tokens(samples)), ref)
+    assert out["fd_shapes_vit"] == pytest.approx(fd, rel=1e-4)
+
+
+def fake_inception_outputs(images, extractor, batch_size=100):
+    """A cheap stand-in for the Inception pass: a fixed random projection of the pixels
+    (16-d "pool" features, 10 "logits"). The random-weight InceptionV3 gives features of
+    ~1e-8 that all coincide (KID ~ 1e-16 for any two sets), and 2048-d FDs take seconds."""
+    proj = np.random.default_rng(0).normal(size=(images[0].size, 16)) / 32
+    pool = (np.asarray(images, np.float64).reshape(len(images), -1) / 255) @ proj
+    return pool, pool[:, :10] * 3
+
+
+def kid_exact(x, y):
+    """Unbiased MMD^2 with the cubic kernel (x.y / d + 1)^3 (Bińkowski et al. 2018, Eq. 3)
+    on the whole sets (a KID subset of every sample is the set itself)."""
+    k = lambda a, b: (a @ b.T / a.shape[1] + 1) ** 3  # noqa: E731
+    m, n = len(x), len(y)
+    kxx, kyy = k(x, x), k(y, y)
+    return (
+        (kxx.sum() - np.trace(kxx)) / (m * (m - 1))
+        + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+        - 2 * k(x, y).mean()
+    )
+
+
+def precision_recall_exact(fake, real, k=3):
+    """Kynkäänniemi et al. 2019: a point is inside a set's manifold when it lies within the
+    distance of some member to that member's k-th nearest neighbour (itself excluded)."""
+    d = lambda a, b: np.linalg.norm(a[:, None] - b[None], axis=-1)  # noqa: E731
+    r_real, r_fake = np.sort(d(real, real), 1)[:, k], np.sort(d(fake, fake), 1)[:, k]
+    precision = np.mean((d(fake, real) <= r_real[None]).any(1))
+    recall = np.mean((d(real, fake) <= r_fake[None]).any(1))
+    return precision, recall
+
+
+def test_inception_metrics_compare_the_samples_with_the_real_images(
+    tmp_path, monkeypatch, inception_file, real_calls
+):
+    """FID, KID, precision/recall and IS of the samples' features against the training
+    images' features, each equal to its definition computed here."""
+    from latentforge.metrics.frechet import frechet_distance
+
+    monkeypatch.setattr(inc, "inception_outputs", fake_inception_outputs)
+    wanted = ["fid", "kid", "precision", "recall", "is"]
+    cfg = smoke_cfg(
+        tmp_path,
+        f"evaluate.metrics={wanted}",
+        f"evaluate.inception_weights={inception_file}",
+        "evaluate.num_real=12",
+        "evaluate.kid_subset_size=12",
+    )
+    samples = noisy(render_shapes(range(100, 112), 32)[0] // 2, 0, scale=20)  # darker
+    out = ev.fid_metrics(cfg, samples, wanted)
+    pool, logits = fake_inception_outputs(samples, None)
+    real = fake_inception_outputs(render_shapes(range(12), 32, cfg.data.seed)[0], None)[0]
+    assert out["fid"] == pytest.approx(
+        frechet_distance(FeatureStats.of(pool), FeatureStats.of(real)), rel=1e-6
+    )
+    kid = kid_exact(pool, real)
+    assert kid > 1 and out["kid"] == pytest.approx(kid, rel=1e-6)
+    precision, recall = precision_recall_exact(pool, real)
+    assert (precision, recall) != (1.0, 1.0)  # distinguishable from the samples vs themselves
+    assert (out["precision"], out["recall"]) == pytest.approx((precision, recall))
+    assert out["is"] == pytest.approx(inception_score(logits)[0])
+
+
 def test_metric_names_are_checked():
     ev.check_metrics(list(ev.METRICS))
     with pytest.raises(ValueError, match="fid_infinity"):

@@ -33,3 +33,73 @@ def test_sampling_runs_on_the_models_device(monkeypatch):
         cfg, generator, tokenizer, STATS, seeds, labels, log=lambda *_: None
     )
     assert seen == ["meta", "meta"] and out.shape == (20, 32, 32, 3)
+
+
+# per-channel statistics, none of them 0 / 1, so that a missing or swapped term shows
+STATS_NORMALISED = {
+    "latent_shape": [4, 8, 8],
+    "mean": [0.5, -1.0, 0.25, 2.0],
+    "std": [2.0, 0.5, 1.0, 3.0],
+}
+
+
+class DecodeSpy(torch.nn.Module):
+    """A tokenizer that records what it is asked to decode."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def decode(self, z):
+        self.seen.append(z.clone())
+        return torch.zeros(z.shape[0], 3, 32, 32)
+
+
+def test_samples_are_decoded_at_the_data_scale_of_the_latents():
+    """Sampling runs in normalised latent space; the tokenizer decodes z * std + mean (per
+    channel). A freshly built LightningDiT predicts zero velocity (zero-initialised output
+    layer), so its sample is the initial noise of each sample's seed
+    sample.seed * 1_000_000 + i (module docstring), drawn here with torch's generator."""
+    cfg = load_experiment(SMOKE, ["sample.seed=3", "sample.cfg_scale=4.0"])
+    generator = build_generator(cfg, STATS_NORMALISED).eval()
+    tokenizer = DecodeSpy()
+    n = 20
+    seeds = sample_mod.sample_seeds(cfg, n)
+    assert seeds.tolist() == [3_000_000 + i for i in range(n)]
+    sample_mod.sample_images(
+        cfg, generator, tokenizer, STATS_NORMALISED, seeds, np.arange(n) % 10, log=lambda *_: None
+    )
+    noise = torch.stack(
+        [torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    )
+    mean = torch.tensor(STATS_NORMALISED["mean"]).view(1, 4, 1, 1)
+    std = torch.tensor(STATS_NORMALISED["std"]).view(1, 4, 1, 1)
+    decoded = torch.cat(tokenizer.seen)
+    assert torch.allclose(decoded, noise * std + mean, atol=1e-6)
+
+
+class TimeSpyGenerator(torch.nn.Module):
+    """Zero velocity; records the time of every evaluation."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # sets the device
+        self.times = []
+
+    def forward(self, x, t, y):
+        self.times.append(t[0].item())
+        return torch.zeros_like(x)
+
+
+def test_sample_timestep_shift_reaches_the_sampler():
+    """sample.timestep_shift s: the sampler evaluates the model on the shifted grid
+    t = s u / (1 + (s - 1) u), u = 0, 1/3, 2/3 for 3 Euler steps (LightningDiT's shift)."""
+    cfg = load_experiment(
+        SMOKE, ["sample.timestep_shift=0.3", "sample.steps=3", "sample.cfg_scale=1.0"]
+    )
+    spy = TimeSpyGenerator()
+    sample_mod.sample_images(
+        cfg, spy, DecodeSpy(), STATS, np.arange(16), np.arange(16) % 10, log=lambda *_: None
+    )
+    expected = [0.3 * u / (1 - 0.7 * u) for u in (0, 1 / 3, 2 / 3)]
+    assert spy.times == pytest.approx(expected, abs=1e-7)

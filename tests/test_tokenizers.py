@@ -134,6 +134,58 @@ def test_loss_parts_and_adaptive_weight():
     assert 0 < w < float("inf")
 
 
+def adaptive(main, other, last, cap):
+    """||grad_last main|| / (||grad_last other|| + 1e-4), clamped to [0, cap] (Esser et al.
+    2021, Eq. 7; VA-VAE's VF weight), from the gradients taken here."""
+    g_main = torch.autograd.grad(main, last, retain_graph=True)[0]
+    g_other = torch.autograd.grad(other, last, retain_graph=True)[0]
+    return min(g_main.norm().item() / (g_other.norm().item() + 1e-4), cap)
+
+
+def test_loss_is_recon_plus_weighted_kl_plus_adaptive_vf():
+    """VA-VAE's objective (Yao et al. 2025, Sec. 3): L = L_rec + w_kl L_kl + w_vf w_ad L_vf,
+    w_ad = ||grad L_rec|| / ||grad L_vf|| at the encoder's last layer (capped at 1e8 in LDM's
+    per-image-sum units, i.e. 1e8 / (3 H W) here)."""
+    vfm = FakeVFM()
+    model = tiny(vfm=vfm, vf_weight=0.5, kl_weight=0.1, sample_posterior=False).train()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    out = model.loss(x, nimg=0)
+    mean, logvar = model.moments(x)  # deterministic: z is the posterior mean
+    recon = (model.decode(mean) - x).abs().mean()
+    kl = (0.5 * (mean**2 + logvar.exp() - 1 - logvar)).sum(dim=(1, 2, 3)).mean() / (3 * 16 * 16)
+    vf = losses.vf_loss(model.linear_proj(mean), vfm(x).patch[-1], 0.5, 0.25)
+    w = 0.5 * adaptive(recon, vf, model.encoder.conv_out.weight, 1e8 / (3 * 16 * 16))
+    assert out["vf_weight_eff"].item() == pytest.approx(w, rel=1e-4)
+    assert out["kl"].item() == pytest.approx(kl.item(), rel=1e-5)
+    assert out["vf"].item() == pytest.approx(vf.item(), rel=1e-5)
+    expected = recon + 0.1 * kl + w * vf
+    assert w * vf.item() > 1e-3 * expected.item()  # the VF term counts in the total
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_loss_adds_the_adaptive_gan_generator_term():
+    """With the discriminator on: + w_disc w_ad L_G, L_G = -mean D(x_hat) (hinge, generator
+    side), w_ad = ||grad L_rec|| / ||grad L_G|| at the decoder's last layer (Esser et al. 2021,
+    Eq. 7), capped at disc_max_weight / (3 H W)."""
+    model = tiny(disc_weight=0.5, disc_max_weight=1e6, disc_layers=2, disc_channels=8, kl_weight=0.1,
+                 sample_posterior=False)  # fmt: skip
+    model.train()
+    disc = model.make_discriminator()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    out = model.loss(x, nimg=0, discriminator=disc)
+    mean, logvar = model.moments(x)
+    x_hat = model.decode(mean)
+    recon = (x_hat - x).abs().mean()
+    kl = losses.kl_loss(mean, logvar, 3 * 16 * 16)
+    g = -disc(x_hat).mean()
+    w = 0.5 * adaptive(recon, g, model.decoder.conv_out.weight, 1e6 / (3 * 16 * 16))
+    assert out["g_weight_eff"].item() == pytest.approx(w, rel=1e-4)
+    assert out["g_loss"].item() == pytest.approx(g.item(), rel=1e-5)
+    expected = recon + 0.1 * kl + w * g
+    assert abs(w * g.item()) > 1e-3 * abs(expected.item())
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_vf_loss_zero_beyond_margins_for_identical_features():
     f = torch.randn(2, 6, 4, 4)
     assert losses.vf_loss(f.clone(), f, 0.0, 0.0).item() == pytest.approx(0.0, abs=1e-6)
@@ -169,6 +221,24 @@ def test_kl_is_zero_for_standard_normal():
     assert (
         losses.kl_loss(torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 8), 3 * 32 * 32).item() == 0.0
     )
+
+
+def test_kl_matches_the_gaussian_closed_form():
+    """KL(N(mu, exp(logvar)) || N(0, 1)) summed over each image's latent elements, averaged
+    over images, divided by the image's 3 H W values; here by torch.distributions."""
+    from torch.distributions import Normal, kl_divergence
+
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64)
+    logvar = torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64)
+    kl = kl_divergence(Normal(mean, (0.5 * logvar).exp()), Normal(0.0, 1.0))  # per element
+    expected = kl.sum(dim=(1, 2, 3)).mean() / (3 * 8 * 8)
+    assert losses.kl_loss(mean, logvar, 3 * 8 * 8).item() == pytest.approx(
+        expected.item(), rel=1e-9
+    )
+    # one latent element: 0.5 (mu^2 + var - 1 - log var) = 0.5 (4 + e - 1 - 1)
+    one = losses.kl_loss(torch.tensor([[2.0]]), torch.tensor([[1.0]]), 1).item()
+    assert one == pytest.approx(0.5 * (2 + torch.e), rel=1e-6)
 
 
 def test_few_steps_lower_the_loss():

@@ -67,6 +67,30 @@ def test_generator_fit_checkpoints_and_resumes(tmp_path):
     assert out["nimg"] == 192 and [p["nimg"] for p in out["curve"]] == [32, 64, 96, 128, 160, 192]
 
 
+class TransportSpy:
+    """Records the x1 the transport loss is given."""
+
+    def __init__(self):
+        self.x1 = []
+
+    def loss(self, model, x1, y, generator=None, features=None, cls=None):
+        self.x1.append(x1)
+        return {"loss": x1.sum()}
+
+
+def test_generator_trains_on_latents_normalised_with_the_dataset_statistics():
+    """The generator's data x1 is the latent standardised per channel,
+    (latent - mean) / std, with the extracted statistics (LightningDiT's latent norm)."""
+    mean, std = [0.5, -1.0, 0.25, 2.0], [2.0, 0.5, 1.0, 3.0]
+    stats = {"latent_shape": [4, 8, 8], "mean": mean, "std": std}
+    job = generator_job(load_experiment(SMOKE), stats)
+    spy = job.objective.transport = TransportSpy()
+    batch = {k: torch.from_numpy(v[:8]) for k, v in latents().items()}
+    job.objective(batch, 0, torch.Generator().manual_seed(0))
+    m, s = torch.tensor(mean).view(1, 4, 1, 1), torch.tensor(std).view(1, 4, 1, 1)
+    assert torch.allclose(spy.x1[0], (batch["latent"] - m) / s, atol=1e-6)
+
+
 class Crash(RuntimeError):
     pass
 
@@ -155,6 +179,53 @@ def test_ema_update():
     assert torch.allclose(ema.weight, before + 0.1)
 
 
+def test_ema_decay_warm_up_follows_its_formula():
+    """min(decay, (1 + step) / (10 + step)): 0.1 at step 0, then the configured decay."""
+    from latentforge.platform.train import ema_decay_at
+
+    assert ema_decay_at(0, 0.9999) == pytest.approx(0.1)
+    assert ema_decay_at(1, 0.9999) == pytest.approx(2 / 11)
+    assert ema_decay_at(90, 0.9999) == pytest.approx(0.91)
+    assert ema_decay_at(10**6, 0.9999) == pytest.approx(0.9999, rel=1e-12)
+    assert ema_decay_at(10**6, 0.999) == pytest.approx(0.999, rel=1e-12)
+
+
+def read(path):
+    """A checkpoint file's tensors, copied (not views of a file that is rewritten in place)."""
+    return {k: v.clone() for k, v in load_file(str(path)).items()}
+
+
+def test_fit_moves_the_ema_towards_the_model_with_the_warm_up_decay(tmp_path):
+    """After step k the EMA is d_k EMA + (1 - d_k) W_k with d_k = min(decay, (1+k)/(10+k))
+    and W_k the weights after the step; it starts from the initial weights."""
+    from latentforge.platform.train import state_dict_of
+
+    common = ["train.warmup_images=0", "train.checkpoint_every_images=32"]  # full lr at once
+    one = load_experiment(SMOKE, ["train.generator_images=32", *common])  # one step of 32
+    job = generator_job(one, STATS)
+    init = {k: v.clone() for k, v in state_dict_of(job.model).items()}
+    runtime = LocalRuntime(latents(), tmp_path)
+    fit(one, job, runtime, log=lambda *_: None)
+    ck = tmp_path / "checkpoint"
+    w1, ema1 = (read(ck / f) for f in ("model.safetensors", "ema.safetensors"))
+    moved = [k for k in init if not torch.equal(w1[k], init[k])]
+    assert "final_layer.linear.weight" in moved  # (the zero-initialised layer moves first)
+    for k in moved:
+        assert not torch.equal(ema1[k], init[k]) and not torch.equal(ema1[k], w1[k]), k
+    for k in init:
+        assert torch.allclose(ema1[k], 0.1 * init[k] + 0.9 * w1[k], rtol=1e-5, atol=1e-7), k
+    two = load_experiment(SMOKE, ["train.generator_images=64", *common])
+    fit(two, generator_job(two, STATS), runtime, log=lambda *_: None)  # resumes: step 1
+    w2, ema2 = (read(ck / f) for f in ("model.safetensors", "ema.safetensors"))
+    moved = [k for k in init if not torch.equal(w2[k], w1[k])]
+    assert len(moved) > 2  # (the zero-initialised modulations open up the rest)
+    for k in moved:
+        assert not torch.equal(ema2[k], ema1[k]) and not torch.equal(ema2[k], w2[k]), k
+    for k in init:
+        expected = 2 / 11 * ema1[k] + 9 / 11 * w2[k]
+        assert torch.allclose(ema2[k], expected, rtol=1e-5, atol=1e-7), k
+
+
 def test_shuffled_batches_cut_shuffled_chunks_with_carry_over():
     rows = [np.arange(0, 5), np.arange(5, 12), np.arange(12, 16), np.arange(16, 19)]
     chunks = [{"id": r, "x": r * 10.0} for r in rows]
@@ -239,6 +310,67 @@ def test_gradient_accumulation_equals_one_large_batch():
     assert torch.allclose(w1, w2, atol=1e-6)
     assert out1["loss"] == pytest.approx(out2["loss"], rel=1e-6)
     assert out1["grad_norm"] == pytest.approx(out2["grad_norm"], rel=1e-5)
+
+
+def test_lr_warms_up_linearly_then_stays_constant():
+    """Linear warm-up over warmup_images: base_lr (n + 1) / warmup at n images seen (the first
+    step is not wasted at lr 0), then base_lr; no warm-up: base_lr from the start."""
+    from latentforge.platform.train import lr_at
+
+    assert lr_at(0, 1e-3, 1000) == pytest.approx(1e-6)
+    assert lr_at(249, 1e-3, 1000) == pytest.approx(2.5e-4)
+    assert lr_at(499, 1e-3, 1000) == pytest.approx(5e-4)
+    assert lr_at(999, 1e-3, 1000) == pytest.approx(1e-3)
+    assert lr_at(10**6, 1e-3, 1000) == pytest.approx(1e-3)
+    assert lr_at(0, 1e-3, 0) == lr_at(123, 1e-3, 0) == pytest.approx(1e-3)
+
+
+def test_gradients_are_clipped_before_the_step():
+    """With train.grad_clip c the step uses the gradient rescaled to norm min(|g|, c): under
+    plain SGD at lr 1 the parameters move by exactly that much; grad_norm logs |g|."""
+    from types import SimpleNamespace
+
+    from latentforge.platform.train import train_step
+
+    target = torch.tensor([3.0, -4.0, 12.0])  # |grad of |w - target|^2 at 0| = 2 * 13 = 26
+
+    class Far(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(3))
+
+        def forward(self, batch, nimg, gen):
+            return {"loss": (self.w - target).pow(2).sum()}
+
+    for clip, moved in ((0.5, 0.5), (100.0, 26.0), (0.0, 26.0)):  # 0: off
+        model = Far()
+        job = SimpleNamespace(model=model, lr=1.0, kind="test")
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        tc = SimpleNamespace(warmup_images=0, grad_clip=clip)
+        out = train_step(model, opt, [{"x": torch.zeros(1)}], 0, None, job, tc)
+        step = model.w.detach()
+        assert step.norm().item() == pytest.approx(moved, rel=1e-5), clip
+        assert torch.allclose(step / step.norm(), target / 13, atol=1e-6)  # direction kept
+        if clip > 0:
+            assert out["grad_norm"] == pytest.approx(26.0, rel=1e-5)
+
+
+def test_weight_decay_reaches_the_optimiser():
+    """train.weight_decay is AdamW's decoupled weight decay for the model's parameters; the
+    ImageNet LightningDiT-XL/1 reproduction trains without (0.0, not AdamW's default 0.01)."""
+    from latentforge.platform.train import make_optimizers
+
+    for overrides, decay in (([], 0.0), (["train.weight_decay=0.037"], 0.037)):
+        cfg = load_experiment(SMOKE, overrides)
+        opt, _ = make_optimizers(generator_job(cfg, STATS), cfg.train)
+        assert isinstance(opt, torch.optim.AdamW)
+        assert [g["weight_decay"] for g in opt.param_groups] == [decay] * len(opt.param_groups)
+    xl = load_experiment(
+        ROOT / "experiments/imagenet256/lightningdit_xl1_vavae_f16d32.yaml",
+        ["generator.config=tiny"],  # the experiment's train settings on a model that fits here
+    )
+    opt, _ = make_optimizers(generator_job(xl, STATS), xl.train)
+    assert xl.train.weight_decay == 0.0 and opt.param_groups[0]["weight_decay"] == 0.0
 
 
 def test_fit_with_accumulation_and_compile(tmp_path):

@@ -205,8 +205,24 @@ def test_hf_vit_mae_keeps_patch_order(tmp_path):
     )
     vfm = load_vfm(f"hf:{hf_dir(tmp_path, cfg, ViTMAEModel, 'mae')}")
     check(vfm, 32, (4, 4))
-    x = torch.rand(1, 3, 32, 32) * 2 - 1
-    assert torch.equal(vfm(x).patch[-1], vfm(x).patch[-1])  # no random shuffling
+    # MAE shuffles its patch tokens by argsort(noise), even at mask ratio 0; transformers
+    # returns ids_restore to put them back. Reference: the model's own tokens, under random
+    # noise, unshuffled; the adapter's grid must hold patch (i, j) at row i, column j
+    cfg.mask_ratio = 0.0
+    torch.manual_seed(0)
+    mae = ViTMAEModel(cfg).eval()
+    mae.load_state_dict(vfm.model.state_dict())
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=g)  # model input (after preprocessing)
+    noise = torch.rand(2, 16, generator=g)
+    with torch.no_grad():
+        out = mae(pixel_values=x, noise=noise)
+        tokens = out.last_hidden_state[:, 1:]  # (B, 16, C) in shuffled order
+        index = out.ids_restore.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+        ref = torch.gather(tokens, 1, index)
+        grid = vfm.encode(x).patch[-1]  # (B, C, 4, 4)
+    assert not torch.equal(out.ids_restore[0], torch.arange(16))  # the noise did shuffle
+    assert torch.allclose(grid.flatten(2).transpose(1, 2), ref, atol=1e-5)
 
 
 def test_hf_missing_dir_error():
