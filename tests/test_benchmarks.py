@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Stands in for a checkout of the official repository: same constructor keywords, our module.
@@ -28,13 +30,18 @@ def test_generator_step_benchmark(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "generator_step.py"), "--config", "tiny"]
     cmd += ["--latent", "4,8,8", "--batch", "2", "--repeats", "1", "--threads", "1"]
-    cmd += ["--official", str(repo), "--out", str(out)]
+    cmd += ["--official", str(repo), "--out", str(out), "--peak-tflops", "0.5"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     result = json.loads(out.read_text())
     assert [r["implementation"] for r in result["rows"]] == ["latentforge", "official"]
     for r in result["rows"]:
         assert r["step_s"] > 0 and r["flops_per_step"] > 0
         assert 0 < r["dense_share"] <= 1 and r["speedup_bound_same_kernels"] >= 1
+        tflops = r["flops_per_step"] / r["step_s"] / 1e12
+        assert r["mfu"] == pytest.approx(tflops / 0.5)
+        assert r["speedup_bound_at_peak"] == pytest.approx(0.5 / tflops)
+        assert r["dense_tflops"] == pytest.approx(tflops / r["dense_share"])
+        assert r["dense_fraction_of_peak"] == pytest.approx(r["dense_tflops"] / 0.5)
     # both rows run the same architecture, so they count the same FLOPs
     assert result["rows"][0]["flops_per_step"] == result["rows"][1]["flops_per_step"]
     assert result["speedup_vs_official"] > 0

@@ -88,6 +88,27 @@ def test_adm_batch_round_trip_and_reference_stats(tmp_path, random_inception):
         write_adm_npz(tmp_path / "bad.npz", x.astype(np.float32))
 
 
+def test_adm_batch_streamed_from_parts_equals_the_whole(tmp_path):
+    """Sampling streams its chunk files into the archive; np.load reads it as np.savez's."""
+    from latentforge.metrics.inception import write_adm_npz_parts
+
+    x = images(7, 3)
+    parts = [tmp_path / "a.npy", tmp_path / "b.npy"]
+    np.save(parts[0], x[:4])
+    np.save(parts[1], x[4:])
+    shape = write_adm_npz_parts(tmp_path / "s.npz", parts, labels=np.arange(7) % 3)
+    write_adm_npz(tmp_path / "whole.npz", x, labels=np.arange(7) % 3)
+    assert shape == x.shape
+    with np.load(tmp_path / "s.npz") as a, np.load(tmp_path / "whole.npz") as b:
+        assert sorted(a.files) == sorted(b.files) == ["arr_0", "labels"]
+        for k in a.files:
+            assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k])
+    np.save(parts[1], x[4:].astype(np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        write_adm_npz_parts(tmp_path / "bad.npz", parts)
+    assert not (tmp_path / "bad.npz").exists()
+
+
 def mixed_6_conv(images, extractor) -> tuple[torch.Tensor, torch.Tensor]:
     """The activations (N, 192, 17, 17) of TF's mixed_6/conv (Mixed_6d's 1x1 branch after
     batch norm and ReLU), read by our own hook on the module independently of the library,

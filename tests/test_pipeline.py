@@ -97,6 +97,29 @@ def test_sampling_does_not_depend_on_worker_count(done_run):
         assert np.array_equal(a["arr_0"], b["arr_0"])
 
 
+def test_sampling_resumes_from_its_finished_chunks(done_run, monkeypatch):
+    """Each task writes its chunk when done; a rerun samples only the missing chunks (a
+    chunk left in place, here zeroed to tell it apart, is reused), then streams them all
+    into samples.npz and removes them."""
+    from latentforge.platform import sample as sample_mod
+
+    cfg, p = done_run
+    monkeypatch.setattr(sample_mod, "CHUNK_IMAGES", 16)  # 40 images: chunks of 16, 16, 8
+    out = p.run_dir / "chunked"
+    sample_mod.run_sampling(cfg, p.paths(), p.stats(), out)
+    with np.load(p.stage_dir("sample") / "samples.npz") as f:
+        expected = f["arr_0"]
+    with np.load(out / "samples.npz") as f:
+        assert np.array_equal(f["arr_0"], expected)
+    assert not (out / "chunks").exists()
+    (out / "chunks").mkdir()  # as a run killed after its first chunk leaves it
+    np.save(out / "chunks" / "000000000-000000016.npy", np.zeros_like(expected[:16]))
+    sample_mod.run_sampling(cfg, p.paths(), p.stats(), out)
+    with np.load(out / "samples.npz") as f:
+        assert not f["arr_0"][:16].any()  # reused, not sampled again
+        assert np.array_equal(f["arr_0"][16:], expected[16:])
+
+
 def test_cli_dry_run_and_errors(done_run):
     cfg, _ = done_run
     cli = [sys.executable, "-m", "latentforge"]

@@ -103,3 +103,25 @@ def test_sample_timestep_shift_reaches_the_sampler():
     )
     expected = [0.3 * u / (1 - 0.7 * u) for u in (0, 1 / 3, 2 / 3)]
     assert spy.times == pytest.approx(expected, abs=1e-7)
+
+
+def test_grid_rows_show_every_class_or_a_spread_of_them():
+    from latentforge.generators.samplers import balanced_labels
+
+    demo = sample_mod.grid_rows(balanced_labels(1000, 10).numpy(), 100, 10)
+    assert [len(r) for r in demo] == [10] * 10  # every class, one row each
+    labels = balanced_labels(2000, 1000).numpy()
+    rows = sample_mod.grid_rows(labels, 100, 1000)  # ImageNet: not 1000 rows of one image
+    assert [len(r) for r in rows] == [2] * 10  # 2 samples per class exist here
+    shown = [int(labels[r[0]]) for r in rows]
+    assert shown[0] == 0 and shown[-1] == 999 and shown == sorted(set(shown))
+    assert all(labels[i] == labels[r[0]] for r in rows for i in r)
+    smoke = sample_mod.grid_rows(balanced_labels(40, 4).numpy(), 20, 4)
+    assert [len(r) for r in smoke] == [5, 5, 5, 5]
+
+
+def test_tokenizer_calls_are_bounded_in_pixels():
+    assert sample_mod.tokenizer_batch(32, 256) == 256  # the demo: one call per chunk
+    assert sample_mod.tokenizer_batch(256, 256) == 16
+    assert sample_mod.tokenizer_batch(512, 256) == 4
+    assert sample_mod.tokenizer_batch(4096, 8) == 1

@@ -531,10 +531,13 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 @torch.no_grad()
 def reconstruct(tokenizer, images: np.ndarray, batch_size: int) -> np.ndarray:
-    from latentforge.platform.sample import to_uint8
+    """Decoded encodings of uint8 (N, H, W, 3) ``images``, at most ``batch_size`` images
+    (and :data:`~latentforge.platform.sample.TOKENIZER_PIXELS` pixels) per call."""
+    from latentforge.platform.sample import to_uint8, tokenizer_batch
     from latentforge.platform.train import images_to_float
 
     out = []
+    batch_size = tokenizer_batch(images.shape[1], batch_size)
     for i in range(0, len(images), batch_size):
         x = images_to_float(torch.from_numpy(images[i : i + batch_size]))
         out.append(to_uint8(tokenizer.decode(tokenizer.encode(x))))

@@ -212,9 +212,9 @@ class Pipeline:
                 f"run `latentforge {VERB_OF[before]}` (or `latentforge run`) first"
             )
         out = self.stage_dir(stage)
-        if out.exists() and stage != "extract":
+        if out.exists() and stage not in ("extract", "sample"):
             # a stage that did not finish: training resumes from Ray storage; extraction
-            # resumes from its finished shards in place (platform/extract.py)
+            # and sampling resume from their finished shards / chunks in place
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(self.cfg))

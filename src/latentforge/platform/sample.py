@@ -2,14 +2,19 @@
 
 Sample ``i`` uses label ``balanced_labels(N)[i]`` and noise from seed
 ``sample.seed * 1_000_000 + i`` only, so the images do not depend on how many tasks or
-what batch size produced them. Output: ``samples.npz`` in the ADM layout (``arr_0``
-uint8 N x H x W x 3, plus ``labels``) and a class-sorted ``grid.png``.
+what batch size produced them. Each task writes its chunk of images under ``chunks/`` in
+the stage directory as soon as it is done (a rerun after a crash or a lost node samples
+only the missing chunks); the driver then streams them into ``samples.npz`` in the ADM
+layout (``arr_0`` uint8 N x H x W x 3, plus ``labels``), never holding all of them, and
+draws a class-sorted ``grid.png``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +22,18 @@ import torch
 from safetensors.torch import load_file
 
 from latentforge.config import ExperimentConfig, from_dict, to_dict
-from latentforge.metrics.inception import write_adm_npz
+from latentforge.metrics.inception import write_adm_npz_parts
 
 MICRO_BATCH = 16  # the network always sees this many samples: bit-identical across splits
+CHUNK_IMAGES = 2048  # at most this many images per task and chunk file (~400 MB at 256 px)
+TOKENIZER_PIXELS = 16 * 256 * 256  # pixels per decode call: 16 images at 256 px
+
+
+def tokenizer_batch(resolution: int, cap: int) -> int:
+    """Images per tokenizer call outside training: at most ``cap`` and
+    :data:`TOKENIZER_PIXELS` pixels, so that activations stay bounded at any resolution
+    (a VA-VAE decoder at 256 px holds ~0.1 GB of fp32 activations per image)."""
+    return max(1, min(cap, TOKENIZER_PIXELS // resolution**2))
 
 
 def sample_seeds(cfg: ExperimentConfig, n: int) -> np.ndarray:
@@ -85,8 +99,9 @@ def sample_images(
             micro_batch=MICRO_BATCH,
         )
         z = field.split(z)[0] if reg_dim else z
-        images = tokenizer.decode(z * std + mean)
-        out.append(to_uint8(images))
+        per_call = tokenizer_batch(cfg.data.resolution, len(z))
+        for j in range(0, len(z), per_call):
+            out.append(to_uint8(tokenizer.decode(z[j : j + per_call] * std + mean)))
         log(f"[sample] {i + len(s)}/{len(seeds)} images ({nfe} NFE per sample)")
     return np.concatenate(out)
 
@@ -97,7 +112,8 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _sample_chunk(experiment: dict, paths: dict, stats: dict, seeds, labels) -> np.ndarray:
+def _sample_chunk(experiment: dict, paths: dict, stats: dict, seeds, labels, file: str) -> str:
+    """Sample one chunk and write it to ``file`` (atomically: a file there is complete)."""
     from latentforge.platform.extract import load_tokenizer
 
     cfg = from_dict(experiment)
@@ -105,15 +121,30 @@ def _sample_chunk(experiment: dict, paths: dict, stats: dict, seeds, labels) -> 
     device = "cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu"
     gen = load_generator(cfg, paths["generator"], stats, device)
     tok = load_tokenizer(cfg, paths["tokenizer"], device)
-    return sample_images(cfg, gen, tok, stats, seeds, labels)
+    images = sample_images(cfg, gen, tok, stats, seeds, labels)
+    tmp = f"{file}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.save(f, images)
+    os.replace(tmp, file)
+    return file
+
+
+def chunk_bounds(n: int, workers: int) -> list[tuple[int, int]]:
+    """Index ranges of the sampling tasks: an equal share per worker, cut on micro-batch
+    multiples and into chunks of at most :data:`CHUNK_IMAGES`."""
+    per = -(-n // (workers * MICRO_BATCH)) * MICRO_BATCH
+    per = min(per, max(MICRO_BATCH, CHUNK_IMAGES // MICRO_BATCH * MICRO_BATCH))
+    return [(a, min(a + per, n)) for a in range(0, n, per)]
 
 
 def run_sampling(cfg: ExperimentConfig, paths: dict, stats: dict, out_dir: str | Path) -> dict:
-    """Sample ``cfg.sample.num_images`` images over ``cfg.ray.num_workers`` Ray tasks."""
+    """Sample ``cfg.sample.num_images`` images in Ray tasks (``cfg.ray.num_workers`` at a
+    time at most), reusing the chunks an interrupted run of the same stage finished."""
     import ray
 
     from latentforge.generators.samplers import balanced_labels
 
+    out_dir = Path(out_dir)
     n = cfg.sample.num_images
     seeds = sample_seeds(cfg, n)
     labels = balanced_labels(n, cfg.data.num_classes).numpy()
@@ -126,37 +157,68 @@ def run_sampling(cfg: ExperimentConfig, paths: dict, stats: dict, out_dir: str |
         # never captured by an enclosing placement group (a Tune trial's)
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
     )
-    per = -(-n // (workers * MICRO_BATCH)) * MICRO_BATCH  # split on micro-batch multiples
-    bounds = np.minimum(np.arange(workers + 1) * per, n)
-    refs = [
-        task.remote(to_dict(cfg), paths, stats, seeds[a:b], labels[a:b])
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-        if b > a
-    ]
-    images = np.concatenate(ray.get(refs))
-    out_dir = Path(out_dir)
-    write_adm_npz(out_dir / "samples.npz", images, labels=labels, seeds=seeds)
-    save_grid(images, labels, out_dir / "grid.png", cfg.sample.grid_images, cfg.data.num_classes)
-    meta = {"num_images": int(n), "shape": list(images.shape)}
+    chunks = out_dir / "chunks"
+    chunks.mkdir(parents=True, exist_ok=True)
+    files, pending = [], []
+    for a, b in chunk_bounds(n, workers):
+        file = chunks / f"{a:09d}-{b:09d}.npy"
+        files.append(file)
+        if not file.exists():
+            pending.append((file, a, b))
+    if len(pending) < len(files):
+        print(f"[sample] {len(files) - len(pending)} of {len(files)} chunks already sampled")
+    running = []
+    for file, a, b in pending:  # at most ``workers`` tasks (and model copies) at a time
+        if len(running) >= workers:
+            done, running = ray.wait(running, num_returns=1)
+            ray.get(done)
+        running.append(task.remote(to_dict(cfg), paths, stats, seeds[a:b], labels[a:b], str(file)))
+    ray.get(running)
+    shape = write_adm_npz_parts(out_dir / "samples.npz", files, labels=labels, seeds=seeds)
+    rows = grid_rows(labels, cfg.sample.grid_images, cfg.data.num_classes)
+    save_grid(gather(files, [i for row in rows for i in row]), [len(r) for r in rows], out_dir)
+    shutil.rmtree(chunks)  # samples.npz holds them all now
+    meta = {"num_images": int(n), "shape": list(shape)}
     (out_dir / "samples.json").write_text(json.dumps(meta))
     return meta
 
 
-def save_grid(images, labels, path, max_images: int, num_classes: int) -> None:
-    """Class-sorted grid: one row per class (up to ``max_images`` images in all)."""
+def gather(files: list[Path], index: list[int]) -> np.ndarray:
+    """Rows ``index`` of the images stored in order across the chunk ``files``."""
+    parts = [np.load(f, mmap_mode="r") for f in files]
+    starts = np.cumsum([0] + [len(p) for p in parts])
+    rows = []
+    for i in index:
+        k = int(np.searchsorted(starts, i, side="right")) - 1
+        rows.append(np.array(parts[k][i - starts[k]]))
+    return np.stack(rows)
+
+
+def grid_rows(labels: np.ndarray, max_images: int, num_classes: int) -> list[list[int]]:
+    """Sample indices of the class-sorted grid, one row per class and up to ``max_images``
+    in all: every class when each gets two images or more, else ~sqrt(max_images) classes
+    spread over the label range (ImageNet: 10 classes x 10 at ``grid_images=100``)."""
+    per_class = max_images // num_classes
+    classes = list(range(num_classes))
+    if per_class < 2:
+        shown = max(1, min(num_classes, round(math.sqrt(max_images))))
+        classes = sorted({int(c) for c in np.linspace(0, num_classes - 1, shown).round()})
+        per_class = max(1, max_images // len(classes))
+    rows = [np.flatnonzero(labels == c)[:per_class].tolist() for c in classes]
+    return [r for r in rows if r]
+
+
+def save_grid(images: np.ndarray, row_lengths: list[int], out_dir: Path) -> None:
+    """``grid.png``: ``images`` in rows of ``row_lengths``, padded to the longest row."""
     from PIL import Image
 
-    per_class = max(1, max_images // num_classes)
-    rows = []
-    for c in range(num_classes):
-        idx = np.flatnonzero(labels == c)[:per_class]
-        if len(idx) == 0:
-            continue
-        row = list(images[idx])
-        row += [np.zeros_like(images[0])] * (per_class - len(row))
+    width = max(row_lengths)
+    rows, start = [], 0
+    for length in row_lengths:
+        row = list(images[start : start + length]) + [np.zeros_like(images[0])] * (width - length)
         rows.append(np.concatenate(row, axis=1))
-    grid = np.concatenate(rows, axis=0)
-    Image.fromarray(grid).save(path)
+        start += length
+    Image.fromarray(np.concatenate(rows, axis=0)).save(out_dir / "grid.png")
 
 
 def grid_of(images: np.ndarray, cols: int | None = None) -> np.ndarray:
