@@ -18,6 +18,17 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
+def ray_session():
+    """2 CPUs and a declared GPU that no task here can use (no CUDA): the GPU paths'
+    scheduling runs, their computation falls back to the CPU."""
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
 def done_run(ray_session, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("smoke")
     cfg = load_experiment(SMOKE, [f"run_dir={run_dir}"])
@@ -95,6 +106,23 @@ def test_sampling_does_not_depend_on_worker_count(done_run):
     run_sampling(two, p.paths(), p.stats(), out)
     with np.load(out / "samples.npz") as a, np.load(p.stage_dir("sample") / "samples.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_gpu_runs_evaluate_in_a_task_holding_a_gpu(done_run, tmp_path):
+    """With ray.use_gpu the evaluation runs in a Ray task holding a GPU (the head of a
+    cluster has none), with the same metrics as in-process."""
+    import dataclasses
+
+    from latentforge.platform.evaluate import run_evaluation
+
+    cfg, p = done_run
+    gpu = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, use_gpu=True))
+    result = run_evaluation(gpu, p.paths(), tmp_path)
+    assert result["resources"]["GPU"] == 1 and result["device"] == "cpu"  # no CUDA here
+    assert p.done_info("evaluate")["device"] == "cpu" and "resources" not in p.done_info("evaluate")
+    expected = json.loads((p.stage_dir("evaluate") / "metrics.json").read_text())
+    assert result["metrics"] == expected
+    assert json.loads((tmp_path / "metrics.json").read_text()) == expected
 
 
 def test_sampling_resumes_from_its_finished_chunks(done_run, monkeypatch):

@@ -125,3 +125,16 @@ def test_tokenizer_calls_are_bounded_in_pixels():
     assert sample_mod.tokenizer_batch(256, 256) == 16
     assert sample_mod.tokenizer_batch(512, 256) == 4
     assert sample_mod.tokenizer_batch(4096, 8) == 1
+
+
+def test_cuda_sampling_uses_tf32_as_the_official_inference():
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = matmul.allow_tf32, cudnn.allow_tf32
+    try:
+        matmul.allow_tf32 = cudnn.allow_tf32 = False
+        sample_mod.official_precision("cpu")
+        assert not matmul.allow_tf32 and not cudnn.allow_tf32
+        sample_mod.official_precision("cuda")
+        assert matmul.allow_tf32 and cudnn.allow_tf32
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before

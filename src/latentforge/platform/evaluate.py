@@ -24,6 +24,7 @@ reference batch, by the file and the extractor).
 
 from __future__ import annotations
 
+import contextvars
 import json
 import re
 from contextlib import nullcontext
@@ -137,17 +138,21 @@ def real_images(cfg: ExperimentConfig, split: str, n: int) -> tuple[np.ndarray, 
     return np.concatenate(images), np.concatenate(labels)
 
 
+DEVICE = contextvars.ContextVar("evaluate_device", default="cpu")  # set by :func:`evaluate`
+
+
 @torch.no_grad()
 def classify(images: np.ndarray, batch_size: int = 250) -> tuple[np.ndarray, np.ndarray]:
     """Embedded classifier features (N, D) and predicted classes (N,) of uint8 images."""
     from latentforge.metrics.shapesnet import load_shapesnet
 
-    net = load_shapesnet()
+    net = load_shapesnet(DEVICE.get())
     feats, preds = [], []
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        feats.append(net.features(x).double().numpy())
-        preds.append(net(x).argmax(dim=1).numpy())
+        x = x.to(DEVICE.get())
+        feats.append(net.features(x).double().cpu().numpy())
+        preds.append(net(x).argmax(dim=1).cpu().numpy())
     return np.concatenate(feats), np.concatenate(preds)
 
 
@@ -383,7 +388,7 @@ def fid_metrics(cfg: ExperimentConfig, samples: np.ndarray, wanted=("fid",)) -> 
     ec = cfg.evaluate
     wanted = set(wanted) & INCEPTION_METRICS
     check_inputs(cfg, wanted)
-    extractor = inc.load_inception(ec.inception_weights)
+    extractor = inc.load_inception(ec.inception_weights, DEVICE.get())
     capture = inc.capturing_spatial(extractor) if "sfid" in wanted else nullcontext()
     with capture as spatial:  # sFID features from the same pass, by a hook
         pool, logits = inc.inception_outputs(samples, extractor, ec.batch_size)
@@ -455,7 +460,7 @@ def vfm_metrics(cfg: ExperimentConfig, samples: np.ndarray) -> dict:
     from latentforge.tokenizers.vfm import load_vfm
 
     ec = cfg.evaluate
-    vfm = load_vfm(ec.fd_vfm, weights=ec.fd_vfm_weights)
+    vfm = load_vfm(ec.fd_vfm, weights=ec.fd_vfm_weights).to(DEVICE.get())
     cache_name = f"vfm-{ec.fd_vfm}" + (
         f"@{Path(ec.fd_vfm_weights).name}" if ec.fd_vfm_weights else ""
     )
@@ -540,6 +545,7 @@ def reconstruct(tokenizer, images: np.ndarray, batch_size: int) -> np.ndarray:
     batch_size = tokenizer_batch(images.shape[1], batch_size)
     for i in range(0, len(images), batch_size):
         x = images_to_float(torch.from_numpy(images[i : i + batch_size]))
+        x = x.to(next(tokenizer.parameters()).device)
         out.append(to_uint8(tokenizer.decode(tokenizer.encode(x))))
     return np.concatenate(out)
 
@@ -571,7 +577,7 @@ def reconstruction_metrics(
     if "ssim" in wanted:
         out |= described("ssim", ssim(recon, held, ec.batch_size), n, SSIM, reference)
     if "lpips" in wanted:
-        model = lpips_model if lpips_model is not None else load_lpips(ec.lpips_net)
+        model = lpips_model if lpips_model is not None else load_lpips(ec.lpips_net, DEVICE.get())
         value = lpips_distance(recon, held, model, ec.batch_size)
         out |= described("lpips", value, n, lpips_description(model), reference)
     if "rfd_shapesnet" in wanted:
@@ -589,8 +595,17 @@ def reconstruction_metrics(
     return out
 
 
-def evaluate(cfg: ExperimentConfig, paths: dict, out_dir: str | Path) -> dict:
-    """All configured metrics of one run -> ``out_dir/metrics.json``."""
+def evaluate(cfg: ExperimentConfig, paths: dict, out_dir: str | Path, device="cpu") -> dict:
+    """All configured metrics of one run -> ``out_dir/metrics.json``; the networks (feature
+    extractors, tokenizer) run on ``device``."""
+    token = DEVICE.set(str(device))
+    try:
+        return _evaluate(cfg, paths, Path(out_dir))
+    finally:
+        DEVICE.reset(token)
+
+
+def _evaluate(cfg: ExperimentConfig, paths: dict, out_dir: Path) -> dict:
     from latentforge.platform.extract import load_tokenizer
 
     check_metrics(cfg.evaluate.metrics)
@@ -607,7 +622,41 @@ def evaluate(cfg: ExperimentConfig, paths: dict, out_dir: str | Path) -> dict:
     if "fd_vfm" in wanted:
         metrics.update(vfm_metrics(cfg, samples))
     if wanted & RECON_METRICS:
-        tokenizer = load_tokenizer(cfg, paths["tokenizer"])
-        metrics.update(reconstruction_metrics(cfg, tokenizer, Path(out_dir)))
+        tokenizer = load_tokenizer(cfg, paths["tokenizer"], DEVICE.get())
+        metrics.update(reconstruction_metrics(cfg, tokenizer, out_dir))
     Path(out_dir, "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
+
+
+def _evaluate_task(experiment: dict, paths: dict, out_dir: str) -> dict:
+    """:func:`evaluate` in a Ray task holding a GPU (``ray.use_gpu``)."""
+    import ray
+
+    from latentforge.config import from_dict
+
+    cfg = from_dict(experiment)
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    held = ray.get_runtime_context().get_assigned_resources()
+    return {"metrics": evaluate(cfg, paths, out_dir, device), "device": device, "resources": held}
+
+
+def run_evaluation(cfg: ExperimentConfig, paths: dict, out_dir: str | Path) -> dict:
+    """:func:`evaluate` where the run's compute is: in-process on the driver for CPU runs;
+    with ``ray.use_gpu``, in a Ray task holding one GPU (a cluster's head has none, and
+    the Inception pass over 50k samples and the tokenizer at 256 px belong on a GPU).
+    Returns the metrics, the device they were computed on and (in a task) the resources
+    it held."""
+    if not cfg.ray.use_gpu:
+        return {"metrics": evaluate(cfg, paths, out_dir), "device": "cpu"}
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from latentforge.config import to_dict
+
+    task = ray.remote(_evaluate_task).options(
+        num_cpus=cfg.ray.cpus_per_worker,
+        num_gpus=1,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+    )
+    return ray.get(task.remote(to_dict(cfg), paths, str(out_dir)))

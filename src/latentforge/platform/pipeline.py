@@ -370,14 +370,15 @@ class Pipeline:
         return run_sampling(self.cfg, self.paths(), self.stats(), out)
 
     def _evaluate(self, out: Path) -> dict:
-        from latentforge.platform.evaluate import evaluate
+        from latentforge.platform.evaluate import run_evaluation
 
-        metrics = evaluate(self.cfg, self.paths(), out)
+        result = run_evaluation(self.cfg, self.paths(), out)
+        metrics = result["metrics"]
         self.log(
             "[evaluate] "
             + json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)})
         )
-        return {"metrics": metrics}
+        return {**result, "metrics": metrics}
 
     def _report(self, out: Path) -> dict:
         from latentforge.platform.report import write_report
