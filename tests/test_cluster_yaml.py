@@ -78,6 +78,11 @@ def test_every_node_mounts_the_shared_run_dir(cfg, request):
     header = Path(request.node.callspec.params["cfg"]).read_text()
     run_dirs = re.findall(r"run_dir=(\S+)", header)
     assert run_dirs and all(d.startswith(f"{path}/") for d in run_dirs), run_dirs
+    # the weights caches too: a VFM or LPIPS file cached on one node is found on all
+    env = dict(
+        o.split()[1].split("=", 1) for o in cfg["docker"]["run_options"] if o.startswith("-e ")
+    )
+    assert env["HF_HOME"].startswith(f"{path}/") and env["TORCH_HOME"].startswith(f"{path}/")
 
 
 GPUS = {"p4d.24xlarge": 8, "g5.2xlarge": 1, "a2-highgpu-8g": 8, "g2-standard-8": 1}
