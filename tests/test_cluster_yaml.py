@@ -85,16 +85,26 @@ def test_every_node_mounts_the_shared_run_dir(cfg, request):
     assert env["HF_HOME"].startswith(f"{path}/") and env["TORCH_HOME"].startswith(f"{path}/")
 
 
-GPUS = {"p4d.24xlarge": 8, "g5.2xlarge": 1, "a2-highgpu-8g": 8, "g2-standard-8": 1}
+# GPUs and Ray's accelerator type of each instance type the files use
+GPUS = {
+    "p4d.24xlarge": (8, "A100"),
+    "g5.2xlarge": (1, "A10G"),
+    "a2-highgpu-8g": (8, "A100"),
+    "g2-standard-8": (1, "L4"),
+}
 
 
-def max_gpus(cfg: dict) -> int:
-    """The most GPUs the autoscaler can bring up: the largest nodes first, within each
-    type's and the cluster's ``max_workers``."""
+def instance(t: dict) -> str:
+    return t["node_config"].get("InstanceType") or t["node_config"].get("machineType")
+
+
+def max_gpus(cfg: dict, accelerator: str | None = None) -> int:
+    """The most GPUs (of ``accelerator``, if given) the autoscaler can bring up: the largest
+    nodes first, within each type's and the cluster's ``max_workers``."""
     per_type = []
     for t in cfg["available_node_types"].values():
-        kind = t["node_config"].get("InstanceType") or t["node_config"].get("machineType")
-        per_type += [GPUS.get(kind, 0)] * t["max_workers"]
+        n, kind = GPUS.get(instance(t), (0, None))
+        per_type += [n if accelerator in (None, kind) else 0] * t["max_workers"]
     return sum(sorted(per_type, reverse=True)[: cfg["max_workers"]])
 
 
@@ -102,18 +112,32 @@ def max_gpus(cfg: dict) -> int:
     "experiment", sorted((ROOT / "experiments").rglob("*.yaml")), ids=lambda p: p.name
 )
 def test_gpu_experiments_fit_the_cluster_files(experiment):
-    """A Train job asking for more GPU workers than the cluster can start waits for its
-    placement group forever (Ray Train retries it), so every GPU experiment must fit."""
+    """A Train job asking for more GPU workers (of its accelerator type) than the cluster can
+    start waits for its placement group forever (Ray Train retries it)."""
     spec = yaml.safe_load(experiment.read_text()) or {}
     ray_cfg = spec.get("ray") or {}
     if not ray_cfg.get("use_gpu"):
         return
     for path in CLUSTER_FILES:
-        assert ray_cfg["num_workers"] <= max_gpus(prepared(path)), (experiment, path)
+        capacity = max_gpus(prepared(path), ray_cfg.get("accelerator_type"))
+        assert ray_cfg["num_workers"] <= capacity, (experiment, path)
+
+
+def test_gcp_states_what_its_gpu_nodes_have():
+    """GCP's launcher detects no CPUs or GPUs (only TPUs): a GPU node type whose resources
+    are left out is never started for GPU work."""
+    cfg = prepared(ROOT / "experiments" / "cluster" / "gcp.yaml")
+    for name, t in cfg["available_node_types"].items():
+        if name == cfg["head_node_type"]:
+            continue
+        n, kind = GPUS[instance(t)]
+        assert t["resources"]["GPU"] == n and t["resources"][f"accelerator_type:{kind}"] == 1
+        assert t["resources"]["CPU"] > 0
 
 
 def test_max_gpus_counts_the_largest_nodes_first():
     assert [max_gpus(prepared(p)) for p in CLUSTER_FILES] == [22, 22]
+    assert [max_gpus(prepared(p), "A100") for p in CLUSTER_FILES] == [16, 16]
 
 
 def test_two_providers():

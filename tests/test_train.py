@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from latentforge.config import load_experiment
+from latentforge.config import ConfigError, load_experiment
 from latentforge.platform.train import (
     LocalRuntime,
     ema_update,
@@ -610,3 +610,23 @@ def test_wait_for_release_does_not_stall_on_other_trials_groups(monkeypatch):
     monkeypatch.setattr(train_mod, "_live_groups", lambda: {"a", "ours", "theirs"})
     train_mod.wait_for_release({"a"}, timeout_s=120, shared_s=15)
     assert next(clock) <= 30
+
+
+def test_train_workers_ask_for_the_configured_gpu_type():
+    from latentforge.platform.train import scaling
+
+    xl = load_experiment(ROOT / "experiments/imagenet256/lightningdit_xl1_vavae_f16d32.yaml")
+    assert scaling(xl) == {
+        "num_workers": 8,
+        "use_gpu": True,
+        "resources_per_worker": {"CPU": 1.0, "GPU": 1},
+        "accelerator_type": "A100",
+    }
+    cpu = load_experiment(SMOKE, ["ray.num_workers=2"])
+    assert scaling(cpu) == {
+        "num_workers": 2,
+        "use_gpu": False,
+        "resources_per_worker": {"CPU": 1.0},
+    }
+    with pytest.raises(ConfigError, match="ray.use_gpu=true"):
+        scaling(load_experiment(SMOKE, ["ray.accelerator_type=A100"]))

@@ -112,6 +112,9 @@ class RayConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 1
+    # GPU type of the Ray Train workers (ScalingConfig.accelerator_type, e.g. "A100"): keeps
+    # training off a cluster's smaller GPUs; extraction, sampling and evaluation take any GPU
+    accelerator_type: str | None = None
     # how training stages hold their data (platform/data.py training_data_mode): "memory"
     # (materialised in the object store), "stream" (read anew each epoch) or "auto" (memory
     # when it fits in a quarter of the object store, else stream); not part of stage hashes

@@ -136,6 +136,10 @@ class Pipeline:
         try:
             if todo - {"report"}:
                 check_model_configs(cfg, generator=bool(todo & {"generator", "sample"}))
+            if todo & {"tokenizer", "generator"}:
+                from latentforge.platform.train import scaling
+
+                scaling(cfg)
             if "tokenizer" in todo:
                 weights = getattr(cfg.tokenizer, "weights", None)
                 if weights and not Path(weights).expanduser().is_file():

@@ -614,26 +614,31 @@ def train_loop_per_worker(config: dict) -> None:
     fit(cfg, job, runtime, log=log)
 
 
+def scaling(cfg: ExperimentConfig) -> dict:
+    """Ray Train's ScalingConfig arguments for ``cfg.ray``."""
+    rc = cfg.ray
+    if rc.accelerator_type and not rc.use_gpu:
+        raise ConfigError(
+            "ray.accelerator_type is the Train workers' GPU type: set ray.use_gpu=true"
+        )
+    resources = {"CPU": rc.cpus_per_worker} | ({"GPU": 1} if rc.use_gpu else {})
+    out = {"num_workers": rc.num_workers, "use_gpu": rc.use_gpu, "resources_per_worker": resources}
+    return out | ({"accelerator_type": rc.accelerator_type} if rc.accelerator_type else {})
+
+
 def run_trainer(cfg: ExperimentConfig, kind: str, name: str, dataset, stats: dict | None = None):
     """Run one Ray Train job; return its final :class:`ray.train.Checkpoint`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage = str(Path(cfg.run_dir, "ray").resolve())
-    resources = {"CPU": cfg.ray.cpus_per_worker}
-    if cfg.ray.use_gpu:
-        resources["GPU"] = 1
     loop_config = {"experiment": to_dict(cfg), "kind": kind, "stats": stats}
     if fault := fault_hook(storage, name):
         loop_config["fault"] = fault
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.ray.num_workers,
-            use_gpu=cfg.ray.use_gpu,
-            resources_per_worker=resources,
-        ),
+        scaling_config=ScalingConfig(**scaling(cfg)),
         run_config=RunConfig(
             name=name,
             storage_path=storage,
