@@ -245,27 +245,20 @@ def test_training_listing_is_a_seeded_permutation_across_classes(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("requested", "nbytes", "spare", "mode"),
+    ("requested", "nbytes", "latents", "mode"),
     [
-        ("auto", 10 << 20, 0, "memory"),  # fits in a quarter of the 1 GiB store
-        ("auto", 600 << 20, 1, "stream"),  # does not
-        ("auto", None, 1, "stream"),  # size unknown before reading (tar shards)
-        ("auto", 600 << 20, 0.5, "memory"),  # no CPU left to stream: held (and spilled)
-        ("memory", 600 << 20, 4, "memory"),
-        ("stream", 10 << 20, 2, "stream"),
+        ("auto", 10 << 20, False, "memory"),  # fits in a quarter of the 1 GiB store
+        ("auto", 600 << 20, False, "stream"),  # does not
+        ("auto", None, False, "stream"),  # size unknown before reading (tar shards)
+        ("auto", 600 << 20, True, "memory"),  # latents: one class per shard streams badly
+        ("memory", 600 << 20, False, "memory"),
+        ("stream", 10 << 20, True, "stream"),
     ],
 )
-def test_training_data_mode(requested, nbytes, spare, mode):
+def test_training_data_mode(requested, nbytes, latents, mode):
     from latentforge.platform.data import training_data_mode
 
-    assert training_data_mode(requested, nbytes, 1 << 30, spare) == mode
-
-
-def test_streaming_without_a_spare_cpu_is_a_config_error():
-    from latentforge.platform.data import training_data_mode
-
-    with pytest.raises(ConfigError, match="ray.training_data=stream.*ray.num_workers"):
-        training_data_mode("stream", 10, 1 << 30, 0)
+    assert training_data_mode(requested, nbytes, 1 << 30, latents) == mode
 
 
 def test_imagefolder_holdout_path_uses_training_classes(tmp_path):

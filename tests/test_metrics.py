@@ -513,3 +513,47 @@ def test_confusion_counts_and_its_report_table():
     table = confusion_table(conf.tolist())
     assert table[0][:3] == ["requested / classified as", "circle", "bar"]
     assert table[0][-1] == "heart" and table[2][:3] == ["bar", "1", "2"]
+
+
+def test_evaluate_runs_its_networks_on_the_given_device(tmp_path, monkeypatch, real_calls):
+    """evaluate(device=...) puts every network it loads there ("cpu:0" here, to tell the
+    argument from the "cpu" default): what the GPU evaluation task relies on."""
+    from safetensors.torch import save_file
+
+    from latentforge.metrics import shapesnet
+    from latentforge.platform import extract
+    from latentforge.platform.train import build_tokenizer, state_dict_of
+    from latentforge.tokenizers import vfm as vfm_mod
+
+    cfg = smoke_cfg(
+        tmp_path,
+        "evaluate.num_real=8",
+        "evaluate.num_recon=4",
+        "evaluate.metrics=[fd_shapesnet,fd_vfm,psnr]",
+    )
+    samples, labels = render_shapes(range(100, 108), 32)
+    np.savez(tmp_path / "samples.npz", arr_0=samples, labels=labels)
+    save_file(state_dict_of(build_tokenizer(cfg)), str(tmp_path / "tok.safetensors"))
+    devices = []
+
+    def spy(name, load):
+        def wrapped(*args, **kwargs):
+            device = kwargs.get("device", args[-1] if name != "vfm" else None)
+            model = load(*args, **kwargs)
+            if name == "vfm":
+                to = model.to
+                model.to = lambda d: devices.append(("vfm", str(d))) or to(d)
+            else:
+                devices.append((name, str(device)))
+            return model
+
+        return wrapped
+
+    monkeypatch.setattr(shapesnet, "load_shapesnet", spy("shapesnet", shapesnet.load_shapesnet))
+    monkeypatch.setattr(extract, "load_tokenizer", spy("tokenizer", extract.load_tokenizer))
+    monkeypatch.setattr(vfm_mod, "load_vfm", spy("vfm", vfm_mod.load_vfm))
+    paths = {"samples": str(tmp_path), "tokenizer": str(tmp_path / "tok.safetensors")}
+    out = ev.evaluate(cfg, paths, tmp_path, device="cpu:0")
+    assert {"fd_shapesnet", "fd_shapes_vit", "psnr"} <= set(out)
+    assert set(devices) == {("shapesnet", "cpu:0"), ("vfm", "cpu:0"), ("tokenizer", "cpu:0")}
+    assert ev.DEVICE.get() == "cpu"  # reset afterwards

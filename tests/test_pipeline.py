@@ -126,26 +126,45 @@ def test_gpu_runs_evaluate_in_a_task_holding_a_gpu(done_run, tmp_path):
 
 
 def test_sampling_resumes_from_its_finished_chunks(done_run, monkeypatch):
-    """Each task writes its chunk when done; a rerun samples only the missing chunks (a
-    chunk left in place, here zeroed to tell it apart, is reused), then streams them all
-    into samples.npz and removes them."""
+    """Each task writes its chunk when done; rerunning the unfinished stage keeps its
+    directory and samples only what is missing (a chunk left in place, zeroed to tell it
+    apart, is reused; one of the wrong length is sampled again), streams the chunks into
+    samples.npz and removes them. On GPUs each task runs in a fresh process (max_calls)."""
     from latentforge.platform import sample as sample_mod
 
     cfg, p = done_run
     monkeypatch.setattr(sample_mod, "CHUNK_IMAGES", 16)  # 40 images: chunks of 16, 16, 8
-    out = p.run_dir / "chunked"
-    sample_mod.run_sampling(cfg, p.paths(), p.stats(), out)
+    direct = p.run_dir / "chunked"
+    sample_mod.run_sampling(p.cfg, p.paths(), p.stats(), direct)
     with np.load(p.stage_dir("sample") / "samples.npz") as f:
-        expected = f["arr_0"]
-    with np.load(out / "samples.npz") as f:
-        assert np.array_equal(f["arr_0"], expected)
-    assert not (out / "chunks").exists()
-    (out / "chunks").mkdir()  # as a run killed after its first chunk leaves it
-    np.save(out / "chunks" / "000000000-000000016.npy", np.zeros_like(expected[:16]))
-    sample_mod.run_sampling(cfg, p.paths(), p.stats(), out)
-    with np.load(out / "samples.npz") as f:
+        assert np.array_equal(f["arr_0"], np.load(direct / "samples.npz")["arr_0"])
+    assert not (direct / "chunks").exists()
+
+    q = Pipeline(load_experiment(SMOKE, [f"run_dir={cfg.run_dir}", "sample.seed=5"]))
+    assert q.hashes["generator"] == p.hashes["generator"] != q.hashes["sample"] is not None
+    sample_mod.run_sampling(q.cfg, q.paths(), q.stats(), direct)
+    expected = np.load(direct / "samples.npz")["arr_0"]
+    chunks = q.stage_dir("sample") / "chunks"  # as a stage killed after two chunks left it
+    chunks.mkdir(parents=True)
+    np.save(chunks / "000000000-000000016.npy", np.zeros_like(expected[:16]))
+    np.save(chunks / "000000016-000000032.npy", np.zeros_like(expected[:3]))
+    from ray.remote_function import RemoteFunction
+
+    options, real_options = [], RemoteFunction.options
+
+    def spy(self, **o):  # records the sampling task's options and max_calls
+        if self._function.__name__ == "_sample_chunk":
+            options.append({**o, "max_calls": self._max_calls})
+        return real_options(self, **o)
+
+    monkeypatch.setattr(RemoteFunction, "options", spy)
+    gpu = load_experiment(SMOKE, [f"run_dir={cfg.run_dir}", "sample.seed=5", "ray.use_gpu=true"])
+    Pipeline(gpu).run(("sample",))
+    with np.load(q.stage_dir("sample") / "samples.npz") as f:
         assert not f["arr_0"][:16].any()  # reused, not sampled again
-        assert np.array_equal(f["arr_0"][16:], expected[16:])
+        assert np.array_equal(f["arr_0"][16:], expected[16:])  # resampled or sampled
+    assert not chunks.exists()
+    assert options and all(o["num_gpus"] == 1 and o["max_calls"] == 1 for o in options)
 
 
 def test_cli_dry_run_and_errors(done_run):

@@ -26,6 +26,7 @@ during the same pass that gives pool-3 and the logits.
 
 from __future__ import annotations
 
+import uuid
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -310,7 +311,7 @@ def write_adm_npz_parts(
         raise ValueError(f"parts of different image shapes: {[a.shape for a in arrays]}")
     shape = (sum(len(a) for a in arrays), *arrays[0].shape[1:])
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
     header = {"descr": "|u1", "fortran_order": False, "shape": shape}
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open("arr_0.npy", "w", force_zip64=True) as f:

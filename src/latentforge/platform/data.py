@@ -662,25 +662,23 @@ MEMORY_SHARE = 0.25  # training data held in memory may use this share of the ob
 
 
 def training_data_mode(
-    requested: str, nbytes: int | None, object_store: float, spare_cpus: float
+    requested: str, nbytes: int | None, object_store: float, latents: bool
 ) -> str:
     """How a training stage holds its data (``ray.training_data``): ``memory`` (materialised
-    in the object store: one global shuffle, and a resumed run sees exactly the batches it
-    would have) or ``stream`` (read anew each epoch through Ray Data: memory bounded by its
-    buffers, whatever the dataset's size). ``auto`` holds it in memory when its estimated
-    size ``nbytes`` (None: unknown before reading, as for tar shards) fits in
-    :data:`MEMORY_SHARE` of the cluster's object store, and streams it otherwise. Streaming
-    needs a CPU beyond the training workers' for its read tasks (``spare_cpus``)."""
-    fits = nbytes is not None and nbytes <= MEMORY_SHARE * object_store
-    if requested == "memory" or (requested == "auto" and (fits or spare_cpus < 1)):
+    in the object store, spilling to disk beyond it: one global shuffle, and a resumed run
+    sees exactly the batches it would have) or ``stream`` (read anew each epoch through Ray
+    Data: memory bounded by its buffers, whatever the dataset's size). ``auto``: images are
+    held in memory when their estimated size ``nbytes`` (None: unknown before reading, as
+    for tar shards) fits in :data:`MEMORY_SHARE` of the object store now in the cluster,
+    and streamed otherwise; ``latents`` are held in memory: the extraction writes an image
+    folder's latents one class per shard, and a stream of them mixes only the few classes
+    within a worker's shuffle window."""
+    if requested != "auto":
+        return requested
+    if latents:
         return "memory"
-    if spare_cpus < 1:
-        raise ConfigError(
-            "ray.training_data=stream: the training workers take every CPU of the cluster and "
-            "none is left to read the data; lower ray.num_workers or ray.cpus_per_worker, or "
-            "add a node"
-        )
-    return "stream"
+    fits = nbytes is not None and nbytes <= MEMORY_SHARE * object_store
+    return "memory" if fits else "stream"
 
 
 def load_images(

@@ -545,7 +545,7 @@ def reconstruct(tokenizer, images: np.ndarray, batch_size: int) -> np.ndarray:
     batch_size = tokenizer_batch(images.shape[1], batch_size)
     for i in range(0, len(images), batch_size):
         x = images_to_float(torch.from_numpy(images[i : i + batch_size]))
-        x = x.to(next(tokenizer.parameters()).device)
+        x = x.to(DEVICE.get())
         out.append(to_uint8(tokenizer.decode(tokenizer.encode(x))))
     return np.concatenate(out)
 
@@ -654,7 +654,8 @@ def run_evaluation(cfg: ExperimentConfig, paths: dict, out_dir: str | Path) -> d
 
     from latentforge.config import to_dict
 
-    task = ray.remote(_evaluate_task).options(
+    # a fresh process (no TF32 setting of a sampling task), which exits after it
+    task = ray.remote(max_calls=1)(_evaluate_task).options(
         num_cpus=cfg.ray.cpus_per_worker,
         num_gpus=1,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),

@@ -103,10 +103,11 @@ class Pipeline:
     """Runs the stages of one experiment, skipping those already done."""
 
     def __init__(self, cfg: ExperimentConfig, log: Callable[[str], None] = print):
-        self.cfg = cfg
         self.log = log
         self.run_dir = resolve_run_dir(cfg.run_dir, "experiment")
-        self.hashes = stage_hashes(cfg)
+        # absolute from here on: Ray workers resolve paths against their own cwd
+        self.cfg = dataclasses.replace(cfg, run_dir=str(self.run_dir))
+        self.hashes = stage_hashes(self.cfg)
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage / self.hashes[stage]
@@ -277,21 +278,23 @@ class Pipeline:
 
     def training_data(self, kind: str, dataset, nbytes: int | None):
         """``dataset`` ready for ``kind``'s trainer: ordered for training and materialised,
-        or left to stream, as ``ray.training_data`` and the cluster decide; returns it and
-        the mode."""
+        or left to stream, as ``ray.training_data`` decides; returns it and the mode."""
         import ray
 
         from latentforge.platform.data import training_data_mode, training_rows
 
         rc = self.cfg.ray
         total = ray.cluster_resources()
-        spare = total.get("CPU", 0) - rc.num_workers * rc.cpus_per_worker
-        mode = training_data_mode(
-            rc.training_data, nbytes, total.get("object_store_memory", 0), spare
-        )
+        store = total.get("object_store_memory", 0)
+        mode = training_data_mode(rc.training_data, nbytes, store, latents=kind == "generator")
         size = "size unknown" if nbytes is None else f"~{nbytes / 2**30:.2f} GiB"
-        store = total.get("object_store_memory", 0) / 2**30
-        self.log(f"[{kind}] training data: {mode} ({size}; object store {store:.1f} GiB)")
+        self.log(f"[{kind}] training data: {mode} ({size}; object store {store / 2**30:.1f} GiB)")
+        if mode == "stream" and total.get("CPU", 0) - rc.num_workers * rc.cpus_per_worker < 1:
+            self.log(
+                f"[{kind}] streaming reads need a CPU beyond the Train workers': none is free "
+                "now (an autoscaling cluster adds a node; on a fixed one lower "
+                "ray.num_workers or ray.cpus_per_worker, or set ray.training_data=memory)"
+            )
         rows = training_rows(dataset, self.cfg.data, self.cfg.train.seed, mode == "stream")
         return (rows if mode == "stream" else rows.materialize()), mode
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -131,11 +132,22 @@ def _sample_chunk(experiment: dict, paths: dict, stats: dict, seeds, labels, fil
     gen = load_generator(cfg, paths["generator"], stats, device)
     tok = load_tokenizer(cfg, paths["tokenizer"], device)
     images = sample_images(cfg, gen, tok, stats, seeds, labels)
-    tmp = f"{file}.tmp-{os.getpid()}"
+    tmp = f"{file}.tmp-{uuid.uuid4().hex[:12]}"  # unique across nodes
     with open(tmp, "wb") as f:
         np.save(f, images)
     os.replace(tmp, file)
     return file
+
+
+def chunk_ok(file: Path, rows: int) -> bool:
+    """Whether ``file`` is a finished chunk of ``rows`` uint8 images (else it is sampled
+    again; chunks are written by rename, so a partial one is not expected, but a file of
+    another length would shift every later image against its label)."""
+    try:
+        chunk = np.load(file, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return chunk.dtype == np.uint8 and chunk.ndim == 4 and len(chunk) == rows
 
 
 def chunk_bounds(n: int, workers: int) -> list[tuple[int, int]]:
@@ -160,7 +172,10 @@ def run_sampling(cfg: ExperimentConfig, paths: dict, stats: dict, out_dir: str |
     workers = max(1, min(cfg.ray.num_workers, n))
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    task = ray.remote(_sample_chunk).options(
+    # a GPU task's process exits after it: no CUDA memory or TF32 setting left behind for
+    # the next task or Train job (num_gpus in .options, unlike in @ray.remote, keeps it)
+    remote = ray.remote(max_calls=1) if cfg.ray.use_gpu else ray.remote
+    task = remote(_sample_chunk).options(
         num_cpus=cfg.ray.cpus_per_worker,
         num_gpus=1 if cfg.ray.use_gpu else 0,
         # never captured by an enclosing placement group (a Tune trial's)
@@ -172,7 +187,7 @@ def run_sampling(cfg: ExperimentConfig, paths: dict, stats: dict, out_dir: str |
     for a, b in chunk_bounds(n, workers):
         file = chunks / f"{a:09d}-{b:09d}.npy"
         files.append(file)
-        if not file.exists():
+        if not chunk_ok(file, b - a):
             pending.append((file, a, b))
     if len(pending) < len(files):
         print(f"[sample] {len(files) - len(pending)} of {len(files)} chunks already sampled")
