@@ -255,6 +255,26 @@ def test_latent_dataset_order_and_size_estimate(setup, monkeypatch):
 
 @pytest.mark.ray
 @pytest.mark.slow
+def test_latents_held_in_memory_keep_the_manifest_order(setup):
+    """Materialised for training, the latents come in manifest order, every time: Ray
+    Data's default keeps blocks in the order its threaded reads finish, and a rerun of the
+    stage (a resumed job) would train on other batches."""
+    from latentforge.platform.pipeline import Pipeline
+
+    cfg, _, root, full, _ = setup
+    manifest = json.loads((full / "manifest.json").read_text())
+    expected = np.concatenate(
+        [column(pq.read_table(full / s["file"]), "latent") for s in manifest["shards"]]
+    )
+    p = Pipeline(cfg)
+    for _ in range(2):
+        ds, mode = p.training_data("generator", latent_dataset(full), latent_nbytes(full))
+        assert mode == "memory"
+        assert np.array_equal(np.stack([r["latent"] for r in ds.take_all()]), expected)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
 def test_flip_latent_is_the_encoding_of_the_flipped_image(setup, threads):
     cfg, weights, _, full, _ = setup
     table = pq.read_table(full / "shards" / "shard-000001.parquet")

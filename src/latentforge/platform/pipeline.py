@@ -296,7 +296,12 @@ class Pipeline:
                 "ray.num_workers or ray.cpus_per_worker, or set ray.training_data=memory)"
             )
         rows = training_rows(dataset, self.cfg.data, self.cfg.train.seed, mode == "stream")
-        return (rows if mode == "stream" else rows.materialize()), mode
+        if mode == "stream":
+            return rows, mode
+        # blocks in read order: Ray Data otherwise keeps them in the order its (threaded)
+        # reads finish, and a rerun of the stage would train on a different order
+        rows.context.execution_options.preserve_order = True
+        return rows.materialize(), mode
 
     def _tokenizer(self, out: Path) -> dict:
         from latentforge.platform.data import listing_seed, load_images
