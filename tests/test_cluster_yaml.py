@@ -108,16 +108,25 @@ def max_gpus(cfg: dict, accelerator: str | None = None) -> int:
     return sum(sorted(per_type, reverse=True)[: cfg["max_workers"]])
 
 
-@pytest.mark.parametrize(
-    "experiment", sorted((ROOT / "experiments").rglob("*.yaml")), ids=lambda p: p.name
-)
+def ray_section(experiment: Path) -> dict:
+    return (yaml.safe_load(experiment.read_text()) or {}).get("ray") or {}
+
+
+GPU_EXPERIMENTS = [
+    p for p in sorted((ROOT / "experiments").rglob("*.yaml")) if ray_section(p).get("use_gpu")
+]
+
+
+def test_the_imagenet_experiments_are_gpu_experiments():
+    assert {p.parent.name for p in GPU_EXPERIMENTS} == {"imagenet256"}
+    assert len(GPU_EXPERIMENTS) >= 2
+
+
+@pytest.mark.parametrize("experiment", GPU_EXPERIMENTS, ids=lambda p: p.name)
 def test_gpu_experiments_fit_the_cluster_files(experiment):
     """A Train job asking for more GPU workers (of its accelerator type) than the cluster can
     start waits for its placement group forever (Ray Train retries it)."""
-    spec = yaml.safe_load(experiment.read_text()) or {}
-    ray_cfg = spec.get("ray") or {}
-    if not ray_cfg.get("use_gpu"):
-        return
+    ray_cfg = ray_section(experiment)
     for path in CLUSTER_FILES:
         capacity = max_gpus(prepared(path), ray_cfg.get("accelerator_type"))
         assert ray_cfg["num_workers"] <= capacity, (experiment, path)

@@ -302,8 +302,6 @@ def write_adm_npz_parts(
     ``parts``, streamed one part at a time into the archive's ``arr_0`` (memory: one part;
     50k samples at 256 px are 9.8 GB). Written to a temporary name, then renamed. Returns
     the shape of ``arr_0``."""
-    import zipfile
-
     arrays = [np.load(p, mmap_mode="r") for p in parts]
     for a in arrays:
         _check_adm(a)

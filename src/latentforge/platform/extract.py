@@ -692,15 +692,16 @@ def write_manifest(cfg: ExperimentConfig, store: Store, encoded: dict) -> dict:
     return stats
 
 
-def _latent_files(store: Store, vfm: bool, cls: bool) -> tuple[list[str], list[str] | None]:
-    """(columns, shard paths in manifest order; None for the layout before manifests)."""
+def _latent_files(store: Store, vfm: bool, cls: bool) -> tuple[list[str], list[dict] | None]:
+    """(columns, the manifest's shard entries in order; None for the layout before
+    manifests)."""
     columns = ["latent", "label"] + (["vfm"] if vfm else []) + (["vfm_cls"] if cls else [])
     if not store.exists("manifest.json"):
         return columns, None
     manifest = store.read_json("manifest.json")
     if manifest["flip"]:
         columns.append("latent_flip")
-    return columns, [store.path(s["file"]) for s in manifest["shards"]]
+    return columns, manifest["shards"]
 
 
 def latent_dataset(out_dir: str | Path, vfm: bool = False, cls: bool = False, seed=None):
@@ -712,9 +713,10 @@ def latent_dataset(out_dir: str | Path, vfm: bool = False, cls: bool = False, se
     from latentforge.platform.data import shuffled
 
     store = Store.open(out_dir)
-    columns, paths = _latent_files(store, vfm, cls)
-    if paths is None:  # the layout before manifests: a parquet directory
+    columns, shards = _latent_files(store, vfm, cls)
+    if shards is None:  # the layout before manifests: a parquet directory
         return ray.data.read_parquet(store.path("shards"), filesystem=store.fs, columns=columns)
+    paths = [store.path(s["file"]) for s in shards]
     return ray.data.read_parquet(shuffled(paths, seed), filesystem=store.fs, columns=columns)
 
 
@@ -724,11 +726,11 @@ def latent_nbytes(out_dir: str | Path, vfm: bool = False, cls: bool = False) -> 
     import ray.data  # noqa: F401  (registers the tensor type the schema names)
 
     store = Store.open(out_dir)
-    columns, paths = _latent_files(store, vfm, cls)
-    if paths is None:
+    columns, shards = _latent_files(store, vfm, cls)
+    if shards is None:
         return None
-    rows = sum(s["rows"] for s in store.read_json("manifest.json")["shards"])
-    with store.fs.open_input_file(paths[0]) as f:
+    rows = sum(s["rows"] for s in shards)
+    with store.fs.open_input_file(store.path(shards[0]["file"])) as f:
         schema = pq.read_schema(f)
     per_row = 0
     for name in columns:

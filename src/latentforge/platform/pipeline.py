@@ -385,12 +385,11 @@ class Pipeline:
         from latentforge.platform.evaluate import run_evaluation
 
         result = run_evaluation(self.cfg, self.paths(), out)
-        metrics = result["metrics"]
         self.log(
             "[evaluate] "
-            + json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)})
+            + json.dumps({k: v for k, v in result["metrics"].items() if not isinstance(v, list)})
         )
-        return {**result, "metrics": metrics}
+        return result
 
     def _report(self, out: Path) -> dict:
         from latentforge.platform.report import write_report
