@@ -36,9 +36,10 @@ import torch
 from safetensors.torch import save_file
 
 from latentforge.config import load_experiment, to_dict
+from latentforge.models import build_tokenizer, state_dict_of
 from latentforge.platform import data as data_module
-from latentforge.platform.extract import Encoder, Store, extract
-from latentforge.platform.train import build_tokenizer, state_dict_of
+from latentforge.platform.extract import LatentEncoder as Encoder
+from latentforge.platform.extract import Store, extract
 from latentforge.shapes import render_shapes
 
 ROOT = Path(__file__).resolve().parents[1]

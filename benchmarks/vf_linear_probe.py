@@ -23,8 +23,10 @@ import torch.nn.functional as F
 from timing import emit
 
 from latentforge.config import load_experiment
-from latentforge.platform.train import build_tokenizer, ema_decay_at, ema_update, images_to_float
+from latentforge.images import images_to_float
+from latentforge.models import build_tokenizer
 from latentforge.shapes import HOLDOUT_OFFSET, render_shapes
+from latentforge.training.loop import ema_decay_at, ema_update
 
 ROOT = Path(__file__).resolve().parents[1]
 

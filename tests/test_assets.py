@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from latentforge.asset_recipes import AssetConfig, to_float, train_asset, vit_input
 from latentforge.metrics.shapesnet import load_shapesnet
-from latentforge.platform.assets import AssetConfig, to_float, train_asset, vit_input
 from latentforge.shapes import HOLDOUT_OFFSET, WIDE, render_shapes
 from latentforge.tokenizers.vfm import load_vfm
 

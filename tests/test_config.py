@@ -138,8 +138,8 @@ def test_every_sweep_yaml_loads(path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments" / "assets").glob("*.yaml")))
 def test_every_asset_recipe_loads(path):
+    from latentforge.asset_recipes import AssetConfig
     from latentforge.config import load_config
-    from latentforge.platform.assets import AssetConfig
 
     load_config(path, AssetConfig)
 
@@ -159,7 +159,8 @@ def test_every_asset_recipe_loads(path):
     ],
 )
 def test_stage_hashes_follow_the_stage_that_changed(override, changed):
-    from latentforge.platform.pipeline import STAGES, stage_hashes
+    from latentforge.platform.pipeline import stage_hashes
+    from latentforge.platform.stages import NAMES as STAGES
 
     base = stage_hashes(load_experiment(QUICKSTART))
     new = stage_hashes(load_experiment(QUICKSTART, [override]))

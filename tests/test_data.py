@@ -10,11 +10,8 @@ import pytest
 from PIL import Image
 
 from latentforge.config import ConfigError, merge_schema
+from latentforge.data import ImageFolderData, ParquetData, ShapesData, WebDatasetData
 from latentforge.platform.data import (
-    ImageFolderData,
-    ParquetData,
-    ShapesData,
-    WebDatasetData,
     center_crop_arr,
     decode_image,
     expand_braces,

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from latentforge.config import load_experiment, to_dict
+from latentforge.models import build_tokenizer, state_dict_of
 from latentforge.platform.extract import (
-    Encoder,
     ExtractionError,
     Store,
     extract,
@@ -24,9 +24,12 @@ from latentforge.platform.extract import (
     shard_of,
     write_manifest,
 )
+from latentforge.platform.extract import (
+    LatentEncoder as Encoder,
+)
 from latentforge.platform.pipeline import stage_hashes
-from latentforge.platform.train import build_tokenizer, flip_augment, state_dict_of
 from latentforge.shapes import render_shapes
+from latentforge.training.objectives import flip_augment
 from tests.test_config import ROOT
 
 SMOKE = ROOT / "experiments" / "smoke.yaml"
@@ -126,7 +129,7 @@ def test_shards_do_not_depend_on_batching(tmp_path, threads):
 def test_trained_tokenizer_loads_without_training_only_files(tmp_path, threads):
     """Extraction actors and sampling tasks load the stage's weights only: the VFM, LPIPS
     and the published weights training started from may be absent on their node."""
-    from latentforge.platform.extract import load_tokenizer
+    from latentforge.models import load_tokenizer
 
     cfg = load_experiment(SMOKE, [f"run_dir={tmp_path}", *OVERRIDES])
     torch.manual_seed(0)

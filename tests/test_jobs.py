@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 
 from latentforge.config import load_experiment
-from latentforge.platform.pipeline import STAGES, Pipeline
+from latentforge.platform.pipeline import Pipeline
+from latentforge.platform.stages import NAMES as STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = "experiments/smoke.yaml"  # relative: the job's cwd is the uploaded working dir

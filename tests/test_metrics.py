@@ -22,7 +22,7 @@ from latentforge.metrics.inception import (
 )
 from latentforge.metrics.reconstruction import load_lpips, lpips_distance, ssim
 from latentforge.platform import evaluate as ev
-from latentforge.platform.report import BASELINE_NOTE, metrics_rows
+from latentforge.report import BASELINE_NOTE, metrics_rows
 from latentforge.shapes import render_shapes
 from tests.test_fid import random_inception_file
 
@@ -505,7 +505,7 @@ def test_report_rows_carry_counts_extractors_and_meanings():
 
 
 def test_confusion_counts_and_its_report_table():
-    from latentforge.platform.report import confusion_table
+    from latentforge.report import confusion_table
 
     labels, preds = np.array([0, 0, 1, 1, 1]), np.array([0, 9, 1, 1, 0])
     conf = ev.confusion(labels, preds, 2)
@@ -521,8 +521,8 @@ def test_evaluate_runs_its_networks_on_the_given_device(tmp_path, monkeypatch, r
     from safetensors.torch import save_file
 
     from latentforge.metrics import shapesnet
-    from latentforge.platform import extract
-    from latentforge.platform.train import build_tokenizer, state_dict_of
+    from latentforge import models
+    from latentforge.models import build_tokenizer, state_dict_of
     from latentforge.tokenizers import vfm as vfm_mod
 
     cfg = smoke_cfg(
@@ -550,7 +550,7 @@ def test_evaluate_runs_its_networks_on_the_given_device(tmp_path, monkeypatch, r
         return wrapped
 
     monkeypatch.setattr(shapesnet, "load_shapesnet", spy("shapesnet", shapesnet.load_shapesnet))
-    monkeypatch.setattr(extract, "load_tokenizer", spy("tokenizer", extract.load_tokenizer))
+    monkeypatch.setattr(models, "load_tokenizer", spy("tokenizer", models.load_tokenizer))
     monkeypatch.setattr(vfm_mod, "load_vfm", spy("vfm", vfm_mod.load_vfm))
     paths = {"samples": str(tmp_path), "tokenizer": str(tmp_path / "tok.safetensors")}
     out = ev.evaluate(cfg, paths, tmp_path, device="cpu:0")

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from latentforge.config import ConfigError, load_experiment
-from latentforge.platform.pipeline import STAGES, Pipeline, StageNotReady
+from latentforge.platform.pipeline import Pipeline, StageNotReady
+from latentforge.platform.stages import NAMES as STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "smoke.yaml"
@@ -264,8 +265,8 @@ def test_tokenizer_streams_an_image_folder(ray_session, tmp_path, monkeypatch):
     from PIL import Image
     from ray.data.dataset import MaterializedDataset
 
+    from latentforge.data import ImageFolderData
     from latentforge.platform import train
-    from latentforge.platform.data import ImageFolderData
 
     rng = np.random.default_rng(0)
     for c in range(4):

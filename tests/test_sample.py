@@ -6,7 +6,7 @@ import torch
 
 import latentforge.platform.sample as sample_mod
 from latentforge.config import load_experiment
-from latentforge.platform.train import build_generator, build_tokenizer
+from latentforge.models import build_generator, build_tokenizer
 from tests.test_config import ROOT
 
 SMOKE = ROOT / "experiments" / "smoke.yaml"

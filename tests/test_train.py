@@ -10,14 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from latentforge.config import ConfigError, load_experiment
-from latentforge.platform.train import (
-    LocalRuntime,
-    ema_update,
-    fit,
-    generator_job,
-    shuffled_batches,
-    tokenizer_job,
-)
+from latentforge.training.loop import ema_update, fit, generator_job, tokenizer_job
+from latentforge.training.runtime import LocalRuntime, shuffled_batches
 from tests.test_config import ROOT
 
 SMOKE = ROOT / "experiments" / "smoke.yaml"
@@ -181,7 +175,7 @@ def test_ema_update():
 
 def test_ema_decay_warm_up_follows_its_formula():
     """min(decay, (1 + step) / (10 + step)): 0.1 at step 0, then the configured decay."""
-    from latentforge.platform.train import ema_decay_at
+    from latentforge.training.loop import ema_decay_at
 
     assert ema_decay_at(0, 0.9999) == pytest.approx(0.1)
     assert ema_decay_at(1, 0.9999) == pytest.approx(2 / 11)
@@ -198,7 +192,7 @@ def read(path):
 def test_fit_moves_the_ema_towards_the_model_with_the_warm_up_decay(tmp_path):
     """After step k the EMA is d_k EMA + (1 - d_k) W_k with d_k = min(decay, (1+k)/(10+k))
     and W_k the weights after the step; it starts from the initial weights."""
-    from latentforge.platform.train import state_dict_of
+    from latentforge.models import state_dict_of
 
     common = ["train.warmup_images=0", "train.checkpoint_every_images=32"]  # full lr at once
     one = load_experiment(SMOKE, ["train.generator_images=32", *common])  # one step of 32
@@ -266,8 +260,8 @@ def test_published_tokenizer_stage_uses_weights_as_they_are(tmp_path):
     from safetensors.torch import save_file
 
     from latentforge.config import ConfigError
+    from latentforge.models import build_tokenizer, state_dict_of
     from latentforge.platform.pipeline import Pipeline
-    from latentforge.platform.train import build_tokenizer, state_dict_of
 
     base = [f"run_dir={tmp_path / 'run'}", "train.tokenizer_images=0"]
     published = state_dict_of(build_tokenizer(load_experiment(SMOKE)))
@@ -287,7 +281,7 @@ def test_gradient_accumulation_equals_one_large_batch():
     of 8 (a deterministic objective)."""
     from types import SimpleNamespace
 
-    from latentforge.platform.train import train_step
+    from latentforge.training.loop import train_step
 
     class Quadratic(torch.nn.Module):
         def __init__(self):
@@ -315,7 +309,7 @@ def test_gradient_accumulation_equals_one_large_batch():
 def test_lr_warms_up_linearly_then_stays_constant():
     """Linear warm-up over warmup_images: base_lr (n + 1) / warmup at n images seen (the first
     step is not wasted at lr 0), then base_lr; no warm-up: base_lr from the start."""
-    from latentforge.platform.train import lr_at
+    from latentforge.training.loop import lr_at
 
     assert lr_at(0, 1e-3, 1000) == pytest.approx(1e-6)
     assert lr_at(249, 1e-3, 1000) == pytest.approx(2.5e-4)
@@ -330,7 +324,7 @@ def test_gradients_are_clipped_before_the_step():
     plain SGD at lr 1 the parameters move by exactly that much; grad_norm logs |g|."""
     from types import SimpleNamespace
 
-    from latentforge.platform.train import train_step
+    from latentforge.training.loop import train_step
 
     target = torch.tensor([3.0, -4.0, 12.0])  # |grad of |w - target|^2 at 0| = 2 * 13 = 26
 
@@ -358,7 +352,7 @@ def test_gradients_are_clipped_before_the_step():
 def test_weight_decay_reaches_the_optimiser():
     """train.weight_decay is AdamW's decoupled weight decay for the model's parameters; the
     ImageNet LightningDiT-XL/1 reproduction trains without (0.0, not AdamW's default 0.01)."""
-    from latentforge.platform.train import make_optimizers
+    from latentforge.training.loop import make_optimizers
 
     for overrides, decay in (([], 0.0), (["train.weight_decay=0.037"], 0.037)):
         cfg = load_experiment(SMOKE, overrides)
@@ -410,8 +404,9 @@ def test_tokenizer_gan_phase_switches_on_checkpoints_and_resumes(tmp_path):
     """The discriminator steps from disc_start images on (logged ``disc_active``, ``d_loss``,
     ``g_loss``); the checkpoint holds it and its optimizer apart from the tokenizer's
     weights (official keys only), and resume restores both."""
-    from latentforge.platform.train import load_checkpoint, make_optimizers
     from latentforge.shapes import render_shapes
+    from latentforge.training.checkpoint import load_checkpoint
+    from latentforge.training.loop import make_optimizers
 
     def cfg_for(total):
         return load_experiment(
@@ -529,7 +524,7 @@ def test_imagenet_reproduction_uses_the_official_settings():
 
 
 def test_generator_betas_reach_the_optimiser():
-    from latentforge.platform.train import make_optimizers
+    from latentforge.training.loop import make_optimizers
 
     for overrides, betas in (
         ([], (0.9, 0.99)),
@@ -547,8 +542,8 @@ def test_published_generator_loads_the_official_layout_without_extraction(tmp_pa
     from safetensors.torch import save_file
 
     from latentforge.config import ConfigError
-    from latentforge.platform.pipeline import Pipeline, latent_shape_of
-    from latentforge.platform.train import build_generator, build_tokenizer, state_dict_of
+    from latentforge.models import build_generator, build_tokenizer, latent_shape_of, state_dict_of
+    from latentforge.platform.pipeline import Pipeline
 
     vae = state_dict_of(build_tokenizer(load_experiment(SMOKE)))
     vae = {k: v for k, v in vae.items() if not k.startswith("linear_proj.")}

@@ -1,9 +1,9 @@
 """``latentforge <verb> EXPERIMENT.yaml [key=value ...] [--dry-run]``.
 
-Verbs only parse, validate and call the library (platform/). ``run`` runs every stage,
-skipping those whose config hash is unchanged; the stage verbs run one stage on the
-artifacts of the stage before it; ``sweep`` runs a Ray Tune sweep; ``train-asset`` runs
-an embedded-asset recipe.
+Verbs only parse, validate and call the library. ``run`` runs every stage, skipping those
+whose config hash is unchanged; the stage verbs (from the stage table,
+:data:`latentforge.platform.stages.STAGES`) run one stage on the artifacts of the stage
+before it; ``sweep`` runs a Ray Tune sweep; ``train-asset`` runs an embedded-asset recipe.
 """
 
 from __future__ import annotations
@@ -14,20 +14,24 @@ import sys
 
 from latentforge.config import ConfigError, load_config, load_experiment, to_yaml
 
-STAGE_VERBS = {
-    "train-tokenizer": "tokenizer",
-    "extract": "extract",
-    "train-generator": "generator",
-    "sample": "sample",
-    "evaluate": "evaluate",
-    "report": "report",
+OTHER_VERBS = {
+    "run": "run every stage of an experiment, skipping those already done",
+    "sweep": "run a Ray Tune sweep over experiment keys (--resume continues one)",
+    "train-asset": "train an embedded asset (the shapes ViT or classifier) from its recipe",
 }
-VERBS = ("run", *STAGE_VERBS, "sweep", "train-asset")
+
+
+def stage_verbs() -> dict[str, str]:
+    """CLI verb -> stage name, from the stage table (imported when a verb needs it: the
+    table imports Ray)."""
+    from latentforge.platform.stages import STAGES
+
+    return {s.verb: s.name for s in STAGES}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="latentforge", description=__doc__.splitlines()[0])
-    p.add_argument("verb", choices=VERBS)
+    p.add_argument("verb", choices=["run", *stage_verbs(), "sweep", "train-asset"])
     p.add_argument("config", help="experiment / sweep / asset-recipe YAML")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sample.cfg_scale=4")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and plan")
@@ -36,11 +40,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def cmd_experiment(args) -> int:
-    from latentforge.platform.pipeline import STAGES, Pipeline, connect
+    from latentforge.platform.pipeline import Pipeline
+    from latentforge.platform.stages import NAMES
+    from latentforge.platform.workers import connect
 
     cfg = load_experiment(args.config, args.overrides)
     pipeline = Pipeline(cfg)
-    stages = STAGES if args.verb == "run" else (STAGE_VERBS[args.verb],)
+    stages = NAMES if args.verb == "run" else (stage_verbs()[args.verb],)
     pipeline.preflight(stages)
     if args.dry_run:
         print(to_yaml(cfg))
@@ -71,7 +77,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_asset(args) -> int:
-    from latentforge.platform.assets import AssetConfig, train_asset
+    from latentforge.asset_recipes import AssetConfig, train_asset
 
     cfg = load_config(args.config, AssetConfig, args.overrides)
     if args.dry_run:

@@ -22,11 +22,72 @@ from typing import Any, Literal
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from latentforge.registry import DATASETS, GENERATORS, TOKENIZERS, Registry
+from latentforge.registry import DATASETS, GENERATORS, TOKENIZERS, Registry, load_plugins
 
 
 class ConfigError(ValueError):
     """A config file or override that does not fit its schema."""
+
+
+# ----------------------------------------------------------------- base schemas per kind
+# A family's schema derives from its kind's base (``class VAVAEConfig(TokenizerConfig)``)
+# and registers it (:mod:`latentforge.registry`); the platform reads only these fields.
+
+
+@dataclass
+class DataConfig:
+    """What every data source has."""
+
+    name: str = ""
+    resolution: int = 256
+    num_classes: int | None = None  # classes of the labels (None: as the source says)
+
+
+@dataclass
+class TokenizerConfig:
+    """What every tokenizer family has."""
+
+    name: str = ""
+    config: str = ""  # key of the family's named configs
+    # published weights to start from (or, with train.tokenizer_images=0, to use as they are)
+    weights: str | None = None
+
+
+@dataclass
+class TransportConfig:
+    """How the backbone is trained and read: path, prediction target, time sampling."""
+
+    path: Literal["linear", "gvp", "vp"] = "linear"
+    prediction: Literal["velocity", "noise", "score"] = "velocity"
+    t_sampling: Literal["uniform", "lognorm"] = "lognorm"
+    lognorm_mean: float = 0.0
+    lognorm_std: float = 1.0
+    train_shift: float = 1.0  # shift of training times (1 = none); see shift_t
+    cos_loss_weight: float = 1.0  # velocity-direction loss (LightningDiT); 0 disables
+    # keep training t in [eps, 1 - eps]; 0: the path's safe default (SiT's): 1e-5 on vp,
+    # 1e-3 for noise / score prediction on linear / gvp (alpha(0) = 0), else none
+    train_eps: float = 0.0
+    # REPA (Yu et al. 2025, "Representation Alignment for Generation"): weight of
+    # -cos(projector(h_k), VFM patch features) on the clean image; 0 disables (REPA: 0.5)
+    repa_weight: float = 0.0
+    # REG (Wu et al. 2025, "Representation Entanglement for Generation"): the VFM class token
+    # is generated jointly as one extra noised token; weight of its velocity loss (REG: 0.03)
+    reg_weight: float = 0.0
+
+
+@dataclass
+class GeneratorConfig:
+    """What every generator family has."""
+
+    name: str = ""
+    config: str = ""  # key of the family's named configs
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    # a published checkpoint, loaded strictly; with train.generator_images: 0 it is the
+    # generator
+    weights: str | None = None
+    # the latent normalisation the weights were trained with, replacing the extracted
+    # statistics (:func:`latentforge.models.read_latent_stats`)
+    latent_stats: str | None = None
 
 
 @dataclass
@@ -126,9 +187,12 @@ class ExperimentConfig:
     """One experiment: data -> tokenizer -> latents -> generator -> samples -> metrics."""
 
     run_dir: str = "runs/default"
-    data: Any = None
-    tokenizer: Any = None
-    generator: Any = None
+    # modules or .py files that register further families (registry.load_plugins), imported
+    # before the parts below are resolved
+    plugins: list[str] = field(default_factory=list)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -196,6 +260,10 @@ def apply_overrides(node: DictConfig, overrides, source) -> DictConfig:
 def experiment_from_node(node: DictConfig, source: str) -> ExperimentConfig:
     """Resolve polymorphic parts through the registry and type-check everything."""
     node = node.copy()
+    try:
+        load_plugins([str(p) for p in node.get("plugins", None) or []])
+    except (ImportError, OSError, SyntaxError) as e:
+        raise ConfigError(f"{source}: plugins: {e}") from None
     parts: dict[str, Any] = {}
     for key, (registry, default) in POLYMORPHIC.items():
         sub = node.pop(key, None)

@@ -21,10 +21,10 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from latentforge.config import GeneratorConfig, TransportConfig
 from latentforge.generators.base import Generator
-from latentforge.generators.transport import TransportConfig
 from latentforge.registry import GENERATORS
-from latentforge.state_dicts import mismatch
+from latentforge.state_dicts import mismatch, read_state_dict
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ CONFIGS: dict[str, DiTArch] = {
 
 
 @dataclass
-class LightningDiTConfig:
+class LightningDiTConfig(GeneratorConfig):
     """Schema of ``generator:`` for the DiT / LightningDiT family."""
 
     name: str = "lightningdit"
@@ -481,7 +481,6 @@ def resolve_arch(cfg: LightningDiTConfig) -> DiTArch:
     return replace(CONFIGS[cfg.config], **{k: v for k, v in flags.items() if v is not None})
 
 
-@GENERATORS.register("lightningdit", config=LightningDiTConfig)
 def build_lightningdit(
     cfg: LightningDiTConfig,
     latent_shape: tuple[int, ...],
@@ -514,28 +513,15 @@ PUBLISHED_GENERATOR_HINT = (
 )
 
 
-def read_generator_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """A published checkpoint's state_dict: safetensors as is; a torch file's ``"ema"``
-    entry (what the official LightningDiT inference loads), else ``"model"``, else the file
-    as a plain state_dict (DiT); a DDP ``module.`` prefix is dropped."""
+def load_published(model: LightningDiT, path: str | Path) -> None:
+    """Load ``generator.weights`` strictly, naming what does not match."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(
             f"generator.weights: {file} does not exist ({PUBLISHED_GENERATOR_HINT})"
         )
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(file))
-    else:
-        ckpt = torch.load(str(file), map_location="cpu", weights_only=True)
-        sd = next((ckpt[k] for k in ("ema", "model", "state_dict") if k in ckpt), ckpt)
-    return {k.removeprefix("module."): v for k, v in sd.items()}
-
-
-def load_published(model: LightningDiT, path: str | Path) -> None:
-    """Load ``generator.weights`` strictly, naming what does not match."""
-    sd = read_generator_weights(path)
+    # an official LightningDiT file: its "ema" entry, what the official inference loads
+    sd = read_state_dict(file, entries=("ema", "model", "state_dict"))
     if differs := mismatch(model.state_dict(), sd):
         raise ValueError(
             f"generator.weights {path}: not a checkpoint of this generator config ({differs})"
@@ -543,26 +529,10 @@ def load_published(model: LightningDiT, path: str | Path) -> None:
     model.load_state_dict(sd, strict=True)
 
 
-def read_latent_stats(path: str | Path, channels: int) -> dict[str, list[float]]:
-    """Per-channel ``mean`` / ``std`` from LightningDiT's latents_stats.pt or a JSON file."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(f"generator.latent_stats: {file} does not exist")
-    if file.suffix == ".json":
-        import json
-
-        raw = json.loads(file.read_text())
-    else:
-        raw = torch.load(str(file), map_location="cpu", weights_only=True)
-    out = {}
-    for key in ("mean", "std"):
-        values = torch.as_tensor(raw[key], dtype=torch.float64).flatten().tolist()
-        if len(values) == 1:
-            values = values * channels
-        if len(values) != channels:
-            raise ValueError(
-                f"generator.latent_stats {file}: {key} has {len(values)} values for "
-                f"{channels} latent channels"
-            )
-        out[key] = values
-    return out
+GENERATORS.register(
+    "lightningdit",
+    config=LightningDiTConfig,
+    check=resolve_arch,
+    load_published=load_published,
+    weights_hint=PUBLISHED_GENERATOR_HINT,
+)(build_lightningdit)

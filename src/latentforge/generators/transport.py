@@ -16,33 +16,11 @@ turns any prediction type into dx_t/dt.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class TransportConfig:
-    """How the backbone is trained and read: path, prediction target, time sampling."""
-
-    path: Literal["linear", "gvp", "vp"] = "linear"
-    prediction: Literal["velocity", "noise", "score"] = "velocity"
-    t_sampling: Literal["uniform", "lognorm"] = "lognorm"
-    lognorm_mean: float = 0.0
-    lognorm_std: float = 1.0
-    train_shift: float = 1.0  # shift of training times (1 = none); see shift_t
-    cos_loss_weight: float = 1.0  # velocity-direction loss (LightningDiT); 0 disables
-    # keep training t in [eps, 1 - eps]; 0: the path's safe default (SiT's): 1e-5 on vp,
-    # 1e-3 for noise / score prediction on linear / gvp (alpha(0) = 0), else none
-    train_eps: float = 0.0
-    # REPA (Yu et al. 2025, "Representation Alignment for Generation"): weight of
-    # -cos(projector(h_k), VFM patch features) on the clean image; 0 disables (REPA: 0.5)
-    repa_weight: float = 0.0
-    # REG (Wu et al. 2025, "Representation Entanglement for Generation"): the VFM class token
-    # is generated jointly as one extra noised token; weight of its velocity loss (REG: 0.03)
-    reg_weight: float = 0.0
+from latentforge.config import TransportConfig
 
 
 def flip_time(t: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import re
 import tarfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -34,69 +34,20 @@ import ray
 from PIL import Image
 
 from latentforge.config import ConfigError
-from latentforge.registry import DATASETS
+from latentforge.data import (
+    FileData,
+    ImageFolderData,
+    ParquetData,
+    ShapesData,
+    WebDatasetData,
+)
 from latentforge.shapes import HOLDOUT_OFFSET, NUM_CLASSES, render_shapes
-from latentforge.shapes import JITTER as SHAPES_JITTER
-from latentforge.shapes import SCALE as SHAPES_SCALE
 
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = [".jpg", ".jpeg", ".png", ".webp", ".bmp"]
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # webdataset member suffixes
 Split = Literal["train", "holdout"]
 ROWS_PER_BATCH = 64  # decoded rows per output batch of the file sources
 FILES_PER_BLOCK = 256  # image files per read task (imagefolder)
-
-
-@dataclass
-class ShapesData:
-    """The embedded procedural dataset (see ``latentforge.shapes``)."""
-
-    name: Literal["shapes"] = "shapes"
-    resolution: int = 64
-    num_images: int = 20000
-    seed: int = 0
-    num_classes: int = NUM_CLASSES
-    holdout_images: int = 2000
-    scale: list[float] = field(default_factory=lambda: list(SHAPES_SCALE))  # radius range
-    position_jitter: float = SHAPES_JITTER  # 0: centred; 1: anywhere (the assets' layout)
-
-
-@dataclass
-class FileData:
-    """Fields shared by the file-based sources."""
-
-    name: str = ""
-    path: str = ""  # directory, file, or glob/brace pattern; local or s3:// / gs://
-    resolution: int = 256
-    holdout_path: str | None = None  # e.g. ImageNet val; else a hash split of the keys
-    holdout_fraction: float = 0.01
-
-
-@dataclass
-class ImageFolderData(FileData):
-    """``root/<class name>/.../<image>``; class index = position in sorted class names."""
-
-    name: Literal["imagefolder"] = "imagefolder"
-    num_classes: int | None = None  # None: the number of class folders
-    extensions: list[str] = field(default_factory=lambda: list(IMAGE_EXTENSIONS))
-
-
-@dataclass
-class WebDatasetData(FileData):
-    """Tar shards with ``<key>.jpg|jpeg|png|webp`` and ``<key>.cls`` (text int) members."""
-
-    name: Literal["webdataset"] = "webdataset"
-    num_classes: int = 1000
-
-
-@dataclass
-class ParquetData(FileData):
-    """Parquet files: encoded image bytes (or a ``{bytes, path}`` struct) and an int label."""
-
-    name: Literal["parquet"] = "parquet"
-    num_classes: int = 1000
-    image_column: str = "image"
-    label_column: str = "label"
 
 
 # ----------------------------------------------------------------------- preprocessing
@@ -288,7 +239,6 @@ def _render_batch(
     return {"image": images, "label": labels, "id": idx.astype(str).astype(object)}
 
 
-@DATASETS.register("shapes", config=ShapesData)
 def build_shapes(
     cfg: ShapesData, split: Split = "train", skip=None, subset=None, seed=None
 ) -> ImageSource:
@@ -466,7 +416,6 @@ def class_folders(path: str) -> tuple[str, list[str]]:
     return root, sorted(d for d in dirs if _visible(d))
 
 
-@DATASETS.register("imagefolder", config=ImageFolderData)
 def build_imagefolder(
     cfg: ImageFolderData, split: Split = "train", skip=None, subset=None, seed=None
 ) -> ImageSource:
@@ -548,7 +497,6 @@ def _tar_batch(batch, decoder: Decoder, fs, prefix: str):
         yield from decoder.decode(_tar_records(fs, str(path), prefix))
 
 
-@DATASETS.register("webdataset", config=WebDatasetData)
 def build_webdataset(
     cfg: WebDatasetData, split: Split = "train", skip=None, subset=None, seed=None
 ) -> ImageSource:
@@ -614,7 +562,6 @@ def _check_columns(fs, path: str, columns: tuple[str, str]) -> None:
         raise ConfigError(f"data: columns {missing} not in {path!r}; it has {names}")
 
 
-@DATASETS.register("parquet", config=ParquetData)
 def build_parquet(
     cfg: ParquetData, split: Split = "train", skip=None, subset=None, seed=None
 ) -> ImageSource:
@@ -695,4 +642,14 @@ def load_images(
     sample of about n images drawn across the whole split (evaluation's real images): exactly
     the n chosen for shapes and image folders, whole shards in hashed order otherwise, for
     the caller to ``limit``."""
-    return DATASETS.build(cfg.name, cfg, split, skip=skip, subset=subset, seed=seed)
+    if cfg.name not in READERS:
+        raise ConfigError(f"data.name: no reader for {cfg.name!r}; known: {', '.join(READERS)}")
+    return READERS[cfg.name](cfg, split, skip=skip, subset=subset, seed=seed)
+
+
+READERS = {
+    "shapes": build_shapes,
+    "imagefolder": build_imagefolder,
+    "webdataset": build_webdataset,
+    "parquet": build_parquet,
+}

@@ -36,7 +36,9 @@ import torch
 
 from latentforge.config import ExperimentConfig, config_hash
 from latentforge.metrics.frechet import FeatureStats, frechet_distance, frechet_distance_inf
-from latentforge.platform.pipeline import REAL_IMAGES_RULE
+
+# how evaluation picks real images (:func:`real_images`): in its cache keys and its hash
+REAL_IMAGES_RULE = "real-images: hashed subset"
 
 METRICS = (
     "fd_shapesnet",
@@ -438,7 +440,7 @@ def vfm_metric_name(spec: str) -> str:
 def vfm_features(images: np.ndarray, vfm, batch_size: int) -> tuple[np.ndarray, str]:
     """A VFM's class token (the mean patch token of its last layer when it has none) of
     uint8 images: features (N, C) float64 and which token was used."""
-    from latentforge.platform.train import images_to_float
+    from latentforge.images import images_to_float
 
     device = next(vfm.parameters()).device
     feats, token = [], "class token"
@@ -537,9 +539,9 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 @torch.no_grad()
 def reconstruct(tokenizer, images: np.ndarray, batch_size: int) -> np.ndarray:
     """Decoded encodings of uint8 (N, H, W, 3) ``images``, at most ``batch_size`` images
-    (and :data:`~latentforge.platform.sample.TOKENIZER_PIXELS` pixels) per call."""
-    from latentforge.platform.sample import to_uint8, tokenizer_batch
-    from latentforge.platform.train import images_to_float
+    (and :data:`~latentforge.generators.generate.TOKENIZER_PIXELS` pixels) per call."""
+    from latentforge.generators.generate import tokenizer_batch
+    from latentforge.images import images_to_float, to_uint8
 
     out = []
     batch_size = tokenizer_batch(images.shape[1], batch_size)
@@ -562,8 +564,8 @@ def reconstruction_metrics(
     images vs their reconstructions; ``lpips_model`` defaults to :func:`load_lpips`."""
     from PIL import Image
 
+    from latentforge.images import grid_of
     from latentforge.metrics.reconstruction import load_lpips, lpips_distance, ssim
-    from latentforge.platform.sample import grid_of
 
     ec, wanted = cfg.evaluate, set(cfg.evaluate.metrics)
     held, held_labels = real_images(cfg, "holdout", ec.num_recon)
@@ -606,7 +608,7 @@ def evaluate(cfg: ExperimentConfig, paths: dict, out_dir: str | Path, device="cp
 
 
 def _evaluate(cfg: ExperimentConfig, paths: dict, out_dir: Path) -> dict:
-    from latentforge.platform.extract import load_tokenizer
+    from latentforge.models import load_tokenizer
 
     check_metrics(cfg.evaluate.metrics)
     wanted = set(cfg.evaluate.metrics)

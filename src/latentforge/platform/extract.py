@@ -15,7 +15,7 @@ Layout of ``out_dir`` (a local path or a pyarrow filesystem URI such as ``s3://`
 
 Sharding depends on source ids only, never on Ray's blocks or tasks: an id's *group* and
 *ordinal* (:func:`parse_id`) put it in shard ``(group, ordinal // extract.shard_rows)``,
-so ``shapes`` image k is in shard ``k // S``. Encoder actors write each batch's rows as
+so ``shapes`` image k is in shard ``k // S``. LatentEncoder actors write each batch's rows as
 atomic *part* files named by the hash of their ids. One Ray task per shard gathers its
 parts, sorts them by id, writes the shard atomically and then its marker: as soon as an
 id range holds all its rows, the other shards after the pass. A rerun skips shards with
@@ -53,31 +53,6 @@ if TYPE_CHECKING:  # torch is imported where used: shard tasks start without it 
 TORCH_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}
 FORMAT = 1  # manifest format version
 LOG_EVERY_S = 10.0  # progress log interval
-
-
-# what only training uses: the frozen loss networks and the weights training started from
-TRAINING_ONLY = {"vfm": None, "perceptual": "none", "weights": None, "disc_weights": None}
-
-
-def load_tokenizer(cfg: ExperimentConfig, weights: str | Path, device="cpu") -> torch.nn.Module:
-    """The configured tokenizer with its trained weights, for encoding and decoding: built
-    without what only training uses (:data:`TRAINING_ONLY`), so extraction actors and
-    sampling tasks on other nodes need no VFM, LPIPS or published-weights file, only
-    ``weights``; loaded strictly but for the VF loss's projection (``linear_proj``)."""
-    import dataclasses
-
-    from safetensors.torch import load_file
-
-    from latentforge.platform.train import build_tokenizer
-
-    tok = cfg.tokenizer
-    slim = {k: v for k, v in TRAINING_ONLY.items() if hasattr(tok, k)}
-    model = build_tokenizer(dataclasses.replace(cfg, tokenizer=dataclasses.replace(tok, **slim)))
-    state = load_file(str(weights))
-    if getattr(model, "linear_proj", None) is None:
-        state = {k: v for k, v in state.items() if not k.startswith("linear_proj.")}
-    model.load_state_dict(state, strict=True)
-    return model.to(device).eval().requires_grad_(False)
 
 
 # --------------------------------------------------------------------------- shard keys
@@ -227,7 +202,7 @@ def write_parts(store: Store, arrays: dict[str, np.ndarray], rows: int) -> dict[
 
 
 def _summary(names: list[str], rows: list[int], ranged: list[bool]) -> dict[str, np.ndarray]:
-    """Encoder output: rows written per shard; ``ranged``: the shard is an id range, so
+    """LatentEncoder output: rows written per shard; ``ranged``: the shard is an id range, so
     it is complete once it holds ``shard_rows`` rows."""
     return {
         "shard": np.array(names, dtype=object),
@@ -236,7 +211,7 @@ def _summary(names: list[str], rows: list[int], ranged: list[bool]) -> dict[str,
     }
 
 
-class Encoder:
+class LatentEncoder:
     """Ray Data callable class: one tokenizer per actor; encodes image batches (and their
     horizontal flips) at a fixed batch shape and writes them as part files."""
 
@@ -249,6 +224,8 @@ class Encoder:
         if self.device == "cuda":  # no autotuned (run-dependent) convolution algorithms
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
+        from latentforge.models import load_tokenizer
+
         self.model = load_tokenizer(cfg, weights, self.device)
         self.dtype = TORCH_DTYPES[cfg.extract.dtype]
         self.bf16 = cfg.extract.dtype == "bfloat16"
@@ -284,7 +261,7 @@ class Encoder:
         """uint8 (B, H, W, 3) -> ``latent`` and ``latent_flip`` (B, C, h, w) [+ ``vfm``]."""
         import torch
 
-        from latentforge.platform.train import images_to_float
+        from latentforge.images import images_to_float
 
         with torch.inference_mode():
             return self._encode(images_to_float(torch.from_numpy(np.ascontiguousarray(images))))
@@ -471,7 +448,7 @@ def _encode_pass(cfg, weights: str, store: Store, done: dict, log, hook, tasks) 
         skip = AlreadyEncoded(frozenset(done), part_ids, ec.shard_rows)
     source = load_images(cfg.data, "train", skip=skip)
     ds = source.dataset.map_batches(
-        Encoder,
+        LatentEncoder,
         fn_constructor_kwargs={
             "experiment": to_dict(cfg),
             "weights": weights,

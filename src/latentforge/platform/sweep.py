@@ -248,7 +248,7 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> dict:
     """Run (or resume) the sweep with Ray Tune; write results, frontier plot and summary."""
     from ray import tune
 
-    from latentforge.platform.pipeline import connect
+    from latentforge.platform.workers import connect
 
     connect(load_experiment(sweep.base_path, sweep.spec.overrides))
     resources = {
@@ -310,7 +310,8 @@ def trial_stage_dirs(sweep: Sweep, point: dict[str, Any], rung: int) -> list[Pat
     """The stage directories trial ``point`` used up to ``rung`` (tokenizer and extract
     once, then every rung's generator, sample, evaluate and report), as ``_trainable``
     derives them; those not (yet) done are left out."""
-    from latentforge.platform.pipeline import STAGES, Pipeline
+    from latentforge.platform.pipeline import Pipeline
+    from latentforge.platform.stages import NAMES
 
     cfg = trial_config(sweep, point)
     if sch_rungs(sweep) <= 1:
@@ -323,7 +324,7 @@ def trial_stage_dirs(sweep: Sweep, point: dict[str, Any], rung: int) -> list[Pat
             if not p.is_done("generator"):
                 break
             init = p.done_info("generator").get("checkpoint")
-    dirs = {p.stage_dir(s): None for p in pipelines for s in STAGES if p.is_done(s)}
+    dirs = {p.stage_dir(s): None for p in pipelines for s in NAMES if p.is_done(s)}
     return list(dirs)
 
 

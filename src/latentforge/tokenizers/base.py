@@ -42,9 +42,19 @@ class Tokenizer(nn.Module):
         """
         raise NotImplementedError
 
+    def load_trained(self, state: dict[str, torch.Tensor]) -> None:
+        """Load weights this family saved in training (``model.safetensors``) into a model
+        built for inference; strict unless a family drops training-only parts."""
+        self.load_state_dict(state, strict=True)
+
     def make_discriminator(self) -> nn.Module | None:
         """A fresh discriminator for adversarial training, or None (no GAN)."""
         return None
+
+    def discriminator_optimizer(self, base_lr: float) -> dict:
+        """The discriminator's Adam settings for :class:`~latentforge.training.loop.Job`:
+        ``disc_lr`` and ``disc_betas`` (Esser et al. 2021: the autoencoder's lr, (0.5, 0.9))."""
+        return {"disc_lr": base_lr, "disc_betas": (0.5, 0.9)}
 
     def gan_active(self, nimg: int) -> bool:
         """Whether the GAN terms are on after ``nimg`` images seen."""

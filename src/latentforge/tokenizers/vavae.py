@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentforge.config import TokenizerConfig
 from latentforge.registry import TOKENIZERS
-from latentforge.state_dicts import mismatch
+from latentforge.state_dicts import mismatch, read_state_dict
 from latentforge.tokenizers import losses
 from latentforge.tokenizers.base import Tokenizer
 
@@ -84,7 +85,7 @@ CONFIGS: dict[str, AEArch] = {
 
 
 @dataclass
-class VAVAEConfig:
+class VAVAEConfig(TokenizerConfig):
     """Schema of ``tokenizer:`` for VA-VAE."""
 
     name: str = "vavae"
@@ -418,6 +419,16 @@ class VAVAE(Tokenizer):
         sigma = torch.randn((z.shape[0],) + (1,) * (z.dim() - 1), device=z.device).abs()
         return z + self.cfg.decoder_noise * sigma * std * torch.randn_like(z)
 
+    def load_trained(self, state: dict[str, torch.Tensor]) -> None:
+        """Strict, but for the VF loss's projection (``linear_proj``), which a model built
+        for inference (no VFM) does not have."""
+        if self.linear_proj is None:
+            state = {k: v for k, v in state.items() if not k.startswith("linear_proj.")}
+        self.load_state_dict(state, strict=True)
+
+    def discriminator_optimizer(self, base_lr: float) -> dict:
+        return {"disc_lr": self.cfg.disc_lr or base_lr, "disc_betas": tuple(self.cfg.disc_betas)}
+
     def make_discriminator(self) -> nn.Module | None:
         """The PatchGAN of this config (``disc_weights`` loaded), or None when the GAN is off."""
         cfg = self.cfg
@@ -457,13 +468,29 @@ def resolve_arch(cfg: VAVAEConfig) -> AEArch:
     return arch
 
 
-@TOKENIZERS.register("vavae", config=VAVAEConfig)
-def build_vavae(cfg: VAVAEConfig, resolution: int) -> VAVAE:
+def latent_shape(cfg: VAVAEConfig, resolution: int) -> tuple[int, int, int]:
+    """(C, H, W) of the latents of ``resolution`` x ``resolution`` images."""
     arch = resolve_arch(cfg)
     if resolution % arch.downsample:
         raise ValueError(
-            f"resolution {resolution} is not divisible by the tokenizer's factor {arch.downsample}"
+            f"data.resolution {resolution} is not divisible by the tokenizer's factor "
+            f"{arch.downsample}"
         )
+    side = resolution // arch.downsample
+    return (arch.z_channels, side, side)
+
+
+PUBLISHED_HINT = (
+    "the published VA-VAE is vavae-imagenet256-f16d32-dinov2.pt in the Hugging Face repo "
+    "hustvl/vavae-imagenet256-f16d32-dinov2; download it and set tokenizer.weights=<path>"
+)
+# what only training uses: the frozen loss networks and the weights training started from
+TRAINING_ONLY = {"vfm": None, "perceptual": "none", "weights": None, "disc_weights": None}
+
+
+def build_vavae(cfg: VAVAEConfig, resolution: int) -> VAVAE:
+    arch = resolve_arch(cfg)
+    latent_shape(cfg, resolution)  # resolution fits the downsampling
     vfm = None
     if cfg.vfm and cfg.vf_weight > 0:
         from latentforge.tokenizers.vfm import load_vfm
@@ -504,27 +531,11 @@ def load_discriminator(disc: nn.Module, path: str) -> None:
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"tokenizer.disc_weights: {file} does not exist")
-    sd = read_weights(file)
+    sd = read_state_dict(file)
     if file.suffix != ".safetensors":
         prefix = "loss.discriminator."
         sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     disc.load_state_dict(sd, strict=True)
-
-
-def read_weights(file: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file, or a torch checkpoint (unwrapping ``state_dict`` / ``model``)."""
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(file))
-    sd = torch.load(str(file), map_location="cpu", weights_only=True)
-    return sd.get("state_dict", sd.get("model", sd))
-
-
-PUBLISHED_HINT = (
-    "the published VA-VAE is vavae-imagenet256-f16d32-dinov2.pt in the Hugging Face repo "
-    "hustvl/vavae-imagenet256-f16d32-dinov2; download it and set tokenizer.weights=<path>"
-)
 
 
 def load_published(model: VAVAE, path: str) -> None:
@@ -536,7 +547,7 @@ def load_published(model: VAVAE, path: str) -> None:
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"tokenizer.weights: {file} does not exist ({PUBLISHED_HINT})")
-    sd = read_weights(file)
+    sd = read_state_dict(file)
     ours = model.state_dict()
     drop = ("loss.", "foundation_model.")
     drop += () if any(k.startswith("linear_proj.") for k in ours) else ("linear_proj.",)
@@ -546,3 +557,15 @@ def load_published(model: VAVAE, path: str) -> None:
             f"tokenizer.weights {file}: not a VA-VAE {model.cfg.config} checkpoint ({differs})"
         )
     model.load_state_dict(sd, strict=False)
+
+
+TOKENIZERS.register(
+    "vavae",
+    config=VAVAEConfig,
+    latent_shape=latent_shape,
+    normalization="channel",
+    check=resolve_arch,
+    inference=TRAINING_ONLY,
+    load_published=load_published,
+    weights_hint=PUBLISHED_HINT,
+)(build_vavae)

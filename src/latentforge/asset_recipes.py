@@ -1,8 +1,8 @@
 """Recipes of the embedded assets: the shapes ViT (stand-in VFM) and the shapes classifier.
 
 Both are trained on the ``shapes`` training split (seed 0, the wide layout that contains
-the default one) and checked on its held-out split. A one-off, single-process torch loop: these networks are tiny, and the recipe must
-rebuild the committed weights bit-for-bit on a laptop, without a cluster.
+the default one) and checked on its held-out split. A one-off, single-process torch loop: these networks are
+tiny, and the recipe must rebuild the committed weights bit-for-bit on a laptop, without a cluster.
 ``latentforge train-asset experiments/assets/<name>.yaml`` runs it.
 """
 
@@ -23,7 +23,7 @@ from torch import nn
 
 from latentforge.shapes import HOLDOUT_OFFSET, NUM_CLASSES, WIDE, render_shapes
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 @dataclass

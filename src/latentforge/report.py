@@ -128,29 +128,27 @@ def confusion_table(matrix: list[list[int]]) -> list[list[str]]:
 RECON_HEADING = "Reconstructions (held-out image, then its reconstruction)"
 
 
-def write_report(pipeline, out: Path) -> dict:
-    cfg = pipeline.cfg
-    metrics = json.loads(Path(pipeline.paths()["metrics"]).read_text())
+def write_report(
+    cfg, run_dir: Path, stage_dirs: dict[str, Path], times: dict[str, float], out: Path
+) -> dict:
+    """The report of the run in ``run_dir`` from its stages' artifacts (``stage_dirs``, by
+    stage name) and times (seconds, by stage), into ``out`` and the top of ``run_dir``."""
+    metrics = json.loads((stage_dirs["evaluate"] / "metrics.json").read_text())
     curves = {
-        kind: json.loads((pipeline.stage_dir(kind) / "curve.json").read_text())
+        kind: json.loads((stage_dirs[kind] / "curve.json").read_text())
         for kind in ("tokenizer", "generator")
     }
     plot_curves(curves, out / "curves.png")
-    shutil.copy(pipeline.stage_dir("sample") / "grid.png", out / "grid.png")
-    recon = pipeline.stage_dir("evaluate") / "recon.png"  # with reconstruction metrics only
+    shutil.copy(stage_dirs["sample"] / "grid.png", out / "grid.png")
+    recon = stage_dirs["evaluate"] / "recon.png"  # with reconstruction metrics only
     if recon.exists():
         shutil.copy(recon, out / "recon.png")
-    times = {  # a published generator may have skipped the extraction
-        s: pipeline.done_info(s).get("seconds", 0.0)
-        for s in ("tokenizer", "extract", "generator", "sample", "evaluate")
-        if pipeline.is_done(s)
-    }
     title = f"latentforge report: {cfg.tokenizer.name} + {cfg.generator.name} on {cfg.data.name}"
     rows = metrics_rows(metrics)
     md = [
         f"# {title}",
         "",
-        f"Run directory: `{pipeline.run_dir}`",
+        f"Run directory: `{run_dir}`",
         "",
         "## Metrics",
         "",
@@ -188,10 +186,10 @@ def write_report(pipeline, out: Path) -> dict:
     (out / "report.html").write_text(render_html(title, rows, times, out, confusion))
     for name in ("report.md", "report.html", "grid.png", "recon.png", "curves.png"):
         if (out / name).exists():
-            shutil.copy(out / name, pipeline.run_dir / name)
+            shutil.copy(out / name, run_dir / name)
         else:  # not this report's: an earlier run's would pass for it
-            (pipeline.run_dir / name).unlink(missing_ok=True)
-    return {"report": str(pipeline.run_dir / "report.html")}
+            (run_dir / name).unlink(missing_ok=True)
+    return {"report": str(run_dir / "report.html")}
 
 
 def _img(path: Path) -> str:
