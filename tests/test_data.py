@@ -11,13 +11,8 @@ from PIL import Image
 
 from latentforge.config import ConfigError, merge_schema
 from latentforge.data import ImageFolderData, ParquetData, ShapesData, WebDatasetData
-from latentforge.platform.data import (
-    center_crop_arr,
-    decode_image,
-    expand_braces,
-    load_images,
-    parse_label,
-)
+from latentforge.platform.data import expand_braces, load_images
+from latentforge.platform.decode import center_crop_arr, decode_image, parse_label
 from latentforge.registry import DATASETS
 from latentforge.shapes import HOLDOUT_OFFSET, render_shapes
 

@@ -1,11 +1,12 @@
-"""Sampling in a worker (platform/sample.py), without Ray."""
+"""Class-conditional generation (generators/generate.py) and the sample grid, without Ray."""
 
 import numpy as np
 import pytest
 import torch
 
-import latentforge.platform.sample as sample_mod
+import latentforge.generators.generate as sample_mod
 from latentforge.config import load_experiment
+from latentforge.images import grid_rows
 from latentforge.models import build_generator, build_tokenizer
 from tests.test_config import ROOT
 
@@ -108,15 +109,15 @@ def test_sample_timestep_shift_reaches_the_sampler():
 def test_grid_rows_show_every_class_or_a_spread_of_them():
     from latentforge.generators.samplers import balanced_labels
 
-    demo = sample_mod.grid_rows(balanced_labels(1000, 10).numpy(), 100, 10)
+    demo = grid_rows(balanced_labels(1000, 10).numpy(), 100, 10)
     assert [len(r) for r in demo] == [10] * 10  # every class, one row each
     labels = balanced_labels(2000, 1000).numpy()
-    rows = sample_mod.grid_rows(labels, 100, 1000)  # ImageNet: not 1000 rows of one image
+    rows = grid_rows(labels, 100, 1000)  # ImageNet: not 1000 rows of one image
     assert [len(r) for r in rows] == [2] * 10  # 2 samples per class exist here
     shown = [int(labels[r[0]]) for r in rows]
     assert shown[0] == 0 and shown[-1] == 999 and shown == sorted(set(shown))
     assert all(labels[i] == labels[r[0]] for r in rows for i in r)
-    smoke = sample_mod.grid_rows(balanced_labels(40, 4).numpy(), 20, 4)
+    smoke = grid_rows(balanced_labels(40, 4).numpy(), 20, 4)
     assert [len(r) for r in smoke] == [5, 5, 5, 5]
 
 

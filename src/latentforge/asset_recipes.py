@@ -19,9 +19,13 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from latentforge.metrics.shapesnet import ShapesNet, save_shapesnet
 from latentforge.shapes import HOLDOUT_OFFSET, NUM_CLASSES, WIDE, render_shapes
+from latentforge.tokenizers.vfm import conv_stem_patch_embed
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -57,13 +61,7 @@ VIT_STD = (0.25, 0.25, 0.25)
 
 def build_asset_model(cfg: AssetConfig) -> nn.Module:
     if cfg.name == "shapesnet":
-        from latentforge.metrics.shapesnet import ShapesNet
-
         return ShapesNet(NUM_CLASSES, cfg.width, cfg.feature_dim)
-    from timm.models.vision_transformer import VisionTransformer
-
-    from latentforge.tokenizers.vfm import conv_stem_patch_embed
-
     embed = conv_stem_patch_embed if cfg.conv_stem else None
     return VisionTransformer(**vit_kwargs(cfg), **({"embed_layer": embed} if embed else {}))
 
@@ -169,12 +167,8 @@ def save_asset(model: nn.Module, cfg: AssetConfig, path: Path, result: dict) -> 
         "holdout_accuracy": f"{result['holdout_accuracy']:.4f}",
     }
     if cfg.name == "shapesnet":
-        from latentforge.metrics.shapesnet import save_shapesnet
-
         save_shapesnet(model, path, extra)
         return
-    from safetensors.torch import save_file
-
     sd = {k: v.detach().cpu().half().contiguous() for k, v in model.state_dict().items()}
     meta = {
         "family": "timm",

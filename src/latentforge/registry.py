@@ -26,9 +26,13 @@ imports no Ray.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 Normalization = Literal["channel", "element", "scalar"]
@@ -109,11 +113,6 @@ def load_plugins(specs: list[str] | tuple[str, ...]) -> None:
     cluster, a path every node sees). A file is imported once, under a name derived
     from its path, so every process that rebuilds the experiment registers the same
     families."""
-    import hashlib
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     for spec in specs:
         if not spec.endswith(".py") and "/" not in spec:
             importlib.import_module(spec)

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 
 def mismatch(
@@ -35,8 +36,6 @@ def read_state_dict(
     ``weights_only=True``: never a pickled object."""
     file = Path(path).expanduser()
     if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         sd = load_file(str(file))
     else:
         ckpt = torch.load(str(file), map_location="cpu", weights_only=True)

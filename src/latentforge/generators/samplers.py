@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
+from torchdiffeq import odeint
 
 from latentforge.generators.transport import Transport, shift_t
 
@@ -118,6 +121,20 @@ def time_grid(
     return lo + (hi - lo) * grid
 
 
+@dataclass(frozen=True)
+class SamplerOptions:
+    """How :func:`sample` integrates (see its docstring)."""
+
+    steps: int = 50
+    method: Literal["euler", "heun", "euler_maruyama", "dopri5"] = "euler"
+    cfg_scale: float = 1.0
+    cfg_interval: tuple[float, float] = (0.0, 1.0)
+    cfg_channels: int | None = None
+    timestep_shift: float = 1.0
+    atol: float = 1e-6
+    rtol: float = 1e-3
+
+
 @torch.no_grad()
 def sample(
     model,
@@ -140,7 +157,7 @@ def sample(
 ) -> tuple[torch.Tensor, int]:
     """Integrate from noise (t = 0) to data (t = 1).
 
-    Args: noise (B, C, H, W), y (B,) class ids. Returns (samples (B, C, H, W), NFE per sample).
+    Args: noise (B, *latent_shape), y (B,) class ids. Returns (samples, NFE per sample).
     The integration runs over ``transport.sample_range()``: [0, 1] for velocity prediction
     on linear / gvp, otherwise a little away from the end where the path is singular.
     ``euler_maruyama`` draws its per-step noise from ``noise_seeds`` (one seed per sample:
@@ -160,35 +177,38 @@ def sample(
         raise ValueError("euler_maruyama needs noise_seeds (one per sample) or a generator")
     if noise_seeds is not None and len(noise_seeds) != noise.shape[0]:
         raise ValueError(f"{len(noise_seeds)} noise_seeds for {noise.shape[0]} samples")
-    if micro_batch:
-        outs, nfe = [], 0
-        for i in range(0, noise.shape[0], micro_batch):
-            n, yy = noise[i : i + micro_batch], y[i : i + micro_batch]
-            ss = None if noise_seeds is None else list(noise_seeds[i : i + micro_batch])
-            pad = micro_batch - n.shape[0]
-            if pad:
-                n = torch.cat([n, n.new_zeros((pad, *n.shape[1:]))])
-                yy = torch.cat([yy, yy.new_zeros(pad)])
-                ss = None if ss is None else ss + [0] * pad
-            x, nfe = sample(
-                model,
-                transport,
-                n,
-                yy,
-                steps=steps,
-                method=method,
-                cfg_scale=cfg_scale,
-                cfg_interval=cfg_interval,
-                cfg_channels=cfg_channels,
-                timestep_shift=timestep_shift,
-                null_class=null_class,
-                generator=generator,
-                noise_seeds=ss,
-                atol=atol,
-                rtol=rtol,
-            )
-            outs.append(x[: micro_batch - pad])
-        return torch.cat(outs), nfe
+    opts = SamplerOptions(
+        steps, method, cfg_scale, tuple(cfg_interval), cfg_channels, timestep_shift, atol, rtol
+    )
+    run = partial(integrate, model, transport, null_class=null_class, opts=opts, rng=generator)
+    if not micro_batch:
+        return run(noise, y, noise_seeds)
+    outs, nfe = [], 0
+    for i in range(0, noise.shape[0], micro_batch):
+        n, yy = noise[i : i + micro_batch], y[i : i + micro_batch]
+        ss = None if noise_seeds is None else list(noise_seeds[i : i + micro_batch])
+        pad = micro_batch - n.shape[0]
+        if pad:
+            n = torch.cat([n, n.new_zeros((pad, *n.shape[1:]))])
+            yy = torch.cat([yy, yy.new_zeros(pad)])
+            ss = None if ss is None else ss + [0] * pad
+        x, nfe = run(n, yy, ss)
+        outs.append(x[: micro_batch - pad])
+    return torch.cat(outs), nfe
+
+
+def integrate(
+    model,
+    transport: Transport,
+    noise: torch.Tensor,
+    y: torch.Tensor,
+    noise_seeds: Sequence[int] | None,
+    *,
+    null_class: int,
+    opts: SamplerOptions,
+    rng: torch.Generator | None,
+) -> tuple[torch.Tensor, int]:
+    """One batch of :func:`sample`, in eval mode (the model's mode is restored)."""
     was_training = model.training
     model.eval()
     field = Guided(
@@ -196,39 +216,55 @@ def sample(
         transport,
         y.to(noise.device),
         null_class,
-        cfg_scale,
-        tuple(cfg_interval),
-        cfg_channels,
+        opts.cfg_scale,
+        opts.cfg_interval,
+        opts.cfg_channels,
     )
-    if method == "dopri5":
-        if timestep_shift != 1.0:
-            raise ValueError("dopri5 chooses its own steps: timestep_shift must be 1")
-        from torchdiffeq import odeint
-
-        span = torch.tensor(transport.sample_range(), dtype=noise.dtype, device=noise.device)
-        x = odeint(
-            lambda t, x: field(x, float(t)), noise, span, method="dopri5", atol=atol, rtol=rtol
-        )
+    try:
+        if opts.method == "dopri5":
+            return adaptive(field, transport, noise, opts), field.nfe
+        sde = opts.method == "euler_maruyama"
+        streams = SeedStreams(noise_seeds) if sde and noise_seeds else None
+        return fixed_steps(field, transport, noise, opts, streams or rng), field.nfe
+    finally:
         model.train(was_training)
-        return x[-1], field.nfe
-    ts = time_grid(steps, timestep_shift, "cpu", transport.sample_range())  # host scalars
-    streams = SeedStreams(noise_seeds) if method == "euler_maruyama" and noise_seeds else None
-    x = noise
+
+
+def adaptive(field: Guided, transport: Transport, noise: torch.Tensor, opts: SamplerOptions):
+    """torchdiffeq's Dormand-Prince over the sampling range."""
+    if opts.timestep_shift != 1.0:
+        raise ValueError("dopri5 chooses its own steps: timestep_shift must be 1")
+    span = torch.tensor(transport.sample_range(), dtype=noise.dtype, device=noise.device)
+    x = odeint(
+        lambda t, x: field(x, float(t)),
+        noise,
+        span,
+        method="dopri5",
+        atol=opts.atol,
+        rtol=opts.rtol,
+    )
+    return x[-1]
+
+
+def fixed_steps(field: Guided, transport: Transport, x: torch.Tensor, opts: SamplerOptions, rng):
+    """Euler, Heun or Euler-Maruyama over the shifted time grid; ``rng`` (SDE noise):
+    :class:`SeedStreams` or a ``torch.Generator``."""
+    steps = opts.steps
+    ts = time_grid(steps, opts.timestep_shift, "cpu", transport.sample_range())  # host scalars
     for i in range(steps):
         t0, t1 = float(ts[i]), float(ts[i + 1])
         h = t1 - t0
         v0 = field(x, t0)
-        if method == "euler":
+        if opts.method == "euler":
             x = x + h * v0
-        elif method == "heun":
+        elif opts.method == "heun":
             x_pred = x + h * v0
             x = x + h * 0.5 * (v0 + field(x_pred, t1)) if i < steps - 1 else x_pred
-        elif method == "euler_maruyama":
-            x = em_step(x, v0, t0, h, transport, streams or generator, last=i == steps - 1)
+        elif opts.method == "euler_maruyama":
+            x = em_step(x, v0, t0, h, transport, rng, last=i == steps - 1)
         else:
-            raise ValueError(f"unknown sampler {method!r}")
-    model.train(was_training)
-    return x, field.nfe
+            raise ValueError(f"unknown sampler {opts.method!r}")
+    return x
 
 
 def em_step(x, v, t: float, h: float, transport: Transport, rng, last: bool) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Ray Train jobs for tokenizers and generators: the plain training loop of
 :mod:`latentforge.training` inside a TorchTrainer.
 
-The Ray boundary follows STYLE.md: ``train_loop_per_worker(config: dict)`` rebuilds the
+At the Ray boundary, ``train_loop_per_worker(config: dict)`` rebuilds the
 typed config and calls the plain :func:`~latentforge.training.loop.fit` with a
 :class:`RayRuntime`. Resume = rerun the same command: the Ray Train run is named by the
 stage's config hash, and Train V2 hands the latest checkpoint back to the loop; a worker
@@ -22,8 +22,11 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 from ray.util import placement_group_table
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from latentforge.config import ConfigError, ExperimentConfig, to_dict
 from latentforge.platform.data import training_data_mode, training_rows
@@ -47,8 +50,6 @@ class RayRuntime(Runtime):
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.world_size == 1:
             return model
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
@@ -92,9 +93,6 @@ def scaling(cfg: ExperimentConfig) -> dict:
 
 def run_trainer(cfg: ExperimentConfig, kind: str, name: str, dataset, stats: dict | None = None):
     """Run one Ray Train job; return its final :class:`ray.train.Checkpoint`."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     storage = str(Path(cfg.run_dir, "ray").resolve())
     loop_config = {"experiment": to_dict(cfg), "kind": kind, "stats": stats}
     trainer = TorchTrainer(
