@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-export RAY_DATA_DISABLE_PROGRESS_BARS ?= 0
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install demo test test-fast bench lint format clean

@@ -217,3 +217,29 @@ def test_quickstart_stage_hashes_are_stable():
         "evaluate": "350cb247d361",
         "report": "2c2df847085d",
     }
+
+
+def test_a_part_that_changes_family_does_not_inherit_the_other_familys_keys(tmp_path):
+    """``base:`` and overrides merge a part key by key, unless the part's ``name`` changes:
+    the base's keys belong to another family's schema and would fail as unknown keys."""
+    from dataclasses import dataclass
+
+    from latentforge.config import TokenizerConfig
+    from latentforge.registry import TOKENIZERS, Entry
+
+    @dataclass
+    class PlainConfig(TokenizerConfig):
+        name: str = "plain-for-merge-test"
+        width: int = 3
+
+    if "plain-for-merge-test" not in TOKENIZERS.names():
+        TOKENIZERS.add(Entry("plain-for-merge-test", PlainConfig))
+    smoke = ROOT / "experiments" / "smoke.yaml"  # a vavae tokenizer with vfm, vf_weight, ...
+    derived = tmp_path / "derived.yaml"
+    derived.write_text(f"base: {smoke}\ntokenizer: {{name: plain-for-merge-test, width: 5}}\n")
+    cfg = load_experiment(derived)
+    assert type(cfg.tokenizer).__name__ == "PlainConfig" and cfg.tokenizer.width == 5
+    cfg = load_experiment(smoke, ["tokenizer.name=plain-for-merge-test"])
+    assert cfg.tokenizer.width == 3 and cfg.data.resolution == 32  # other parts still merge
+    same = load_experiment(smoke, ["tokenizer.name=vavae"])  # same family: keys merge
+    assert same.tokenizer.config == "tiny"

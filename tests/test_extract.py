@@ -10,24 +10,27 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from latentforge.config import load_experiment, to_dict
+from latentforge.config import from_dict, load_experiment, to_dict
 from latentforge.models import build_tokenizer, state_dict_of
 from latentforge.platform.extract import (
     ExtractionError,
-    Store,
+    ShardTasks,
     extract,
-    finalize_shard,
-    id_order,
     latent_dataset,
     latent_nbytes,
-    parse_id,
-    shard_of,
-    write_manifest,
 )
 from latentforge.platform.extract import (
     LatentEncoder as Encoder,
 )
 from latentforge.platform.pipeline import stage_hashes
+from latentforge.platform.shards import (
+    Store,
+    finalize_shard,
+    id_order,
+    parse_id,
+    shard_of,
+    write_manifest,
+)
 from latentforge.shapes import render_shapes
 from latentforge.training.objectives import flip_augment
 from tests.test_config import ROOT
@@ -41,16 +44,30 @@ OVERRIDES = [
     "extract.vfm=local:shapes-vit",
 ]
 
+# the plugin tokenizer family ``vavae-failing``: a kill inside the encoder actors
+FAILING = Path(__file__).resolve().parent / "families" / "failing_encoder.py"
 
-def kill_at(event: str, count: int):
-    """A hook that stands in for a kill (it also runs inside Ray actors, so it raises a
-    builtin exception: the test module need not be importable there)."""
 
-    def hook(ev: str, n: int) -> None:
-        if ev == event and n >= count:
-            raise RuntimeError(f"killed by the test after {n} {ev}")
+def failing_encoder(cfg, after_calls: int, marker: Path):
+    """``cfg`` with its tokenizer made the plugin family ``vavae-failing``: the same fields
+    and weights, but the encoder actor raises after ``after_calls`` encode calls unless
+    ``marker`` exists (the failure writes it, so a rerun of this experiment encodes on).
+    The actors rebuild the experiment and so import the plugin themselves."""
+    node = to_dict(cfg)
+    node["plugins"] = [*node["plugins"], str(FAILING)]
+    node["tokenizer"] |= {
+        "name": "vavae-failing",
+        "fail_after_calls": after_calls,
+        "fail_marker": str(marker),
+    }
+    return from_dict(node)
 
-    return hook
+
+def encoded_on_disk(out: Path) -> set[str]:
+    """The ids a killed extraction left encoded: in part files or in finished shards."""
+    files = list(out.glob("parts/*/*.parquet"))
+    files += [m.with_suffix(".parquet") for m in out.glob("shards/*.json")]
+    return {i for f in files for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()}
 
 
 def read_bytes(out: Path) -> dict[str, bytes]:
@@ -124,6 +141,7 @@ def test_shards_do_not_depend_on_batching(tmp_path, threads):
     assert table.column_names == ["id", "label", "latent"]
     stats = json.loads(one_go["stats.json"])
     assert stats["count"] == 100 and stats["samples"] == 100 * 8 * 8 and not stats["flip"]
+    assert "normalization" not in stats  # per channel: stats.json as it has always been
 
 
 def test_trained_tokenizer_loads_without_training_only_files(tmp_path, threads):
@@ -262,16 +280,16 @@ def test_latents_held_in_memory_keep_the_manifest_order(setup):
     """Materialised for training, the latents come in manifest order, every time: Ray
     Data's default keeps blocks in the order its threaded reads finish, and a rerun of the
     stage (a resumed job) would train on other batches."""
-    from latentforge.platform.pipeline import Pipeline
+    from latentforge.platform.train import training_data
 
     cfg, _, root, full, _ = setup
     manifest = json.loads((full / "manifest.json").read_text())
     expected = np.concatenate(
         [column(pq.read_table(full / s["file"]), "latent") for s in manifest["shards"]]
     )
-    p = Pipeline(cfg)
     for _ in range(2):
-        ds, mode = p.training_data("generator", latent_dataset(full), latent_nbytes(full))
+        data = latent_dataset(full), latent_nbytes(full)
+        ds, mode = training_data(cfg, "generator", *data, log=lambda *_: None)
         assert mode == "memory"
         assert np.array_equal(np.stack([r["latent"] for r in ds.take_all()]), expected)
 
@@ -303,33 +321,59 @@ def test_flip_latent_is_the_encoding_of_the_flipped_image(setup, threads):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_killed_while_encoding_resumes_to_identical_bytes(setup):
+    """The encoder actor fails after four encode calls (two batches and their flips) of the
+    plugin tokenizer ``vavae-failing``, as a kill there would; rerun, the same experiment
+    encodes only the rest, to the bytes of the uninterrupted extraction (``full``, with
+    the ``vavae`` family: same weights, same extraction settings)."""
     cfg, weights, root, full, stats = setup
-    out = root / "killed-encoding"
+    out, marker = root / "killed-encoding", root / "encoder-failed.json"
+    failing = failing_encoder(cfg, 4, marker)
+    assert to_dict(failing.extract) == to_dict(cfg.extract)
     with pytest.raises(ExtractionError, match="killed by the test"):  # in an encoder actor
-        extract(cfg, weights, out, log=lambda *_: None, hook=kill_at("parts", 2))
+        extract(failing, weights, out, log=lambda *_: None)
+    assert json.loads(marker.read_text())["calls"] == 4  # it failed there, in the actor
     assert not (out / "manifest.json").exists() and list(out.glob("parts/*/*.parquet"))
+    kept = encoded_on_disk(out)
+    assert 0 < len(kept) < stats["count"]
     stray = out / "shards" / ".shard-000003.parquet.tmp-dead"  # a write killed mid-way
     stray.parent.mkdir(exist_ok=True)
     stray.write_bytes(b"partial")
     logs = []
-    resumed = extract(cfg, weights, out, log=logs.append)
+    resumed = extract(failing, weights, out, log=logs.append)
     assert any("resuming" in line for line in logs)
-    assert 0 < resumed["encoded"] < stats["count"]  # only what the killed run had not done
+    # only what the killed run had not done: its parts and shards are reused
+    assert resumed["encoded"] == stats["count"] - len(kept)
     assert not stray.exists() and not (out / "parts").exists()
     assert read_bytes(out) == read_bytes(full)
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_killed_while_writing_shards_resumes_to_identical_bytes(setup):
-    """Also through a ``file://`` URI (any pyarrow filesystem)."""
+def test_killed_while_writing_shards_resumes_to_identical_bytes(setup, monkeypatch):
+    """The driver fails right after it collects the first finished shard task, as a kill
+    there would; the rerun keeps the finished shards and writes the rest. Also through a
+    ``file://`` URI (any pyarrow filesystem)."""
     cfg, weights, root, full, _ = setup
     out = root / "killed-shards"
     uri = out.as_uri()
-    with pytest.raises(RuntimeError, match="killed by the test"):  # on the driver
-        extract(cfg, weights, uri, log=lambda *_: None, hook=kill_at("shards", 1))
-    assert 1 <= len(list(out.glob("shards/*.json"))) < 4
-    extract(cfg, weights, uri, log=lambda *_: None)
+    collect = ShardTasks.collect
+
+    def collect_then_kill(self, ref):
+        collect(self, ref)
+        raise RuntimeError(f"killed by the test after {self.finished} shards")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ShardTasks, "collect", collect_then_kill)
+        with pytest.raises(RuntimeError, match="killed by the test after 1 shards"):
+            extract(cfg, weights, uri, log=lambda *_: None)  # on the driver
+    markers = list(out.glob("shards/*.json"))
+    done = len(markers)
+    finished = {p: p.stat().st_mtime_ns for m in markers for p in (m, m.with_suffix(".parquet"))}
+    assert 1 <= done < 4
+    logs = []
+    extract(cfg, weights, uri, log=logs.append)
+    assert f"[extract] {4 - done} shards written" in logs  # the finished ones are kept
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished
     assert read_bytes(out) == read_bytes(full)
     rows = latent_dataset(uri).take_all()
     assert len(rows) == 200 and {"latent", "latent_flip", "label"} <= set(rows[0])

@@ -386,12 +386,12 @@ def test_fit_with_accumulation_and_compile(tmp_path):
 
 def test_generator_fit_and_stats_on_one_d_token_latents(tmp_path):
     """1-D token latents (B, C, N): per-channel statistics and the generator job."""
-    from latentforge.platform.extract import _partial_sums
+    from latentforge.platform.shards import latent_sums
 
     z = np.random.default_rng(0).normal(2.0, 3.0, size=(64, 8, 16)).astype(np.float32)
-    parts = _partial_sums({"latent": z})
-    assert parts["shape"].tolist() == [[8, 16]] and int(parts["n"][0]) == 64 * 16
-    mean = parts["s"][0] / parts["n"][0]
+    sums = latent_sums(z)
+    assert sums["shape"] == [8, 16] and sums["n"] == 64 * 16
+    mean = sums["sum"] / sums["n"]
     assert np.allclose(mean, z.mean(axis=(0, 2)), atol=1e-6)
     stats = {"latent_shape": [8, 16], "mean": mean.tolist(), "std": [3.0] * 8}
     cfg = load_experiment(SMOKE, ["generator.config=tiny/1", "train.generator_images=64"])
@@ -457,19 +457,27 @@ def test_tokenizer_gan_phase_switches_on_checkpoints_and_resumes(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_worker_killed_mid_run_finishes_from_its_checkpoint(ray_session, tmp_path, monkeypatch):
-    """The fault hook SIGKILLs the Train worker after its checkpoint at 64 images; with
-    ray.max_failures=1 Ray Train restarts the worker group, which resumes from that
-    checkpoint (not from zero) and finishes the 128 images."""
+def test_worker_killed_mid_run_finishes_from_its_checkpoint(ray_session, tmp_path):
+    """The plugin generator ``crashing`` SIGKILLs its Train worker in the forward after the
+    checkpoint at 64 images (two 32-image steps); with ray.max_failures=1 Ray Train restarts
+    the worker group, which resumes from that checkpoint (not from zero) and finishes the
+    128 images."""
     import ray
 
-    from latentforge.platform.train import FAULT_ENV, run_trainer
+    from latentforge.platform.train import run_trainer
 
+    crashing = Path(__file__).parent / "families" / "crashing.py"  # the plugin
+    marker = tmp_path / "crashed.json"
     cfg = load_experiment(
         SMOKE,
         [
             f"run_dir={tmp_path}",
+            f"plugins=[{crashing}]",
+            "generator.name=crashing",
+            "generator.crash_after_calls=2",
+            f"generator.crash_marker={marker}",
             "train.generator_images=128",
+            "train.generator_batch_size=32",
             "train.checkpoint_every_images=32",
             "train.log_every_images=32",
             "ray.num_workers=1",
@@ -480,11 +488,9 @@ def test_worker_killed_mid_run_finishes_from_its_checkpoint(ray_session, tmp_pat
     dataset = ray.data.from_items(
         [{"latent": z, "label": y} for z, y in zip(data["latent"], data["label"], strict=True)]
     )
-    monkeypatch.setenv(FAULT_ENV, "64")
     ckpt = run_trainer(cfg, "generator", "faulty", dataset, STATS)
 
-    marker = tmp_path / "ray" / "faulty" / "fault_injected.json"
-    assert json.loads(marker.read_text())["nimg"] == 64  # the worker really died there
+    assert json.loads(marker.read_text())["calls"] == 2  # the worker really died there
     with ckpt.as_directory() as d:
         state = json.loads((Path(d) / "state.json").read_text())
         curve = json.loads((Path(d) / "curve.json").read_text())

@@ -4,6 +4,8 @@ Verbs only parse, validate and call the library. ``run`` runs every stage, skipp
 whose config hash is unchanged; the stage verbs (from the stage table,
 :data:`latentforge.platform.stages.STAGES`) run one stage on the artifacts of the stage
 before it; ``sweep`` runs a Ray Tune sweep; ``train-asset`` runs an embedded-asset recipe.
+The console shows each stage's start, progress and end; Ray's own logs, progress bars and
+worker output go to ``run_dir/ray.log`` (``--ray-logs`` shows them on the console instead).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 
 from latentforge.config import ConfigError, load_config, load_experiment, to_yaml
 
+RAY_LOG = "ray.log"  # in the run directory: Ray's own output, unless --ray-logs
 OTHER_VERBS = {
     "run": "run every stage of an experiment, skipping those already done",
     "sweep": "run a Ray Tune sweep over experiment keys (--resume continues one)",
@@ -36,6 +39,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sample.cfg_scale=4")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and plan")
     p.add_argument("--resume", action="store_true", help="sweep: resume an interrupted sweep")
+    p.add_argument(
+        "--ray-logs",
+        action="store_true",
+        help="show Ray's own logs, progress bars and worker output here (default: in "
+        "run_dir/ray.log; the stages' progress lines show either way)",
+    )
     return p.parse_args(argv)
 
 
@@ -54,7 +63,7 @@ def cmd_experiment(args) -> int:
             mark = "cached" if row["done"] else ("will run" if row["stage"] in stages else "-")
             print(f"{row['stage']:<10} {row['hash']}  {mark:<8} {row['dir']}")
         return 0
-    connect(cfg)
+    connect(pipeline.cfg, log_file=None if args.ray_logs else pipeline.run_dir / RAY_LOG)
     pipeline.run(stages)
     report = pipeline.run_dir / "report.html"
     if "report" in stages:

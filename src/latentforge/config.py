@@ -220,8 +220,21 @@ def read_yaml(path: str | Path) -> DictConfig:
         raise ConfigError(f"{path}: top level must be a mapping")
     base = node.pop("base", None)
     if base is not None:
-        node = OmegaConf.merge(read_yaml((path.parent / str(base)).resolve()), node)
+        node = merge_nodes(read_yaml((path.parent / str(base)).resolve()), node)
     return node
+
+
+def merge_nodes(base: DictConfig, child: DictConfig) -> DictConfig:
+    """``child`` over ``base``; a polymorphic part whose ``name`` the child changes starts
+    afresh (the base's keys belong to another family's schema)."""
+    base = base.copy()
+    for key, (_, default) in POLYMORPHIC.items():
+        sub, old = child.get(key), base.get(key)
+        if not isinstance(sub, DictConfig) or not isinstance(old, DictConfig):
+            continue
+        if "name" in sub and sub.get("name") != old.get("name", default):
+            base.pop(key)
+    return OmegaConf.merge(base, child)
 
 
 def _schema_error(e: OmegaConfBaseException, source: str, prefix: str = "") -> ConfigError:
@@ -252,7 +265,7 @@ def apply_overrides(node: DictConfig, overrides, source) -> DictConfig:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
     try:
-        return OmegaConf.merge(node, OmegaConf.from_dotlist(list(overrides)))
+        return merge_nodes(node, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as e:
         raise _schema_error(e, f"{source} (overrides)") from None
 

@@ -174,6 +174,18 @@ def check_published_files(cfg: ExperimentConfig, kind: str) -> None:
             raise ConfigError(f"{kind}.{key}: {file} does not exist{hint}")
 
 
+def check_training_files(cfg: ExperimentConfig) -> None:
+    """The files only the tokenizer's training needs (its frozen VFM, ...) exist, as the
+    family's ``check_training`` says."""
+    family = tokenizer_family(cfg)
+    if family.check_training is None:
+        return
+    try:
+        family.check_training(cfg.tokenizer)
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise ConfigError(e.args[0] if e.args else str(e)) from None
+
+
 # ----------------------------------------------------------------------------- latent stats
 
 

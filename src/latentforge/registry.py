@@ -13,6 +13,7 @@ family, so that nothing outside the family's own module names it:
 - ``normalization``: how the latents are normalised for the generator: per ``channel``,
   per ``element`` (every position of the latent its own mean/std) or ``scalar``;
 - ``check``: the family's own config checks (raises ``KeyError``/``ValueError`` naming the key);
+- ``check_training``: checks of what only training needs (a frozen VFM's files, ...);
 - ``inference``: config values that only training needs, reset when the model is built to
   encode and decode (extraction, sampling, evaluation), so that other nodes need no
   training-only files;
@@ -48,6 +49,7 @@ class Entry:
     latent_shape: Callable[[Any, int], tuple[int, ...]] | None = None
     normalization: Normalization = "channel"
     check: Callable[[Any], None] | None = None
+    check_training: Callable[[Any], None] | None = None
     inference: dict[str, Any] = field(default_factory=dict)
     load_published: Callable[[Any, str], None] | None = None
     weights_hint: str = ""

@@ -16,8 +16,9 @@ class Generator(nn.Module):
     num_classes: int
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Args: x_t (B, C, H, W) noisy latent, t (B,) flow time in [0, 1], y (B,) labels.
+        """Args: x_t (B, *latent_shape) noisy latent, a grid (B, C, H, W) or 1-D tokens
+        (B, C, N); t (B,) flow time in [0, 1]; y (B,) labels.
 
-        Returns the prediction (B, C, H, W) chosen by the transport config.
+        Returns the prediction of x_t's shape chosen by the transport config.
         """
         raise NotImplementedError

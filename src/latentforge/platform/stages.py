@@ -30,7 +30,7 @@ from latentforge.platform.data import listing_seed, load_images
 from latentforge.platform.sample import run_sampling
 from latentforge.platform.train import scaling, train_stage
 from latentforge.report import write_report
-from latentforge.tokenizers.vfm import local_asset
+from latentforge.tokenizers.vfm import check_vfm_spec
 
 if TYPE_CHECKING:
     from latentforge.platform.pipeline import Run
@@ -111,35 +111,16 @@ def evaluate_hash_parts(cfg: ExperimentConfig) -> list:
 # ----------------------------------------------------------------------------- checks
 
 
-def check_vfm(key: str, spec: str | None, weights: str | None) -> None:
-    """A VFM spec's local files exist: a ``local:`` asset, an ``hf:`` directory given as a
-    path, an explicit weights file (hub caches are checked when the VFM loads)."""
-    if not spec:
-        return
-    if weights and not Path(weights).expanduser().is_file():
-        raise ConfigError(f"{key}_weights: {weights} does not exist")
-    kind, _, name = spec.partition(":")
-    if kind == "local":
-        path = local_asset(name)
-        if not path.is_file():
-            raise ConfigError(f"{key}: {spec!r}: {path} does not exist")
-    elif kind == "hf" and name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
-        raise ConfigError(f"{key}: {spec!r}: directory {name} does not exist")
-    elif kind not in ("local", "hf", "timm"):
-        raise ConfigError(f"{key}: {spec!r}: expected local:<asset>, timm:<model> or hf:<repo>")
-
-
 def check_tokenizer(cfg: ExperimentConfig) -> None:
     models.check_model_configs(cfg, generator=False)
     scaling(cfg)
     models.check_published_files(cfg, "tokenizer")
-    tok = cfg.tokenizer
-    check_vfm("tokenizer.vfm", getattr(tok, "vfm", None), getattr(tok, "vfm_weights", None))
+    models.check_training_files(cfg)
 
 
 def check_extract(cfg: ExperimentConfig) -> None:
     models.check_model_configs(cfg, generator=False)
-    check_vfm("extract.vfm", cfg.extract.vfm, cfg.extract.vfm_weights)
+    check_vfm_spec("extract.vfm", cfg.extract.vfm, cfg.extract.vfm_weights)
 
 
 def check_generator(cfg: ExperimentConfig) -> None:
@@ -156,7 +137,7 @@ def check_evaluate(cfg: ExperimentConfig) -> None:
     models.check_model_configs(cfg, generator=False)
     evaluation.check_metrics(list(cfg.evaluate.metrics))
     evaluation.check_inputs(cfg, set(cfg.evaluate.metrics))
-    check_vfm("evaluate.fd_vfm", cfg.evaluate.fd_vfm, cfg.evaluate.fd_vfm_weights)
+    check_vfm_spec("evaluate.fd_vfm", cfg.evaluate.fd_vfm, cfg.evaluate.fd_vfm_weights)
 
 
 def no_check(cfg: ExperimentConfig) -> None:

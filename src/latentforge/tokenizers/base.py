@@ -9,27 +9,30 @@ from torch import nn
 class Tokenizer(nn.Module):
     """Image tokenizer: ``encode`` images to latents, ``decode`` latents to images.
 
-    Subclasses set ``downsample`` (spatial factor) and ``latent_channels`` and implement
-    ``encode``, ``decode`` and ``loss``. Latent normalisation (per-channel mean/std)
-    is data of the latent dataset and is applied by the platform, never here.
+    Subclasses implement ``encode``, ``decode`` and ``loss``; grid tokenizers set
+    ``downsample`` (spatial factor) and ``latent_channels`` for :meth:`latent_shape`, 1-D
+    token tokenizers override it. Latent normalisation (per channel, per element or scalar,
+    as the family's registry entry declares) is data of the latent dataset and is applied
+    by the platform, never here.
     """
 
     downsample: int
     latent_channels: int
 
     def latent_shape(self, resolution: int) -> tuple[int, ...]:
-        """(C, H, W) of the latent of a ``resolution``x``resolution`` image."""
+        """(C, H, W) of the latent of a ``resolution``x``resolution`` image ((C, N) for 1-D
+        token tokenizers)."""
         if resolution % self.downsample:
             raise ValueError(f"resolution {resolution} is not divisible by {self.downsample}")
         side = resolution // self.downsample
         return (self.latent_channels, side, side)
 
     def encode(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
-        """Args: images float [-1, 1], (B, 3, H, W). Returns latents (B, C, h, w)."""
+        """Args: images float [-1, 1], (B, 3, H, W). Returns latents (B, *latent_shape)."""
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Args: latents (B, C, h, w). Returns images float, roughly [-1, 1], (B, 3, H, W)."""
+        """Args: latents (B, *latent_shape). Returns images float, roughly [-1, 1], (B, 3, H, W)."""
         raise NotImplementedError
 
     def loss(self, images: torch.Tensor, nimg: int) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from latentforge.state_dicts import mismatch, read_state_dict
 from latentforge.tokenizers import losses
 from latentforge.tokenizers.base import Tokenizer
 from latentforge.tokenizers.ldm_blocks import AEArch, ConvDecoder, ConvEncoder, cpu_channels_last
-from latentforge.tokenizers.vfm import load_vfm
+from latentforge.tokenizers.vfm import check_vfm_spec, load_vfm
 
 # VA-VAE's clamp of the adaptive VF weight, in LDM's per-image-sum units (see disc_max_weight)
 VF_MAX_WEIGHT = 1.0e8
@@ -369,12 +369,20 @@ def load_published(model: VAVAE, path: str) -> None:
     model.load_state_dict(sd, strict=False)
 
 
+def check_training_files(cfg: VAVAEConfig) -> None:
+    """The VFM that VF alignment (and a VFM perceptual loss) trains against is there."""
+    check_vfm_spec("tokenizer.vfm", cfg.vfm, cfg.vfm_weights)
+    if cfg.perceptual == "vfm" and cfg.perceptual_vfm:
+        check_vfm_spec("tokenizer.perceptual_vfm", cfg.perceptual_vfm, None)
+
+
 TOKENIZERS.register(
     "vavae",
     config=VAVAEConfig,
     latent_shape=latent_shape,
     normalization="channel",
     check=resolve_arch,
+    check_training=check_training_files,
     inference=TRAINING_ONLY,
     load_published=load_published,
     weights_hint=PUBLISHED_HINT,

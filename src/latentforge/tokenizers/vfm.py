@@ -307,6 +307,24 @@ def local_asset(name: str) -> Path:
     return Path(name) if name.endswith(".safetensors") else ASSETS / f"{name}.safetensors"
 
 
+def check_vfm_spec(key: str, spec: str | None, weights: str | None) -> None:
+    """A VFM spec's local files exist: a ``local:`` asset, an ``hf:`` directory given as a
+    path, an explicit weights file (hub caches are checked when the VFM loads)."""
+    if not spec:
+        return
+    if weights and not Path(weights).expanduser().is_file():
+        raise ValueError(f"{key}_weights: {weights} does not exist")
+    kind, _, name = spec.partition(":")
+    if kind == "local":
+        path = local_asset(name)
+        if not path.is_file():
+            raise ValueError(f"{key}: {spec!r}: {path} does not exist")
+    elif kind == "hf" and name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
+        raise ValueError(f"{key}: {spec!r}: directory {name} does not exist")
+    elif kind not in ("local", "hf", "timm"):
+        raise ValueError(f"{key}: {spec!r}: expected local:<asset>, timm:<model> or hf:<repo>")
+
+
 def load_vfm(
     spec: str,
     layers: list[int] | None = None,
