@@ -1,5 +1,8 @@
 """FID and sFID through torch-fidelity's InceptionV3 (randomly initialised here: nothing is
-downloaded), the ADM batch format, and the clear error without weights."""
+downloaded), the ADM batch format, the clear error without weights, and IS / KID /
+precision-recall on known features."""
+
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -12,19 +15,22 @@ from latentforge.metrics.inception import (
     adm_image_count,
     capturing_spatial,
     inception_features,
+    inception_score,
     inception_spatial_features,
+    kernel_inception_distance,
     load_inception,
+    precision_recall,
     reference_spatial_stats,
     reference_stats,
     write_adm_npz,
+    write_adm_npz_parts,
 )
 
 
 def random_inception_file(directory) -> str:
     """A weights file of torch-fidelity's InceptionV3 architecture with random values (what a
     user's downloaded file would be, minus the training)."""
-    from unittest import mock
-
+    # heavy (seconds to import): only for the weights file
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     torch.manual_seed(0)
@@ -90,8 +96,6 @@ def test_adm_batch_round_trip_and_reference_stats(tmp_path, random_inception):
 
 def test_adm_batch_streamed_from_parts_equals_the_whole(tmp_path):
     """Sampling streams its chunk files into the archive; np.load reads it as np.savez's."""
-    from latentforge.metrics.inception import write_adm_npz_parts
-
     x = images(7, 3)
     parts = [tmp_path / "a.npy", tmp_path / "b.npy"]
     np.save(parts[0], x[:4])
@@ -198,3 +202,27 @@ def test_adm_image_count_reads_the_header_only(tmp_path, monkeypatch):
     assert adm_image_count(images) == 7 and adm_image_count(stats_only) == -1
     monkeypatch.undo()
     assert reference_stats(images).n == 7 and reference_stats(stats_only).n == -1
+
+
+def test_is_kid_precision_recall_on_known_features():
+    # IS: uniform predictions score 1; confident, balanced predictions over C classes score C
+    assert inception_score(np.zeros((20, 1008)))[0] == pytest.approx(1.0)
+    # 10 equally likely, confidently predicted classes: IS = 10, one chunk below 5k samples
+    assert inception_score(np.tile(50 * np.eye(10), (3, 1))) == pytest.approx((10.0, 0.0, 1))
+    # ADM's contiguous chunks, unshuffled: 12k samples -> 5k, 5k, 2k; a chunk of one class
+    # scores 1, a chunk of all ten 10
+    one = np.tile(50 * np.eye(10)[0], (5000, 1))
+    ten = np.tile(50 * np.eye(10), (500, 1))
+    mean, std, splits = inception_score(np.concatenate([one, ten, ten[:2000]]))
+    assert splits == 3 and mean == pytest.approx((1 + 10 + 10) / 3, rel=1e-6)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(200, 16)), rng.normal(size=(200, 16))
+    shifted = rng.normal(size=(200, 16)) + 1.0
+    same, _, size = kernel_inception_distance(a, b, subset_size=100, subsets=20)
+    far, std, _ = kernel_inception_distance(a, shifted, subset_size=100, subsets=20)
+    assert size == 100 and abs(same) < 0.05 < far and std > 0
+    assert kernel_inception_distance(a, shifted[:50])[2] == 50  # clamped to the smaller set
+    assert precision_recall(a, a) == (1.0, 1.0)
+    # samples collapsed near the mode: all realistic (precision), little coverage (recall)
+    precision, recall = precision_recall(a[:60] * 0.2, a)
+    assert precision == 1.0 and recall < 0.2

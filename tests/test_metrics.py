@@ -8,22 +8,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from latentforge import models
 from latentforge.config import load_experiment
 from latentforge.metrics import inception as inc
-from latentforge.metrics.frechet import FeatureStats
+from latentforge.metrics import shapesnet
+from latentforge.metrics.frechet import FeatureStats, frechet_distance, frechet_distance_inf
 from latentforge.metrics.inception import (
     inception_features,
     inception_outputs,
     inception_score,
-    kernel_inception_distance,
-    precision_recall,
     write_adm_npz,
 )
 from latentforge.metrics.reconstruction import load_lpips, lpips_distance, ssim
+from latentforge.metrics.table import vfm_metric_name
+from latentforge.models import build_tokenizer, state_dict_of
 from latentforge.platform import evaluate as ev
-from latentforge.report import BASELINE_NOTE, metrics_rows
+from latentforge.platform import reference_cache
 from latentforge.shapes import render_shapes
+from latentforge.tokenizers import vfm as vfm_mod
 from tests.test_fid import random_inception_file
 
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.yaml"
@@ -50,7 +54,7 @@ def real_calls(monkeypatch):
         start = 0 if split == "train" else 10_000
         return render_shapes(range(start, start + n), cfg.data.resolution, cfg.data.seed)
 
-    monkeypatch.setattr(ev, "real_images", fake_real_images)
+    monkeypatch.setattr(reference_cache, "real_images", fake_real_images)
     return calls
 
 
@@ -71,31 +75,6 @@ def test_one_inception_pass_gives_pool_features_and_logits(random_inception):
     assert np.array_equal(pool, inception_features(x, random_inception))
 
 
-def test_is_kid_precision_recall_on_known_features():
-    # IS: uniform predictions score 1; confident, balanced predictions over C classes score C
-    assert inception_score(np.zeros((20, 1008)))[0] == pytest.approx(1.0)
-    # 10 equally likely, confidently predicted classes: IS = 10, one chunk below 5k samples
-    assert inception_score(np.tile(50 * np.eye(10), (3, 1))) == pytest.approx((10.0, 0.0, 1))
-    # ADM's contiguous chunks, unshuffled: 12k samples -> 5k, 5k, 2k; a chunk of one class
-    # scores 1, a chunk of all ten 10
-    one = np.tile(50 * np.eye(10)[0], (5000, 1))
-    ten = np.tile(50 * np.eye(10), (500, 1))
-    mean, std, splits = inception_score(np.concatenate([one, ten, ten[:2000]]))
-    assert splits == 3 and mean == pytest.approx((1 + 10 + 10) / 3, rel=1e-6)
-    rng = np.random.default_rng(0)
-    a, b = rng.normal(size=(200, 16)), rng.normal(size=(200, 16))
-    shifted = rng.normal(size=(200, 16)) + 1.0
-    same, _, size = kernel_inception_distance(a, b, subset_size=100, subsets=20)
-    far, std, _ = kernel_inception_distance(a, shifted, subset_size=100, subsets=20)
-    assert size == 100 and abs(same) < 0.05 < far and std > 0
-    assert kernel_inception_distance(a, shifted[:50])[2] == 50  # clamped to the smaller set
-    assert precision_recall(a, a) == (1.0, 1.0)
-    # samples collapsed near the mode: all realistic (precision), little coverage (recall)
-    precision, recall = precision_recall(a[:60] * 0.2, a)
-    assert precision == 1.0 and recall < 0.2
-
-
-@pytest.mark.slow
 def count_inception_passes(monkeypatch) -> list[int]:
     """Record the number of images of every Inception forward pass."""
     passes = []
@@ -121,7 +100,7 @@ def test_inception_metrics_from_one_pass_with_cached_reference(
     )
     passes = count_inception_passes(monkeypatch)
     samples = noisy(render_shapes(range(100, 110), 32)[0], 0)
-    first = ev.fid_metrics(cfg, samples, INCEPTION_SET)
+    first = ev.fid_metrics(cfg, samples, INCEPTION_SET, device="cpu")
     # the samples once (pool, logits, sFID's spatial), the reference once (pool, spatial)
     assert passes == [10, 12]
     assert real_calls == [("train", 12)]
@@ -140,7 +119,7 @@ def test_inception_metrics_from_one_pass_with_cached_reference(
     assert any("inception-spatial" in name for name in cached)
     passes.clear()
     feature_set = ["is", "kid", "precision", "recall"]  # (skips the slow 2048-d FDs)
-    again = ev.fid_metrics(cfg, samples, feature_set)
+    again = ev.fid_metrics(cfg, samples, feature_set, device="cpu")
     assert passes == [10] and real_calls == [("train", 12)]  # the reference came from disk
     for name in feature_set:
         assert again[name] == pytest.approx(first[name], rel=1e-6, abs=1e-9), name
@@ -152,15 +131,15 @@ def test_reference_cache_is_keyed_by_the_extractors_weights(tmp_path, inception_
     other = tmp_path / "other_inception.pth"
     other.write_bytes(Path(inception_file).read_bytes())
     swapped = smoke_cfg(tmp_path, f"evaluate.inception_weights={other}")
-    key = ev._cache_file(cfg, "train", 12, "inception", "")
-    assert ev._cache_file(swapped, "train", 12, "inception", "") != key
-    assert ev._cache_file(cfg, "train", 12, "inception", "") == key  # stable
+    key = reference_cache.cache_file(cfg, "train", 12, "inception", "")
+    assert reference_cache.cache_file(swapped, "train", 12, "inception", "") != key
+    assert reference_cache.cache_file(cfg, "train", 12, "inception", "") == key  # stable
     asset = tmp_path / "shapes-vit-retrained.safetensors"
     asset.write_bytes(b"x")
     vfm = smoke_cfg(tmp_path, f"evaluate.fd_vfm=local:{asset}")
-    before = ev._cache_file(vfm, "train", 12, "vfm-x", "")
+    before = reference_cache.cache_file(vfm, "train", 12, "vfm-x", "")
     asset.write_bytes(b"xy")  # retrained in place: same name, new file
-    assert ev._cache_file(vfm, "train", 12, "vfm-x", "") != before
+    assert reference_cache.cache_file(vfm, "train", 12, "vfm-x", "") != before
 
 
 @pytest.mark.slow
@@ -174,7 +153,7 @@ def test_adm_reference_images_and_statistics_only(tmp_path, inception_file, monk
         f"evaluate.inception_weights={inception_file}",
         f"evaluate.fid_reference={batch}",
     )
-    out = ev.fid_metrics(cfg, samples, ["fid", "kid", "precision"])
+    out = ev.fid_metrics(cfg, samples, ["fid", "kid", "precision"], device="cpu")
     assert out["kid_reference"] == f"{batch} arr_0 (8 images)" == out["fid_reference"]
     assert np.isfinite(out["fid"]) and "recall" not in out
     assert len(list(Path(cfg.run_dir, "cache").glob("adm-VIRTUAL_ref-inception-*.npz"))) == 1
@@ -205,7 +184,7 @@ def test_sfid_against_adm_images_stored_statistics_or_neither(
         f"evaluate.inception_weights={inception_file}",
         f"evaluate.fid_reference={with_images}",
     )
-    from_images = ev.fid_metrics(cfg, samples, ["kid", "sfid"])
+    from_images = ev.fid_metrics(cfg, samples, ["kid", "sfid"], device="cpu")
     assert passes == [6, 6]  # the samples once, the batch's images once (pool-3 and spatial)
     assert from_images["sfid_reference"] == f"{with_images} arr_0 (6 images)"
     assert from_images["sfid_num_samples"] == 6 and from_images["sfid"] > 0
@@ -220,7 +199,7 @@ def test_sfid_against_adm_images_stored_statistics_or_neither(
         f"evaluate.inception_weights={inception_file}",
         f"evaluate.fid_reference={stored}",
     )
-    from_stored = ev.fid_metrics(cfg, samples, ["sfid"])
+    from_stored = ev.fid_metrics(cfg, samples, ["sfid"], device="cpu")
     assert passes == [6, 6, 6] and from_stored["sfid_reference"] == str(stored)
     assert from_stored["sfid"] == pytest.approx(from_images["sfid"], rel=1e-9)
     # pool-3 statistics only: sFID fails before any work, naming what is missing
@@ -238,14 +217,16 @@ def test_sfid_against_adm_images_stored_statistics_or_neither(
 
 
 def test_fd_vfm_on_the_embedded_vit_names_its_extractor(tmp_path, real_calls):
-    assert ev.vfm_metric_name("local:shapes-vit") == "fd_shapes_vit"
-    assert ev.vfm_metric_name("hf:facebook/dinov2-base") == "fd_dinov2_base"
+    assert vfm_metric_name("local:shapes-vit") == "fd_shapes_vit"
+    assert vfm_metric_name("hf:facebook/dinov2-base") == "fd_dinov2_base"
     assert (
-        ev.vfm_metric_name("timm:vit_large_patch14_dinov2.lvd142m")
+        vfm_metric_name("timm:vit_large_patch14_dinov2.lvd142m")
         == "fd_vit_large_patch14_dinov2_lvd142m"
     )
     cfg = smoke_cfg(tmp_path, "evaluate.num_real=24", "evaluate.metrics=[fd_vfm]")
-    same = ev.vfm_metrics(cfg, render_shapes(range(24), 32)[0])  # the reference itself
+    same = ev.vfm_metrics(
+        cfg, render_shapes(range(24), 32)[0], device="cpu"
+    )  # the reference itself
     assert same["fd_shapes_vit"] == pytest.approx(0.0, abs=1e-6)
     assert same["fd_shapes_vit_extractor"] == "local:shapes-vit class token (128)"
     assert same["fd_shapes_vit_num_samples"] == 24
@@ -255,7 +236,7 @@ def test_fd_vfm_on_the_embedded_vit_names_its_extractor(tmp_path, real_calls):
     assert baseline > 0 and same["fd_shapes_vit_real_baseline_num_samples"] == 24
     assert same["fd_shapes_vit_real_baseline_extractor"] == same["fd_shapes_vit_extractor"]
     assert same["fd_shapes_vit_real_baseline_reference"] == "24 training images"
-    other = ev.vfm_metrics(cfg, noisy(render_shapes(range(200, 224), 32)[0], 2))
+    other = ev.vfm_metrics(cfg, noisy(render_shapes(range(200, 224), 32)[0], 2), device="cpu")
     assert other["fd_shapes_vit"] > 0 and other["fd_shapes_vit_real_baseline"] == baseline
     assert real_calls == [("train", 24), ("holdout", 24), ("holdout", 24)]  # cached reference
 
@@ -274,7 +255,7 @@ def test_ssim_and_lpips():
 def load_lpips_random():
     """The lpips package's LPIPS with its shipped linear layers on a random AlexNet (tests
     only: the ImageNet backbone is a download we never make)."""
-    import lpips
+    import lpips  # heavy (seconds to import): only this test needs it
 
     return lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()
 
@@ -301,7 +282,9 @@ def test_reconstruction_metrics_of_a_perfect_tokenizer(tmp_path, real_calls):
     metrics = ["rfd_shapesnet", "psnr", "ssim", "lpips"]
     cfg = smoke_cfg(tmp_path, f"evaluate.metrics={metrics}")
     torch.manual_seed(0)
-    out = ev.reconstruction_metrics(cfg, Identity(), tmp_path, lpips_model=load_lpips_random())
+    out = ev.reconstruction_metrics(
+        cfg, Identity(), tmp_path, lpips_model=load_lpips_random(), device="cpu"
+    )
     assert (tmp_path / "recon.png").exists()
     assert out["psnr"] == pytest.approx(10 * np.log10(255**2 / 1e-10))  # the MSE floor
     assert out["ssim"] == pytest.approx(1.0) and out["lpips"] == pytest.approx(0.0, abs=1e-7)
@@ -321,7 +304,7 @@ def test_generation_metrics_per_class_and_fd_inf(tmp_path, real_calls):
     cfg = smoke_cfg(tmp_path, "evaluate.num_real=40")
     samples, labels = render_shapes(range(300, 340), 32)  # real images as "samples"
     out = ev.generation_metrics(
-        cfg, samples, labels, ["fd_shapesnet", "fd_shapesnet_inf", "class_accuracy"]
+        cfg, samples, labels, ["fd_shapesnet", "fd_shapesnet_inf", "class_accuracy"], device="cpu"
     )
     per_class = out["class_accuracy_per_class"]
     counts = out["class_accuracy_per_class_num_samples"]
@@ -334,7 +317,9 @@ def test_generation_metrics_per_class_and_fd_inf(tmp_path, real_calls):
     assert out["fd_shapesnet_num_samples"] == 40 and "(128)" in out["fd_shapesnet_extractor"]
     assert np.isfinite(out["fd_shapesnet_inf"]) and out["fd_shapesnet_inf_sizes"][-1] == 40
     # a class without samples is reported as such, not as NaN
-    out = ev.generation_metrics(cfg, samples[labels != 3], labels[labels != 3], ["class_accuracy"])
+    out = ev.generation_metrics(
+        cfg, samples[labels != 3], labels[labels != 3], ["class_accuracy"], device="cpu"
+    )
     assert out["class_accuracy_per_class"][3] is None
     assert "fd_shapesnet_inf" not in out
 
@@ -342,9 +327,7 @@ def test_generation_metrics_per_class_and_fd_inf(tmp_path, real_calls):
 def shapesnet_outputs(images):
     """The embedded classifier's penultimate features and predicted classes, computed here
     from its documented input convention (float images in [-1, 1], channels first)."""
-    from latentforge.metrics.shapesnet import load_shapesnet
-
-    net = load_shapesnet()
+    net = shapesnet.load_shapesnet()
     x = torch.from_numpy(images).permute(0, 3, 1, 2).double().div(255).mul(2).sub(1).float()
     with torch.no_grad():
         return net.features(x).double().numpy(), net(x).argmax(1).numpy()
@@ -354,14 +337,14 @@ def test_generation_metrics_equal_an_independent_computation(tmp_path, real_call
     """fd_shapesnet = FD(shapesnet features of the samples, of the num_real training images),
     its real baseline = FD(held-out images, same reference), FD∞ the extrapolation of the
     samples' FD, class_accuracy = the fraction of samples classified as their label."""
-    from latentforge.metrics.frechet import frechet_distance, frechet_distance_inf
-
     cfg = smoke_cfg(tmp_path, "evaluate.num_real=40")
     samples, labels = render_shapes(range(300, 340), 32)
     samples = noisy(samples, 5, scale=60)  # not the training images: FD > 0
     labels = labels.copy()
     labels[:8] = (labels[:8] + 1) % 10  # some requested labels the images do not show
-    out = ev.generation_metrics(cfg, samples, labels, ["fd_shapesnet", "fd_shapesnet_inf"])
+    out = ev.generation_metrics(
+        cfg, samples, labels, ["fd_shapesnet", "fd_shapesnet_inf"], device="cpu"
+    )
     feats, preds = shapesnet_outputs(samples)
     train, _ = render_shapes(range(40), 32, cfg.data.seed)  # what real_images gave it
     held, _ = render_shapes(range(10_000, 10_040), 32, cfg.data.seed)
@@ -381,15 +364,11 @@ def test_generation_metrics_equal_an_independent_computation(tmp_path, real_call
 def test_fd_vfm_equals_the_distance_of_the_vfms_class_tokens(tmp_path, monkeypatch, real_calls):
     """fd_shapes_vit = FD(class tokens of the samples, of the training images), the tokens
     computed here by the VFM on images in [-1, 1] (its documented input)."""
-    from latentforge.metrics.frechet import frechet_distance
-    from latentforge.tokenizers import vfm as vfm_mod
-    from latentforge.tokenizers.vfm import load_vfm
-
-    vfm = load_vfm("local:shapes-vit")
+    vfm = vfm_mod.load_vfm("local:shapes-vit")
     monkeypatch.setattr(vfm_mod, "load_vfm", lambda spec, weights=None: vfm)  # load it once
     cfg = smoke_cfg(tmp_path, "evaluate.num_real=8", "evaluate.metrics=[fd_vfm]")
     samples = noisy(render_shapes(range(200, 208), 32)[0], 2)
-    out = ev.vfm_metrics(cfg, samples)
+    out = ev.vfm_metrics(cfg, samples, device="cpu")
 
     def tokens(images):
         x = torch.from_numpy(images).permute(0, 3, 1, 2).double().div(255).mul(2).sub(1)
@@ -437,8 +416,6 @@ def test_inception_metrics_compare_the_samples_with_the_real_images(
 ):
     """FID, KID, precision/recall and IS of the samples' features against the training
     images' features, each equal to its definition computed here."""
-    from latentforge.metrics.frechet import frechet_distance
-
     monkeypatch.setattr(inc, "inception_outputs", fake_inception_outputs)
     wanted = ["fid", "kid", "precision", "recall", "is"]
     cfg = smoke_cfg(
@@ -449,7 +426,7 @@ def test_inception_metrics_compare_the_samples_with_the_real_images(
         "evaluate.kid_subset_size=12",
     )
     samples = noisy(render_shapes(range(100, 112), 32)[0] // 2, 0, scale=20)  # darker
-    out = ev.fid_metrics(cfg, samples, wanted)
+    out = ev.fid_metrics(cfg, samples, wanted, device="cpu")
     pool, logits = fake_inception_outputs(samples, None)
     real = fake_inception_outputs(render_shapes(range(12), 32, cfg.data.seed)[0], None)[0]
     assert out["fid"] == pytest.approx(
@@ -463,68 +440,9 @@ def test_inception_metrics_compare_the_samples_with_the_real_images(
     assert out["is"] == pytest.approx(inception_score(logits)[0])
 
 
-def test_metric_names_are_checked():
-    ev.check_metrics(list(ev.METRICS))
-    with pytest.raises(ValueError, match="fid_infinity"):
-        ev.check_metrics(["fid", "fid_infinity"])
-
-
-def test_report_rows_carry_counts_extractors_and_meanings():
-    metrics = {
-        "num_samples": 40,
-        **ev.described("kid", 0.0123, 40, "inception pool3", "64 training images"),
-        "kid_std": 0.002,
-        **ev.described("fd_shapes_vit", 1.5, 40, "local:shapes-vit class token (128)", "64 real"),
-        **ev.described("fd_shapes_vit_real_baseline", 0.2, 40, "local:shapes-vit", "64 real"),
-        **ev.described("sfid", 4.0, 40, ev.INCEPTION_SPATIAL, "VIRTUAL_ref.npz"),
-        **ev.described("fid_inf", 3.0, 40, "inception pool3", "64 real"),
-        "fid_inf_sizes": [4, 10, 40],
-        "class_accuracy_per_class": [0.5, None],
-        "class_accuracy_per_class_num_samples": [4, 0],
-        "class_confusion": [[3, 1] + [0] * 8, [0] * 10],  # a table of its own, not a row
-    }
-    rows = {row[0]: row[1:] for row in metrics_rows(metrics)}
-    assert set(rows) == {
-        "num_samples",
-        "kid",
-        "fd_shapes_vit",
-        "fd_shapes_vit_real_baseline",
-        "sfid",
-        "fid_inf",
-        "class_accuracy_per_class",
-    }
-    value, samples, extractor, reference, note = rows["kid"]
-    assert value == "0.0123 ± 0.002" and samples == "40" and extractor == "inception pool3"
-    assert reference == "64 training images" and "Kernel Inception" in note
-    assert "FD_DINOv2" in rows["fd_shapes_vit"][4]
-    assert rows["fd_shapes_vit_real_baseline"][4] == BASELINE_NOTE
-    assert rows["fd_shapes_vit_real_baseline"][:2] == ("0.2", "40")
-    assert "Nash" in rows["sfid"][4] and "mixed_6/conv" in rows["sfid"][2]
-    assert rows["fid_inf"][1] == "40 (fit on 3 sizes 4..40)" and "Chong" in rows["fid_inf"][4]
-    assert rows["class_accuracy_per_class"][:2] == ("0.5, n/a", "4, 0")
-
-
-def test_confusion_counts_and_its_report_table():
-    from latentforge.report import confusion_table
-
-    labels, preds = np.array([0, 0, 1, 1, 1]), np.array([0, 9, 1, 1, 0])
-    conf = ev.confusion(labels, preds, 2)
-    assert conf.tolist() == [[1] + [0] * 8 + [1], [1, 2] + [0] * 8]
-    table = confusion_table(conf.tolist())
-    assert table[0][:3] == ["requested / classified as", "circle", "bar"]
-    assert table[0][-1] == "heart" and table[2][:3] == ["bar", "1", "2"]
-
-
 def test_evaluate_runs_its_networks_on_the_given_device(tmp_path, monkeypatch, real_calls):
     """evaluate(device=...) puts every network it loads there ("cpu:0" here, to tell the
     argument from the "cpu" default): what the GPU evaluation task relies on."""
-    from safetensors.torch import save_file
-
-    from latentforge.metrics import shapesnet
-    from latentforge import models
-    from latentforge.models import build_tokenizer, state_dict_of
-    from latentforge.tokenizers import vfm as vfm_mod
-
     cfg = smoke_cfg(
         tmp_path,
         "evaluate.num_real=8",
@@ -556,4 +474,4 @@ def test_evaluate_runs_its_networks_on_the_given_device(tmp_path, monkeypatch, r
     out = ev.evaluate(cfg, paths, tmp_path, device="cpu:0")
     assert {"fd_shapesnet", "fd_shapes_vit", "psnr"} <= set(out)
     assert set(devices) == {("shapesnet", "cpu:0"), ("vfm", "cpu:0"), ("tokenizer", "cpu:0")}
-    assert ev.DEVICE.get() == "cpu"  # reset afterwards
+    assert not hasattr(ev, "DEVICE")  # passed down, never a global

@@ -12,36 +12,8 @@ import json
 import shutil
 from pathlib import Path
 
-BASELINE_NOTE = "same distance for held-out real images vs the same reference (the floor)"
-METRIC_NOTES = {
-    "fd_shapesnet": "Fréchet distance of embedded-classifier features, samples vs real (lower is better; not FID)",
-    "fd_shapesnet_real_baseline": BASELINE_NOTE,
-    "fd_shapesnet_inf": "fd_shapesnet extrapolated to infinitely many samples (FD∞, Chong & Forsyth 2020)",
-    "fd_shapesnet_inf_slope": "slope k of the FD∞ fit FD_N = FD∞ + k/N (the small-N bias)",
-    "class_accuracy": "embedded classifier agrees with the requested class (chance = 1/classes)",
-    "class_accuracy_per_class": "class_accuracy of each class, in class order",
-    "rfd_shapesnet": "Fréchet distance, held-out reconstructions vs held-out images",
-    "psnr": "reconstruction PSNR on held-out images (dB, higher is better)",
-    "ssim": "reconstruction structural similarity (Wang et al. 2004; 1 = identical)",
-    "lpips": "reconstruction perceptual distance (Zhang et al. 2018; lower is better)",
-    "fid": "Fréchet Inception distance (torch-fidelity InceptionV3), samples vs fid_reference",
-    "fid_inf": "FID extrapolated to infinitely many samples (FID∞, Chong & Forsyth 2020)",
-    "fid_inf_slope": "slope k of the FID∞ fit FID_N = FID∞ + k/N (the small-N bias)",
-    "sfid": "spatial FID (Nash et al. 2021): FD of Inception mixed_6/conv channels 0-6 (17x17), as ADM's evaluator",
-    "is": "Inception Score (Salimans et al. 2016): confident and diverse classes (higher is better)",
-    "kid": "Kernel Inception distance (Bińkowski et al. 2018): unbiased MMD², ± std over subsets",
-    "kid_subset_size": "samples per KID subset",
-    "kid_subsets": "number of KID subsets",
-    "precision": "share of samples inside the real-image manifold (fidelity; Kynkäänniemi et al. 2019)",
-    "recall": "share of real images inside the samples' manifold (coverage; Kynkäänniemi et al. 2019)",
-    "recon_class_accuracy": "embedded classifier on held-out reconstructions: the ceiling of class_accuracy",
-    "recon_class_accuracy_per_class": "recon_class_accuracy of each class: each class's ceiling",
-    "num_samples": "generated samples evaluated",
-    "num_real": "real training images of the reference statistics",
-    "num_baseline": "held-out real images in fd_shapesnet_real_baseline",
-    "num_recon": "held-out images reconstructed",
-}
-VFM_NOTE = "Fréchet distance of a VFM's class token, samples vs real (FD_DINOv2, Stein et al. 2023)"
+from latentforge.metrics.table import note
+
 TABLES = ("class_confusion",)  # metrics.json entries rendered as their own tables
 # a metric's companions in metrics.json, shown in its row rather than as rows of their own
 COMPANIONS = ("_num_samples", "_extractor", "_reference", "_std", "_sizes", "_splits")
@@ -80,16 +52,6 @@ def _text(value) -> str:
     return str(value)
 
 
-def _note(key: str, metrics: dict) -> str:
-    if key in METRIC_NOTES:
-        return METRIC_NOTES[key]
-    if key.endswith("_real_baseline"):  # fd_vfm's, named by its VFM
-        return BASELINE_NOTE
-    if key.startswith("fd_") and f"{key}_extractor" in metrics:  # fd_vfm, named by its VFM
-        return VFM_NOTE
-    return ""
-
-
 def metrics_rows(metrics: dict) -> list[tuple[str, str, str, str, str, str]]:
     """(metric, value, samples, extractor, reference, meaning) rows; each metric's
     companions (``<metric>_num_samples``, ``_extractor``, ``_reference``, ``_std``,
@@ -109,7 +71,7 @@ def metrics_rows(metrics: dict) -> list[tuple[str, str, str, str, str, str]]:
             samples += f" (fit on {len(sizes)} sizes {sizes[0]}..{sizes[-1]})"
         extractor = _text(metrics.get(f"{key}_extractor", ""))
         reference = _text(metrics.get(f"{key}_reference", ""))
-        rows.append((key, text, samples, extractor, reference, _note(key, metrics)))
+        rows.append((key, text, samples, extractor, reference, note(key, metrics)))
     return rows
 
 
@@ -145,44 +107,9 @@ def write_report(
         shutil.copy(recon, out / "recon.png")
     title = f"latentforge report: {cfg.tokenizer.name} + {cfg.generator.name} on {cfg.data.name}"
     rows = metrics_rows(metrics)
-    md = [
-        f"# {title}",
-        "",
-        f"Run directory: `{run_dir}`",
-        "",
-        "## Metrics",
-        "",
-        "| metric | value | samples | extractor | reference | meaning |",
-        "|---|---|---|---|---|---|",
-    ]
-    md += ["| " + " | ".join(row) + " |" for row in rows]
     confusion = confusion_table(metrics["class_confusion"]) if "class_confusion" in metrics else []
-    if confusion:
-        md += ["", "## What the samples of each class were taken for", ""]
-        md += ["| " + " | ".join(confusion[0]) + " |", "|---" * len(confusion[0]) + "|"]
-        md += ["| " + " | ".join(row) + " |" for row in confusion[1:]]
-    md += [
-        "",
-        "## Class-conditional samples (one row per class)",
-        "",
-        "![samples](grid.png)",
-        "",
-    ]
-    if recon.exists():
-        md += [f"## {RECON_HEADING}", "", "![recon](recon.png)", ""]
-    md += [
-        "## Training curves",
-        "",
-        "![curves](curves.png)",
-        "",
-        "## Stage times (s)",
-        "",
-        "| stage | seconds |",
-        "|---|---|",
-    ]
-    md += [f"| {s} | {t:.1f} |" for s, t in times.items()]
-    md += ["", "Resolved config: `config.yaml` in the run directory."]
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    md = render_markdown(title, run_dir, rows, confusion, recon.exists(), times)
+    (out / "report.md").write_text(md)
     (out / "report.html").write_text(render_html(title, rows, times, out, confusion))
     for name in ("report.md", "report.html", "grid.png", "recon.png", "curves.png"):
         if (out / name).exists():
@@ -190,6 +117,30 @@ def write_report(
         else:  # not this report's: an earlier run's would pass for it
             (run_dir / name).unlink(missing_ok=True)
     return {"report": str(run_dir / "report.html")}
+
+
+def render_markdown(
+    title: str, run_dir: Path, rows: list, confusion: list, recon: bool, times: dict
+) -> str:
+    """``report.md``: metrics, confusion table, samples, reconstructions, curves, times."""
+    md = [f"# {title}", "", f"Run directory: `{run_dir}`", "", "## Metrics", ""]
+    md += [
+        "| metric | value | samples | extractor | reference | meaning |",
+        "|---|---|---|---|---|---|",
+    ]
+    md += ["| " + " | ".join(row) + " |" for row in rows]
+    if confusion:
+        md += ["", "## What the samples of each class were taken for", ""]
+        md += ["| " + " | ".join(confusion[0]) + " |", "|---" * len(confusion[0]) + "|"]
+        md += ["| " + " | ".join(row) + " |" for row in confusion[1:]]
+    md += ["", "## Class-conditional samples (one row per class)", "", "![samples](grid.png)", ""]
+    if recon:
+        md += [f"## {RECON_HEADING}", "", "![recon](recon.png)", ""]
+    md += ["## Training curves", "", "![curves](curves.png)", ""]
+    md += ["## Stage times (s)", "", "| stage | seconds |", "|---|---|"]
+    md += [f"| {s} | {t:.1f} |" for s, t in times.items()]
+    md += ["", "Resolved config: `config.yaml` in the run directory."]
+    return "\n".join(md) + "\n"
 
 
 def _img(path: Path) -> str:

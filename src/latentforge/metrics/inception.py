@@ -68,6 +68,7 @@ def load_inception(weights: str | Path | None = None, device="cpu") -> torch.nn.
     """torch-fidelity's ``inception-v3-compat`` extractor returning, from one forward pass,
     pool-3 features (N, 2048) and the bias-free logits (N, 1008) that the Inception Score
     uses (torch-fidelity's ``logits_unbiased``)."""
+    # torch-fidelity: heavy (seconds to import), needed only for Inception metrics
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     path = inception_weights_path(weights)
@@ -239,7 +240,7 @@ def kernel_inception_distance(
     unbiased MMD^2 estimate with the cubic kernel ``(x.y / d + 1)^3``, mean and std over
     ``subsets`` random subsets of ``subset_size`` from each set (clamped to the smaller set),
     by torch-fidelity's ``kid_features_to_metric``. Returns (mean, std, subset size used)."""
-    from torch_fidelity.metric_kid import (
+    from torch_fidelity.metric_kid import (  # heavy, needed only for KID
         KEY_METRIC_KID_MEAN,
         KEY_METRIC_KID_STD,
         kid_features_to_metric,
@@ -266,7 +267,7 @@ def precision_recall(
     the samples' manifold. ADM's evaluator uses k = 3 on pool-3 features. Computed by
     torch-fidelity's ``prc_features_to_metric`` in row blocks of ``batch_size`` (memory
     ``batch_size x N``)."""
-    from torch_fidelity.metric_prc import (
+    from torch_fidelity.metric_prc import (  # heavy, needed only here
         KEY_METRIC_PRECISION,
         KEY_METRIC_RECALL,
         prc_features_to_metric,

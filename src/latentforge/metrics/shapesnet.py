@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -69,8 +69,6 @@ class ShapesNet(nn.Module):
 
 
 def save_shapesnet(model: ShapesNet, path: str | Path, extra: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
     meta = {"config": json.dumps(model.config), "dtype": "float16", **(extra or {})}

@@ -36,6 +36,7 @@ from latentforge.config import (
     merge_schema,
     resolve_run_dir,
 )
+from latentforge.metrics.table import higher_is_better
 
 
 @dataclass
@@ -67,11 +68,6 @@ class Scheduler:
     rung_samples: int | None = None  # samples for intermediate rungs (None: sample.num_images)
 
 
-HIGHER_IS_BETTER = frozenset(
-    {"psnr", "ssim", "recon_class_accuracy", "class_accuracy", "is", "precision", "recall"}
-)
-
-
 @dataclass
 class SweepSpec:
     """Schema of a sweep YAML."""
@@ -85,7 +81,7 @@ class SweepSpec:
     objective: Objective = field(default_factory=Objective)
     scheduler: Scheduler = field(default_factory=Scheduler)
     frontier_x: str = "rfd_shapesnet"  # reconstruction axis of the frontier plot
-    # its better direction; None: max for HIGHER_IS_BETTER metrics (psnr, ...), else min
+    # its better direction; None: the metric table's (max for psnr, ...; min for distances)
     frontier_x_mode: Literal["min", "max"] | None = None
     # the trial driver only waits on its pipeline task: reserve memory, not CPUs, so the
     # Train workers and Ray Data operators of the trial get every CPU
@@ -352,7 +348,7 @@ def write_results(sweep: Sweep, rows: list[dict]) -> dict:
             )
     ok = [r for r in rows if r["error"] is None and y in r["metrics"]]
     full = [r for r in ok if not r.get("stopped_early")]
-    x_mode = spec.frontier_x_mode or ("max" if x in HIGHER_IS_BETTER else "min")
+    x_mode = spec.frontier_x_mode or ("max" if higher_is_better(x) else "min")
     front = pareto_front(full, x, y, spec.objective.mode, x_mode)
     plot_frontier(ok, x, y, out / "frontier.png", front)
     sign = 1 if spec.objective.mode == "min" else -1

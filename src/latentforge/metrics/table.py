@@ -1,0 +1,247 @@
+"""The metric table: every metric ``evaluate.metrics`` accepts, with its better direction, its
+meaning, the network it needs and whether it judges samples or reconstructions; and the
+other entries of ``metrics.json`` (baselines, fit slopes, counts) with their meanings.
+
+Evaluation, the report and the sweep read it; nothing else lists metric names.
+
+In ``metrics.json`` every metric ``m`` comes with ``m_num_samples``, ``m_extractor`` and,
+where it compares with a reference set, ``m_reference`` (see :func:`metric_entry`).
+``fd_vfm`` is written under a key naming its VFM (:func:`vfm_metric_name`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+Direction = Literal["min", "max"]
+Extractor = Literal["shapesnet", "inception", "vfm", "pixels", "lpips"]
+Kind = Literal["generation", "reconstruction"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric ``evaluate.metrics`` can ask for."""
+
+    name: str
+    direction: Direction  # which way is better
+    description: str  # one line, shown beside the value in reports
+    extractor: Extractor  # the network (or none: pixels) it needs
+    kind: Kind  # generation: samples vs real images; reconstruction: held-out vs recon
+    compares_feature_sets: bool = False  # needs the reference's features, not only statistics
+
+
+@dataclass(frozen=True)
+class Companion:
+    """An entry of ``metrics.json`` that comes with a metric or the run, not asked for by
+    name; ``direction`` is set where the entry is itself a score."""
+
+    name: str
+    description: str
+    direction: Direction | None = None
+
+
+BASELINE_NOTE = "same distance for held-out real images vs the same reference (the floor)"
+VFM_NOTE = "Fréchet distance of a VFM's class token, samples vs real (FD_DINOv2, Stein et al. 2023)"
+KYNKAANNIEMI = "Kynkäänniemi et al. 2019"
+
+# in the order ``evaluate.metrics`` lists them
+METRICS: tuple[Metric, ...] = (
+    Metric(
+        "fd_shapesnet",
+        "min",
+        "Fréchet distance of embedded-classifier features, samples vs real (lower is better; not FID)",
+        "shapesnet",
+        "generation",
+    ),
+    Metric(
+        "fd_shapesnet_inf",
+        "min",
+        "fd_shapesnet extrapolated to infinitely many samples (FD∞, Chong & Forsyth 2020)",
+        "shapesnet",
+        "generation",
+    ),
+    Metric(
+        "class_accuracy",
+        "max",
+        "embedded classifier agrees with the requested class (chance = 1/classes)",
+        "shapesnet",
+        "generation",
+    ),
+    Metric(
+        "fid",
+        "min",
+        "Fréchet Inception distance (torch-fidelity InceptionV3), samples vs fid_reference",
+        "inception",
+        "generation",
+    ),
+    Metric(
+        "fid_inf",
+        "min",
+        "FID extrapolated to infinitely many samples (FID∞, Chong & Forsyth 2020)",
+        "inception",
+        "generation",
+    ),
+    Metric(
+        "sfid",
+        "min",
+        "spatial FID (Nash et al. 2021): FD of Inception mixed_6/conv channels 0-6 (17x17), as ADM's evaluator",
+        "inception",
+        "generation",
+    ),
+    Metric(
+        "is",
+        "max",
+        "Inception Score (Salimans et al. 2016): confident and diverse classes (higher is better)",
+        "inception",
+        "generation",
+    ),
+    Metric(
+        "kid",
+        "min",
+        "Kernel Inception distance (Bińkowski et al. 2018): unbiased MMD², ± std over subsets",
+        "inception",
+        "generation",
+        compares_feature_sets=True,
+    ),
+    Metric(
+        "precision",
+        "max",
+        f"share of samples inside the real-image manifold (fidelity; {KYNKAANNIEMI})",
+        "inception",
+        "generation",
+        compares_feature_sets=True,
+    ),
+    Metric(
+        "recall",
+        "max",
+        f"share of real images inside the samples' manifold (coverage; {KYNKAANNIEMI})",
+        "inception",
+        "generation",
+        compares_feature_sets=True,
+    ),
+    Metric("fd_vfm", "min", VFM_NOTE, "vfm", "generation"),
+    Metric(
+        "rfd_shapesnet",
+        "min",
+        "Fréchet distance, held-out reconstructions vs held-out images",
+        "shapesnet",
+        "reconstruction",
+    ),
+    Metric(
+        "psnr",
+        "max",
+        "reconstruction PSNR on held-out images (dB, higher is better)",
+        "pixels",
+        "reconstruction",
+    ),
+    Metric(
+        "ssim",
+        "max",
+        "reconstruction structural similarity (Wang et al. 2004; 1 = identical)",
+        "pixels",
+        "reconstruction",
+    ),
+    Metric(
+        "lpips",
+        "min",
+        "reconstruction perceptual distance (Zhang et al. 2018; lower is better)",
+        "lpips",
+        "reconstruction",
+    ),
+)
+
+COMPANIONS: tuple[Companion, ...] = (
+    Companion("fd_shapesnet_real_baseline", BASELINE_NOTE, "min"),
+    Companion(
+        "fd_shapesnet_inf_slope", "slope k of the FD∞ fit FD_N = FD∞ + k/N (the small-N bias)"
+    ),
+    Companion("class_accuracy_per_class", "class_accuracy of each class, in class order"),
+    Companion("fid_inf_slope", "slope k of the FID∞ fit FID_N = FID∞ + k/N (the small-N bias)"),
+    Companion("kid_subset_size", "samples per KID subset"),
+    Companion("kid_subsets", "number of KID subsets"),
+    Companion(
+        "recon_class_accuracy",
+        "embedded classifier on held-out reconstructions: the ceiling of class_accuracy",
+        "max",
+    ),
+    Companion(
+        "recon_class_accuracy_per_class",
+        "recon_class_accuracy of each class: each class's ceiling",
+    ),
+    Companion("num_samples", "generated samples evaluated"),
+    Companion("num_real", "real training images of the reference statistics"),
+    Companion("num_baseline", "held-out real images in fd_shapesnet_real_baseline"),
+    Companion("num_recon", "held-out images reconstructed"),
+)
+
+_ENTRIES: dict[str, Metric | Companion] = {e.name: e for e in (*METRICS, *COMPANIONS)}
+
+METRIC_NAMES: tuple[str, ...] = tuple(m.name for m in METRICS)
+
+
+def _names(**fields) -> frozenset[str]:
+    return frozenset(m.name for m in METRICS if all(getattr(m, k) == v for k, v in fields.items()))
+
+
+SAMPLE_METRICS = _names(kind="generation")
+RECON_METRICS = _names(kind="reconstruction")
+SHAPESNET_METRICS = _names(kind="generation", extractor="shapesnet")
+INCEPTION_METRICS = _names(extractor="inception")
+VFM_METRICS = _names(extractor="vfm")
+FEATURE_SET_METRICS = _names(compares_feature_sets=True)
+
+
+def metric(name: str) -> Metric:
+    """The table's entry of a metric ``evaluate.metrics`` accepts."""
+    entry = _ENTRIES.get(name)
+    if not isinstance(entry, Metric):
+        raise KeyError(f"no metric {name!r}; known: {list(METRIC_NAMES)}")
+    return entry
+
+
+def vfm_metric_name(spec: str) -> str:
+    """The metrics.json key of ``fd_vfm`` for a VFM spec: ``local:shapes-vit`` ->
+    ``fd_shapes_vit``, ``hf:facebook/dinov2-base`` -> ``fd_dinov2_base``."""
+    name = spec.partition(":")[2].rstrip("/").rsplit("/", 1)[-1].removesuffix(".safetensors")
+    return "fd_" + re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def direction(key: str) -> Direction | None:
+    """Which way is better for a metrics.json entry: the table's direction; ``min`` for a
+    real-vs-real baseline and for ``fd_vfm`` under its VFM's name (a distance); None for
+    what is no score (counts, slopes, per-class lists)."""
+    if key in _ENTRIES:
+        return _ENTRIES[key].direction
+    if key.endswith("_real_baseline") or key.startswith("fd_"):
+        return metric("fd_vfm").direction
+    return None
+
+
+def higher_is_better(key: str) -> bool:
+    return direction(key) == "max"
+
+
+def note(key: str, metrics: Mapping) -> str:
+    """The one-line meaning of the entry ``key`` of ``metrics`` (a metrics.json); empty when
+    the table has none."""
+    if key in _ENTRIES:
+        return _ENTRIES[key].description
+    if key.endswith("_real_baseline"):  # fd_vfm's, named by its VFM
+        return BASELINE_NOTE
+    if key.startswith("fd_") and f"{key}_extractor" in metrics:  # fd_vfm, named by its VFM
+        return VFM_NOTE
+    return ""
+
+
+def metric_entry(
+    name: str, value, num_samples: int, extractor: str, reference: str | None = None
+) -> dict:
+    """The metrics.json entries of metric ``name``: its value, sample count, extractor and
+    (when it compares with one) reference."""
+    out = {name: value, f"{name}_num_samples": num_samples, f"{name}_extractor": extractor}
+    if reference is not None:
+        out[f"{name}_reference"] = reference
+    return out
