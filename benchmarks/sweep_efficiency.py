@@ -102,13 +102,15 @@ def main() -> None:
     root = Path(args.run_dir).resolve()
     fifo = run_once(args.sweep, "fifo", root, root / "fifo")
     asha = run_once(args.sweep, "asha", root, root / "asha")
+    from latentforge.platform.sweep import objective_mode
+
     spec = asha["spec"]
     result = {
         "sweep": args.sweep,
         "trials": len(fifo["rows"]),
         "rungs": spec.scheduler.rungs,
         "reduction_factor": spec.scheduler.reduction_factor,
-        **summarize(fifo, asha, spec.objective.metric, spec.objective.mode),
+        **summarize(fifo, asha, spec.objective.metric, objective_mode(spec)),
         "fifo_trials": [
             {"point": r["point"], "stage_seconds": r["stage_seconds"], **pick(r["metrics"])}
             for r in fifo["rows"]

@@ -140,7 +140,7 @@ def test_report_rows_carry_counts_extractors_and_meanings():
 def front_of(tmp_path, monkeypatch, frontier_x: str) -> list[float]:
     """The frontier axis values of the trials ``sweep.write_results`` marks as on the front,
     for two trials equal on the objective."""
-    monkeypatch.setattr(sweep, "plot_frontier", lambda *a, **k: None)
+    monkeypatch.setattr(sweep, "plot_frontier", lambda *a, **k: None)  # what sweep calls
     spec = sweep.SweepSpec(frontier_x=frontier_x)
     run = sweep.Sweep(spec=spec, base_path=tmp_path, run_dir=tmp_path / frontier_x)
     rows = [

@@ -117,7 +117,7 @@ def test_sweep_end_to_end(ray_session, tmp_path):
 
 
 def test_pareto_front_and_groups():
-    from latentforge.platform.sweep import _group_of, pareto_front
+    from latentforge.frontier import pareto_front, point_groups
 
     def row(x, y):
         return {"metrics": {"rfd": x, "fd": y}}
@@ -130,11 +130,11 @@ def test_pareto_front_and_groups():
     # more fd, (1, 5) and (2, 6) are dominated
     psnr = pareto_front(rows, "rfd", "fd", x_mode="max")
     assert [(r["metrics"]["rfd"], r["metrics"]["fd"]) for r in psnr] == [(4, 1)]
-    assert _group_of({"tokenizer.latent_channels": 8, "tokenizer.vf_weight": 0.0}) == (
-        "8",
-        "VF off",
-    )
-    assert _group_of({"generator.lr": 1}) == ("n/a", "n/a")
+    dims = ["tokenizer.latent_channels", "tokenizer.vf_weight"]
+    point = {"tokenizer.latent_channels": 8, "tokenizer.vf_weight": 0.0}
+    assert point_groups(point, dims) == ("latent_channels=8", "vf_weight=0.0")
+    assert point_groups({"generator.lr": 1}, ["generator.lr"]) == ("lr=1", "n/a")
+    assert point_groups({}, []) == ("n/a", "n/a")
 
 
 def test_asha_needs_rungs(tmp_path):
@@ -144,3 +144,17 @@ def test_asha_needs_rungs(tmp_path):
     )
     with pytest.raises(ConfigError, match="rungs"):
         load_sweep(bad)
+
+
+def test_the_objective_direction_comes_from_the_metric_table(tmp_path):
+    from latentforge.platform.sweep import objective_mode
+
+    sweep_file = tmp_path / "s.yaml"
+    base = ROOT / "experiments" / "smoke.yaml"
+    sweep_file.write_text(f"base: {base}\nobjective: {{metric: class_accuracy}}\n")
+    assert objective_mode(load_sweep(sweep_file).spec) == "max"
+    sweep_file.write_text(f"base: {base}\nobjective: {{metric: fd_shapesnet}}\n")
+    assert objective_mode(load_sweep(sweep_file).spec) == "min"
+    sweep_file.write_text(f"base: {base}\nobjective: {{metric: class_accuracy, mode: min}}\n")
+    with pytest.raises(ConfigError, match="objective.mode: 'min', but class_accuracy is better"):
+        load_sweep(sweep_file)

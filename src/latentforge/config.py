@@ -207,17 +207,24 @@ POLYMORPHIC: dict[str, tuple[Registry, str]] = {
 }
 
 
-def read_yaml(path: str | Path) -> DictConfig:
-    """Read a YAML file, following ``base: relative/or/absolute.yaml`` chains."""
+def read_mapping(path: str | Path) -> DictConfig:
+    """One YAML file whose top level is a mapping, or a one-line :class:`ConfigError`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
         node = OmegaConf.load(path)
-    except Exception as e:  # yaml.YAMLError and friends
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    except Exception as e:  # yaml.YAMLError and friends: one line, naming the file
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: top level must be a mapping")
+    return node
+
+
+def read_yaml(path: str | Path) -> DictConfig:
+    """Read an experiment YAML file, following ``base: relative/or/absolute.yaml`` chains."""
+    path = Path(path)
+    node = read_mapping(path)
     base = node.pop("base", None)
     if base is not None:
         node = merge_nodes(read_yaml((path.parent / str(base)).resolve()), node)

@@ -26,12 +26,17 @@ import gc
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
+import ray
+import ray.data  # registers the tensor type the shard schemas name
+import torch
 
-from latentforge.config import ConfigError, ExperimentConfig, from_dict, to_dict
+from latentforge.config import ConfigError, ExperimentConfig, to_dict
+from latentforge.images import images_to_float
+from latentforge.models import load_tokenizer, normalization_of
+from latentforge.platform.data import load_images, shuffled
 from latentforge.platform.shards import (
     AlreadyEncoded,
     Store,
@@ -43,9 +48,8 @@ from latentforge.platform.shards import (
     write_manifest,
     write_parts,
 )
-
-if TYPE_CHECKING:  # torch is imported where used
-    import torch
+from latentforge.platform.workers import worker_setup
+from latentforge.tokenizers.vfm import load_vfm
 
 TORCH_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}
 LOG_EVERY_S = 10.0  # progress log interval
@@ -56,16 +60,10 @@ class LatentEncoder:
     horizontal flips) at a fixed batch shape and writes them as part files."""
 
     def __init__(self, experiment: dict, weights: str, store: Store):
-        import torch
-
-        cfg = from_dict(experiment)
-        torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
-        self.device = "cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu"
+        cfg, self.device = worker_setup(experiment)
         if self.device == "cuda":  # no autotuned (run-dependent) convolution algorithms
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
-        from latentforge.models import load_tokenizer
-
         self.model = load_tokenizer(cfg, weights, self.device)
         self.dtype = TORCH_DTYPES[cfg.extract.dtype]
         self.bf16 = cfg.extract.dtype == "bfloat16"
@@ -75,18 +73,14 @@ class LatentEncoder:
         self.store = store
         self.vfm = None
         if cfg.extract.vfm:
-            from latentforge.tokenizers.vfm import load_vfm
-
-            ec = cfg.extract
-            self.vfm = load_vfm(ec.vfm, resize=ec.vfm_resize, weights=ec.vfm_weights)
+            options = cfg.extract
+            self.vfm = load_vfm(options.vfm, resize=options.vfm_resize, weights=options.vfm_weights)
             self.vfm = self.vfm.to(self.device)
 
     def fixed_shape(self, fn: Callable, x: torch.Tensor) -> np.ndarray:
         """``fn`` over ``x`` in chunks of exactly ``batch_size`` images (the last one
         zero-padded) in one memory layout (kernels are chosen by shape *and* strides), so an
         output never depends on how Ray batched its image."""
-        import torch
-
         out = []
         for i in range(0, len(x), self.batch_size):
             chunk = x[i : i + self.batch_size]
@@ -100,18 +94,12 @@ class LatentEncoder:
     def encode(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 (B, H, W, 3) -> ``latent`` and ``latent_flip`` (B, *latent_shape) [+ ``vfm``,
         ``vfm_cls``]."""
-        import torch
-
-        from latentforge.images import images_to_float
-
         with torch.inference_mode():
             return self._encode(images_to_float(torch.from_numpy(np.ascontiguousarray(images))))
 
     def stored(self, latents: np.ndarray) -> np.ndarray:
         """Latents at the configured storage precision (bf16: rounded, kept as float32)."""
         if self.bf16:
-            import torch
-
             return torch.from_numpy(latents).to(torch.bfloat16).float().numpy()
         return latents.astype(self.dtype)
 
@@ -124,8 +112,6 @@ class LatentEncoder:
             shapes = {}
 
             def features(v):
-                import torch
-
                 o = self.vfm(v)
                 shapes["patch"] = tuple(o.patch[-1].shape[1:])
                 parts = [o.patch[-1].flatten(1)] + ([o.cls] if o.cls is not None else [])
@@ -151,20 +137,16 @@ class LatentEncoder:
 
 
 def _check(cfg: ExperimentConfig) -> None:
-    ec = cfg.extract
+    options = cfg.extract
     for key in ("batch_size", "shard_rows", "actors"):
-        if getattr(ec, key) < 1:
-            raise ConfigError(f"extract.{key}: must be positive, got {getattr(ec, key)}")
+        if getattr(options, key) < 1:
+            raise ConfigError(f"extract.{key}: must be positive, got {getattr(options, key)}")
 
 
 def _encode_pass(cfg, weights: str, store: Store, done: dict, log, tasks) -> tuple:
     """Stream the source through the encoder actors, starting the shard task of each id
     range as soon as it is complete: (the source's skip counts, timing)."""
-    import ray
-
-    from latentforge.platform.data import load_images
-
-    ec = cfg.extract
+    options = cfg.extract
     encoded = encoded_ids(store, done)
     part_ids = frozenset().union(*encoded.values())
     counts = {name: len(ids) for name, ids in encoded.items()}
@@ -172,14 +154,14 @@ def _encode_pass(cfg, weights: str, store: Store, done: dict, log, tasks) -> tup
     skip = None
     if done or part_ids:
         log(f"[extract] resuming: {len(done)} shards done, {before} images encoded")
-        skip = AlreadyEncoded(frozenset(done), part_ids, ec.shard_rows)
+        skip = AlreadyEncoded(frozenset(done), part_ids, options.shard_rows)
     source = load_images(cfg.data, "train", skip=skip)
     ds = source.dataset.map_batches(
         LatentEncoder,
         fn_constructor_kwargs={"experiment": to_dict(cfg), "weights": weights, "store": store},
-        batch_size=ec.batch_size,
+        batch_size=options.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=ec.actors),
+        compute=ray.data.ActorPoolStrategy(size=options.actors),
         num_cpus=cfg.ray.cpus_per_worker,
         num_gpus=1 if cfg.ray.use_gpu else 0,
         # Ray Data's default (a crashed actor is replaced), stated: ops whose remote args
@@ -193,7 +175,7 @@ def _encode_pass(cfg, weights: str, store: Store, done: dict, log, tasks) -> tup
         progress.add(batch["rows"])
         for name, n, ranged in zip(batch["shard"], batch["rows"], batch["ranged"], strict=True):
             counts[name] = counts.get(name, 0) + int(n)
-            if ranged and counts[name] == ec.shard_rows:
+            if ranged and counts[name] == options.shard_rows:
                 tasks.start(name)
         tasks.poll()
 
@@ -262,8 +244,6 @@ class ShardTasks:
     ``normalization``) in flight, one per shard, and the count of finished ones."""
 
     def __init__(self, store: Store, rows: int, normalization: str):
-        import ray
-
         self.task = ray.remote(finalize_shard).options(num_cpus=1)
         self.store, self.rows, self.normalization = store, rows, normalization
         self.started: set[str] = set()
@@ -278,8 +258,6 @@ class ShardTasks:
 
     def poll(self, wait: bool = False) -> None:
         """Collect finished tasks (raising their errors); with ``wait``, all of them."""
-        import ray
-
         while self.pending:
             ready, self.pending = ray.wait(self.pending, num_returns=1, timeout=None if wait else 0)
             if not ready:
@@ -288,16 +266,12 @@ class ShardTasks:
 
     def collect(self, ref) -> dict:
         """A finished shard task's marker (raising its error); counts the shard."""
-        import ray
-
         marker = ray.get(ref)
         self.finished += 1
         return marker
 
     def cancel(self) -> None:
         """Stop the tasks in flight (a failed run): their half-written files are tmp files."""
-        import ray
-
         for ref in self.pending:
             ray.cancel(ref, force=True)
         ray.wait(self.pending, num_returns=len(self.pending), timeout=30)
@@ -315,8 +289,6 @@ def extract(
     Rerunning resumes an interrupted extraction (killed while encoding or while writing
     shards) and returns at once when it is complete. Returns the statistics plus this
     run's timings."""
-    from latentforge.models import normalization_of
-
     _check(cfg)
     store = Store.open(out_dir)
     if store.exists("manifest.json") and store.exists("stats.json"):
@@ -366,10 +338,6 @@ def latent_dataset(out_dir: str | Path, vfm: bool = False, cls: bool = False, se
     """The extracted latents as a Ray Dataset: ``latent``, ``label`` (+ ``latent_flip``
     when extracted with flips; ``vfm`` patch features and the ``vfm_cls`` class token on
     request), shards in manifest order or, with a ``seed``, permuted by it."""
-    import ray
-
-    from latentforge.platform.data import shuffled
-
     store = Store.open(out_dir)
     columns, shards = _latent_files(store, vfm, cls)
     if shards is None:  # the layout before manifests: a parquet directory
@@ -381,7 +349,6 @@ def latent_dataset(out_dir: str | Path, vfm: bool = False, cls: bool = False, se
 def latent_nbytes(out_dir: str | Path, vfm: bool = False, cls: bool = False) -> int | None:
     """In-memory size of :func:`latent_dataset`'s rows, from the row count and the tensor
     shapes in the first shard's schema (None for the layout before manifests)."""
-    import ray.data  # noqa: F401  (registers the tensor type the schema names)
 
     store = Store.open(out_dir)
     columns, shards = _latent_files(store, vfm, cls)

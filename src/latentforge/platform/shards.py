@@ -378,14 +378,14 @@ def write_manifest(cfg: ExperimentConfig, store: Store, encoded: dict) -> dict:
         raise RuntimeError(f"extraction wrote no shards to {store.root}: is the source empty?")
     normalization = marker_normalization(markers[0])
     check_markers(markers, normalization, store.root)
-    ec = cfg.extract
-    columns = ["id", "label", "latent"] + (["latent_flip"] if ec.flip else [])
+    options = cfg.extract
+    columns = ["id", "label", "latent"] + (["latent_flip"] if options.flip else [])
     manifest = {
         "format": FORMAT,
-        "shard_rows": ec.shard_rows,
-        "flip": ec.flip,
-        "dtype": ec.dtype,
-        "columns": columns + (["vfm"] if ec.vfm else []),
+        "shard_rows": options.shard_rows,
+        "flip": options.flip,
+        "dtype": options.dtype,
+        "columns": columns + (["vfm"] if options.vfm else []),
         "latent_shape": markers[0]["latent_shape"],
         "count": sum(m["rows"] for m in markers),
         "shards": [{k: m[k] for k in MARKER_KEYS} for m in markers],
@@ -394,14 +394,14 @@ def write_manifest(cfg: ExperimentConfig, store: Store, encoded: dict) -> dict:
         "latent_shape": markers[0]["latent_shape"],
         "count": manifest["count"],  # images; ``samples``: values per statistic (x2 with flips)
         **shard_stats(markers),
-        "flip": ec.flip,
+        "flip": options.flip,
         "seed": getattr(cfg.data, "seed", None),  # extraction itself draws no random numbers
         "num_shards": len(markers),
     }
     if normalization != "channel":  # per channel: as stats.json has always been
         stats["normalization"] = normalization
-    if ec.vfm:
-        stats["vfm"] = ec.vfm
+    if options.vfm:
+        stats["vfm"] = options.vfm
         stats["vfm_shape"] = markers[0]["vfm_shape"]
         if "vfm_cls_dim" in markers[0]:
             stats["vfm_cls_dim"] = markers[0]["vfm_cls_dim"]

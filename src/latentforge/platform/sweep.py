@@ -25,18 +25,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import ray
 from omegaconf import OmegaConf
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
 
 from latentforge.config import (
     URI,
     ConfigError,
     apply_overrides,
     config_hash,
+    from_dict,
     load_experiment,
     merge_schema,
+    read_mapping,
     resolve_run_dir,
+    to_dict,
 )
-from latentforge.metrics.table import higher_is_better
+from latentforge.frontier import pareto_front, plot_frontier, summary_markdown, write_tables
+from latentforge.metrics.table import direction, higher_is_better
+from latentforge.platform.pipeline import Pipeline
+from latentforge.platform.stages import NAMES
+from latentforge.platform.workers import connect, outside_placement_group
 
 
 @dataclass
@@ -52,7 +62,7 @@ class SearchDim:
 @dataclass
 class Objective:
     metric: str = "fd_shapesnet"
-    mode: Literal["min", "max"] = "min"
+    mode: Literal["min", "max"] | None = None  # None: the metric table's direction
 
 
 @dataclass
@@ -106,14 +116,11 @@ class Sweep:
 
 
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Sweep:
+    """The sweep file with ``overrides``, checked: its experiment (``base:``, here the
+    experiment the sweep varies, not a file to inherit from), the shared overrides and
+    every grid point load against the schema, so a typo names its key before any trial."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: sweep file not found")
-    try:
-        node = OmegaConf.load(path)
-    except Exception as e:  # yaml errors: one line, naming the file
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
-    node = apply_overrides(node, overrides, path)
+    node = apply_overrides(read_mapping(path), overrides, path)
     spec: SweepSpec = merge_schema(SweepSpec, node, str(path))
     if not spec.base:
         raise ConfigError(f"{path}: base: the experiment YAML this sweep varies is required")
@@ -126,6 +133,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
             raise ConfigError(
                 f"{path}: search_space.{key}: give exactly one of grid/choice/uniform/loguniform"
             )
+    check_objective(spec, path)
     if spec.scheduler.name == "asha" and spec.scheduler.rungs < 2:
         raise ConfigError(f"{path}: scheduler.rungs: asha needs at least 2 rungs")
     # a trial's run directory is named by its point, so a repeated point is the same trial:
@@ -154,9 +162,24 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     return Sweep(spec, base_path, run_dir)
 
 
-def param_space(sweep: Sweep) -> dict[str, Any]:
-    from ray import tune
+def objective_mode(spec: SweepSpec) -> str:
+    """``objective.mode``, or the metric table's direction when unset (min for metrics it
+    does not know)."""
+    return spec.objective.mode or direction(spec.objective.metric) or "min"
 
+
+def check_objective(spec: SweepSpec, path: Path) -> None:
+    """An objective optimised against its metric's direction is a mistake: say so."""
+    known = direction(spec.objective.metric)
+    if spec.objective.mode and known and spec.objective.mode != known:
+        raise ConfigError(
+            f"{path}: objective.mode: {spec.objective.mode!r}, but {spec.objective.metric} is "
+            f"better when {'higher' if known == 'max' else 'lower'}; set {known!r} or leave "
+            "it out"
+        )
+
+
+def param_space(sweep: Sweep) -> dict[str, Any]:
     space = {}
     for key, dim in sweep.spec.search_space.items():
         if dim.grid is not None:
@@ -179,9 +202,6 @@ def trial_config(sweep: Sweep, point: dict[str, Any]):
 
 def _run_pipeline(experiment: dict) -> tuple[dict, str | None]:
     """One trial's (or rung's) pipeline; returns its metrics and the generator checkpoint."""
-    from latentforge.config import from_dict
-    from latentforge.platform.pipeline import Pipeline
-
     pipeline = Pipeline(from_dict(experiment))
     pipeline.run()
     metrics = json.loads(Path(pipeline.paths()["metrics"]).read_text())
@@ -192,19 +212,17 @@ def rung_config(sweep: Sweep, cfg, rung: int, init: str | None):
     """The experiment of rung ``rung`` (1-based) of a trial: ``rung/R`` of its generator
     images, continuing from ``init`` (the previous rung's checkpoint); intermediate rungs
     sample ``rung_samples`` images."""
-    sch = sweep.spec.scheduler
-    images = int(round(cfg.train.generator_images * rung / sch.rungs))
+    scheduler_cfg = sweep.spec.scheduler
+    images = int(round(cfg.train.generator_images * rung / scheduler_cfg.rungs))
     changes = [f"train.generator_images={images}"]
     if init:
         changes.append(f"train.generator_init={init}")
-    if rung < sch.rungs and sch.rung_samples:
-        changes.append(f"sample.num_images={sch.rung_samples}")
+    if rung < scheduler_cfg.rungs and scheduler_cfg.rung_samples:
+        changes.append(f"sample.num_images={scheduler_cfg.rung_samples}")
     return merge_overrides(cfg, changes)
 
 
 def merge_overrides(cfg, changes: list[str]):
-    from latentforge.config import from_dict, to_dict
-
     node = OmegaConf.merge(OmegaConf.create(to_dict(cfg)), OmegaConf.from_dotlist(changes))
     return from_dict(OmegaConf.to_container(node, resolve=True))
 
@@ -214,25 +232,19 @@ def _trainable(config: dict) -> None:
     group. Inside it, Ray Data would limit itself to the trial's tiny bundle and child
     tasks would be captured into it; Train places its own workers either way. With ASHA the
     trial runs rung by rung and reports after each."""
-    import ray
-    from ray import tune
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from latentforge.config import to_dict
-
     sweep: Sweep = config.pop("__sweep__")
     cfg = trial_config(sweep, config)
     task = ray.remote(_run_pipeline).options(
-        num_cpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None)
+        num_cpus=0, scheduling_strategy=outside_placement_group()
     )
-    sch = sweep.spec.scheduler
-    if sch.rungs <= 1:
+    scheduler_cfg = sweep.spec.scheduler
+    if scheduler_cfg.rungs <= 1:
         metrics, _ = ray.get(task.remote(to_dict(cfg)))
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         tune.report({**flat, "rung": 1, "run_dir": str(cfg.run_dir)})
         return
     init = None
-    for rung in range(1, sch.rungs + 1):
+    for rung in range(1, scheduler_cfg.rungs + 1):
         rcfg = rung_config(sweep, cfg, rung, init)
         metrics, init = ray.get(task.remote(to_dict(rcfg)))
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -242,10 +254,6 @@ def _trainable(config: dict) -> None:
 
 def run_sweep(sweep: Sweep, resume: bool = False) -> dict:
     """Run (or resume) the sweep with Ray Tune; write results, frontier plot and summary."""
-    from ray import tune
-
-    from latentforge.platform.workers import connect
-
     connect(load_experiment(sweep.base_path, sweep.spec.overrides))
     resources = {
         k.upper() if k in ("cpu", "gpu") else k: v
@@ -258,23 +266,21 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> dict:
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
         space = {**param_space(sweep), "__sweep__": sweep}
-        sch = sweep.spec.scheduler
+        scheduler_cfg = sweep.spec.scheduler
         scheduler = None
-        if sch.name == "asha":
-            from ray.tune.schedulers import ASHAScheduler
-
+        if scheduler_cfg.name == "asha":
             scheduler = ASHAScheduler(
                 time_attr="rung",
-                max_t=sch.rungs,
-                grace_period=sch.grace_rungs,
-                reduction_factor=sch.reduction_factor,
+                max_t=scheduler_cfg.rungs,
+                grace_period=scheduler_cfg.grace_rungs,
+                reduction_factor=scheduler_cfg.reduction_factor,
             )
         tuner = tune.Tuner(
             trainable,
             param_space=space,
             tune_config=tune.TuneConfig(
                 metric=sweep.spec.objective.metric,
-                mode=sweep.spec.objective.mode,
+                mode=objective_mode(sweep.spec),
                 num_samples=sweep.spec.num_samples,
                 max_concurrent_trials=sweep.spec.max_concurrent_trials,
                 scheduler=scheduler,
@@ -306,9 +312,6 @@ def trial_stage_dirs(sweep: Sweep, point: dict[str, Any], rung: int) -> list[Pat
     """The stage directories trial ``point`` used up to ``rung`` (tokenizer and extract
     once, then every rung's generator, sample, evaluate and report), as ``_trainable``
     derives them; those not (yet) done are left out."""
-    from latentforge.platform.pipeline import Pipeline
-    from latentforge.platform.stages import NAMES
-
     cfg = trial_config(sweep, point)
     if sch_rungs(sweep) <= 1:
         pipelines = [Pipeline(cfg, log=lambda _: None)]
@@ -325,138 +328,24 @@ def trial_stage_dirs(sweep: Sweep, point: dict[str, Any], rung: int) -> list[Pat
 
 
 def write_results(sweep: Sweep, rows: list[dict]) -> dict:
-    """``results.json`` (everything), ``results.csv`` (one row per trial: point, rung,
-    objective, frontier axis, class accuracy), ``frontier.png`` and ``sweep.md``. Trials
-    stopped early by ASHA are listed with the rung they reached and kept off the front."""
-    import csv
-
-    spec = sweep.spec
-    out = sweep.run_dir
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=1, default=str))
+    """``results.json``, ``results.csv``, ``frontier.png`` and ``sweep.md`` in the sweep
+    directory (:mod:`latentforge.frontier`). Trials stopped early by ASHA are listed with
+    the rung they reached and kept off the front."""
+    spec, out = sweep.spec, sweep.run_dir
     y, x = spec.objective.metric, spec.frontier_x
-    keys = sorted({k for r in rows for k in r["point"]})
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([*keys, "rung", "stopped_early", x, y, "class_accuracy", "error"])
-        for r in rows:
-            m = r["metrics"]
-            w.writerow(
-                [r["point"].get(k) for k in keys]
-                + [r.get("rung"), r.get("stopped_early", False)]
-                + [m.get(x), m.get(y), m.get("class_accuracy"), r["error"] or ""]
-            )
+    write_tables(out, rows, x, y)
     ok = [r for r in rows if r["error"] is None and y in r["metrics"]]
     full = [r for r in ok if not r.get("stopped_early")]
     x_mode = spec.frontier_x_mode or ("max" if higher_is_better(x) else "min")
-    front = pareto_front(full, x, y, spec.objective.mode, x_mode)
-    plot_frontier(ok, x, y, out / "frontier.png", front)
-    sign = 1 if spec.objective.mode == "min" else -1
-    best = min(full, key=lambda r: sign * r["metrics"][y]) if full else None
-    lines = [
-        f"# Sweep {spec.name}",
-        "",
-        "![frontier](frontier.png)",
-        "",
-        f"| point | rung | {x} | {y} | class_accuracy | on the front |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        m = r["metrics"]
-        rung = f"{r.get('rung')}" + (" (stopped)" if r.get("stopped_early") else "")
-        lines.append(
-            f"| `{json.dumps(r['point'])}` | {rung} | {m.get(x, 'n/a')} | "
-            f"{m.get(y, r['error'] or 'n/a')} | {m.get('class_accuracy', 'n/a')} | "
-            f"{'yes' if any(r is f for f in front) else ''} |"
-        )
-    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    mode = objective_mode(spec)
+    front = pareto_front(full, x, y, mode, x_mode)
+    plot_frontier(ok, x, y, out / "frontier.png", front, list(spec.search_space))
+    (out / "sweep.md").write_text(summary_markdown(spec.name, rows, x, y, front))
+    sign = 1 if mode == "min" else -1
     return {
         "trials": len(rows),
         "failed": len(rows) - len(ok),
         "stopped_early": sum(bool(r.get("stopped_early")) for r in ok),
-        "best": best,
+        "best": min(full, key=lambda r: sign * r["metrics"][y]) if full else None,
         "dir": str(out),
     }
-
-
-def pareto_front(
-    rows: list[dict], x: str, y: str, mode: str = "min", x_mode: str = "min"
-) -> list[dict]:
-    """Trials not dominated on (``x`` reconstruction, better in ``x_mode``; ``y`` objective,
-    in ``mode``): no other trial is at least as good on both and better on one. Sorted by
-    ``x`` ascending."""
-    sign, sx = (1 if mode == "min" else -1), (1 if x_mode == "min" else -1)
-    pts = [(sx * r["metrics"][x], sign * r["metrics"][y], r) for r in rows if x in r["metrics"]]
-
-    def dominated(a, b) -> bool:  # b dominates a
-        return b[0] <= a[0] and b[1] <= a[1] and (b[0] < a[0] or b[1] < a[1])
-
-    front = [p for p in pts if not any(dominated(p, q) for q in pts)]
-    return [p[2] for p in sorted(front, key=lambda p: sx * p[0])]
-
-
-def _group_of(point: dict) -> tuple[str, str]:
-    """(latent width, alignment) labels of a trial's point, for colour and marker."""
-    width = next((v for k, v in point.items() if k.endswith("latent_channels")), None)
-    vf = next((v for k, v in point.items() if k.endswith("vf_weight")), None)
-    align = "n/a" if vf is None else ("VF on" if float(vf) > 0 else "VF off")
-    return ("n/a" if width is None else str(width)), align
-
-
-def plot_frontier(
-    rows: list[dict], x: str, y: str, path: Path, front: list[dict] | None = None
-) -> None:
-    """One point per trial: colour = latent width (in numeric order), marker = VF alignment
-    on/off, hollow = stopped early by ASHA; the Pareto front of the finished trials as a
-    line. The generation axis is logarithmic when its values span more than 10x (one
-    failed width would otherwise flatten the rest)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.8))
-    widths = sorted(
-        {_group_of(r["point"])[0] for r in rows},
-        key=lambda w: (0, float(w), "") if w.replace(".", "", 1).isdigit() else (1, 0.0, w),
-    )
-    colours = {w: plt.cm.viridis(i / max(len(widths) - 1, 1)) for i, w in enumerate(widths)}
-    markers = {"VF on": "o", "VF off": "s", "n/a": "D"}
-    seen = set()
-    for r in rows:
-        if x not in r["metrics"]:
-            continue
-        width, align = _group_of(r["point"])
-        key = (width, align)
-        stopped = bool(r.get("stopped_early"))
-        ax.scatter(
-            r["metrics"][x],
-            r["metrics"][y],
-            marker=markers[align],
-            s=46,
-            facecolors="none" if stopped else colours[width],
-            edgecolors=colours[width],
-            label=None if key in seen else f"width {width}, {align}",
-        )
-        seen.add(key)
-    if front:
-        ax.plot(
-            [r["metrics"][x] for r in front],
-            [r["metrics"][y] for r in front],
-            color="tab:red",
-            lw=1.2,
-            ls="--",
-            label="Pareto front",
-        )
-    ys = [r["metrics"][y] for r in rows if x in r["metrics"] and y in r["metrics"]]
-    if ys and min(ys) > 0 and max(ys) > 10 * min(ys):
-        ax.set_yscale("log")
-    ax.set_xlabel(f"{x} (reconstruction)")
-    ax.set_ylabel(f"{y} (generation)")
-    ax.set_title("reconstruction vs generation frontier (hollow: stopped early)")
-    ax.grid(alpha=0.3)
-    if seen:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -81,14 +81,20 @@ def train_loop_per_worker(config: dict) -> None:
 
 def scaling(cfg: ExperimentConfig) -> dict:
     """Ray Train's ScalingConfig arguments for ``cfg.ray``."""
-    rc = cfg.ray
-    if rc.accelerator_type and not rc.use_gpu:
+    ray_cfg = cfg.ray
+    if ray_cfg.accelerator_type and not ray_cfg.use_gpu:
         raise ConfigError(
             "ray.accelerator_type is the Train workers' GPU type: set ray.use_gpu=true"
         )
-    resources = {"CPU": rc.cpus_per_worker} | ({"GPU": 1} if rc.use_gpu else {})
-    out = {"num_workers": rc.num_workers, "use_gpu": rc.use_gpu, "resources_per_worker": resources}
-    return out | ({"accelerator_type": rc.accelerator_type} if rc.accelerator_type else {})
+    resources = {"CPU": ray_cfg.cpus_per_worker} | ({"GPU": 1} if ray_cfg.use_gpu else {})
+    out = {
+        "num_workers": ray_cfg.num_workers,
+        "use_gpu": ray_cfg.use_gpu,
+        "resources_per_worker": resources,
+    }
+    return out | (
+        {"accelerator_type": ray_cfg.accelerator_type} if ray_cfg.accelerator_type else {}
+    )
 
 
 def run_trainer(cfg: ExperimentConfig, kind: str, name: str, dataset, stats: dict | None = None):
@@ -161,13 +167,13 @@ def copy_checkpoint(ckpt_dir: str | Path, out: Path) -> None:
 def training_data(cfg: ExperimentConfig, kind: str, dataset, nbytes: int | None, log: Callable):
     """``dataset`` ready for ``kind``'s trainer: ordered for training and materialised, or
     left to stream, as ``ray.training_data`` decides; returns it and the mode."""
-    rc = cfg.ray
+    ray_cfg = cfg.ray
     total = ray.cluster_resources()
     store = total.get("object_store_memory", 0)
-    mode = training_data_mode(rc.training_data, nbytes, store, latents=kind == "generator")
+    mode = training_data_mode(ray_cfg.training_data, nbytes, store, latents=kind == "generator")
     size = "size unknown" if nbytes is None else f"~{nbytes / 2**30:.2f} GiB"
     log(f"[{kind}] training data: {mode} ({size}; object store {store / 2**30:.1f} GiB)")
-    if mode == "stream" and total.get("CPU", 0) - rc.num_workers * rc.cpus_per_worker < 1:
+    if mode == "stream" and total.get("CPU", 0) - ray_cfg.num_workers * ray_cfg.cpus_per_worker < 1:
         log(
             f"[{kind}] streaming reads need a CPU beyond the Train workers': none is free "
             "now (an autoscaling cluster adds a node; on a fixed one lower "

@@ -52,18 +52,18 @@ def tokenizer_job(cfg: ExperimentConfig) -> Job:
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every run and rank
     model = build_tokenizer(cfg)
     disc = model.make_discriminator()
-    tc = cfg.train
+    train_cfg = cfg.train
     return Job(
         "tokenizer",
         model,
         TokenizerObjective(model, disc),
-        int(tc.tokenizer_images),
-        tc.tokenizer_batch_size,
-        tc.tokenizer_lr,
-        tc.ema_decay,
-        betas=tuple(tc.tokenizer_betas),
+        int(train_cfg.tokenizer_images),
+        train_cfg.tokenizer_batch_size,
+        train_cfg.tokenizer_lr,
+        train_cfg.ema_decay,
+        betas=tuple(train_cfg.tokenizer_betas),
         discriminator=disc,
-        **({} if disc is None else model.discriminator_optimizer(tc.tokenizer_lr)),
+        **({} if disc is None else model.discriminator_optimizer(train_cfg.tokenizer_lr)),
     )
 
 
@@ -109,11 +109,13 @@ def lr_at(nimg: int, base_lr: float, warmup_images: float) -> float:
     return base_lr * min(1.0, (nimg + 1) / max(warmup_images, 1.0))
 
 
-def make_optimizers(job: Job, tc) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+def make_optimizers(
+    job: Job, train_cfg
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
     """AdamW for the model; Adam for the discriminator, if any (constant lr, no weight decay,
     as in Esser et al. 2021 and VA-VAE)."""
     params = [p for p in job.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=tc.weight_decay, betas=job.betas)
+    opt = torch.optim.AdamW(params, lr=job.lr, weight_decay=train_cfg.weight_decay, betas=job.betas)
     if job.discriminator is None:
         return opt, None
     disc = job.discriminator.parameters()
@@ -122,23 +124,23 @@ def make_optimizers(job: Job, tc) -> tuple[torch.optim.Optimizer, torch.optim.Op
 
 def fit(cfg: ExperimentConfig, job: Job, runtime: Runtime, log: Callable = print) -> dict:
     """Train ``job`` to ``job.total_images`` images seen; resume from the runtime's checkpoint."""
-    tc = cfg.train
+    train_cfg = cfg.train
     job.model.to(runtime.device)
     job.objective.to(runtime.device)
     ema = copy.deepcopy(job.model).eval().requires_grad_(False)
-    opt, opt_d = make_optimizers(job, tc)
+    opt, opt_d = make_optimizers(job, train_cfg)
     state, curve = restore(job, ema, opt, opt_d, runtime, log)
     objective = runtime.wrap(job.objective)
-    if tc.compile:
-        objective = torch.compile(objective, backend=tc.compile)
-    accum = max(1, tc.grad_accum)
+    if train_cfg.compile:
+        objective = torch.compile(objective, backend=train_cfg.compile)
+    accum = max(1, train_cfg.grad_accum)
     local_bs = local_batch_size(job, runtime.world_size, accum)
     global_bs = local_bs * runtime.world_size * accum  # images per optimizer step
-    meter = CurveMeter(job, curve, state["nimg"], tc.log_every_images, log)
-    next_ckpt = state["nimg"] + tc.checkpoint_every_images
+    meter = CurveMeter(job, curve, state["nimg"], train_cfg.log_every_images, log)
+    next_ckpt = state["nimg"] + train_cfg.checkpoint_every_images
     gen = torch.Generator(device=runtime.device)
     while state["nimg"] < job.total_images:
-        epoch_seed = tc.seed * 1_000_003 + state["epoch"] * 1009 + runtime.rank
+        epoch_seed = train_cfg.seed * 1_000_003 + state["epoch"] * 1009 + runtime.rank
         skip = state.get("step_in_epoch", 0)  # groups of this epoch a resumed run has done
         i = -1
         for i, group in enumerate(grouped(runtime.batches(local_bs, epoch_seed), accum)):
@@ -147,8 +149,8 @@ def fit(cfg: ExperimentConfig, job: Job, runtime: Runtime, log: Callable = print
             group = [
                 {k: v.to(runtime.device, non_blocking=True) for k, v in b.items()} for b in group
             ]
-            seed_step(gen, tc.seed, runtime.rank, state["nimg"])
-            parts = train_step(objective, opt, group, state["nimg"], gen, job, tc, opt_d)
+            seed_step(gen, train_cfg.seed, runtime.rank, state["nimg"])
+            parts = train_step(objective, opt, group, state["nimg"], gen, job, train_cfg, opt_d)
             ema_update(ema, job.model, ema_decay_at(state["nimg"] // global_bs, job.ema_decay))
             state["nimg"] += global_bs
             state["step_in_epoch"] = i + 1
@@ -156,7 +158,7 @@ def fit(cfg: ExperimentConfig, job: Job, runtime: Runtime, log: Callable = print
             meter.add(parts, global_bs, state["nimg"], force=done)
             if state["nimg"] >= next_ckpt or done:
                 report_checkpoint(runtime, job, ema, opt, state, curve, opt_d)
-                next_ckpt += tc.checkpoint_every_images
+                next_ckpt += train_cfg.checkpoint_every_images
             if done:
                 break
         else:
@@ -280,13 +282,13 @@ def grouped(batches: Iterator, n: int) -> Iterator[list]:
 
 
 def train_step(
-    objective, opt, batches: list, nimg, gen, job: Job, tc, opt_d=None
+    objective, opt, batches: list, nimg, gen, job: Job, train_cfg, opt_d=None
 ) -> dict[str, float]:
     """One optimizer step over ``batches`` (gradient accumulation: each micro-batch's loss
     is divided by their number; DDP synchronises gradients on the last one only); with a
     discriminator optimizer ``opt_d``, then the discriminator's step."""
     for group in opt.param_groups:
-        group["lr"] = lr_at(nimg, job.lr, tc.warmup_images)
+        group["lr"] = lr_at(nimg, job.lr, train_cfg.warmup_images)
     opt.zero_grad(set_to_none=True)
     out: dict[str, float] = {}
     fakes = []  # detached reconstructions of the GAN phase, for the discriminator's step
@@ -297,8 +299,8 @@ def train_step(
         if "fake" in parts:
             fakes.append(parts.pop("fake"))
         accumulate(out, parts, len(batches))
-    if tc.grad_clip > 0:
-        gnorm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), tc.grad_clip)
+    if train_cfg.grad_clip > 0:
+        gnorm = torch.nn.utils.clip_grad_norm_(job.model.parameters(), train_cfg.grad_clip)
         out["grad_norm"] = float(gnorm)
     opt.step()
     if not math.isfinite(out["loss"]):
