@@ -20,6 +20,7 @@ PURE = [
     "latentforge.shapes",
     "latentforge.state_dicts",
     "latentforge.report",
+    "latentforge.frontier",
     "latentforge.asset_recipes",
     "latentforge.training.loop",
     "latentforge.training.runtime",

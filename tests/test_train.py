@@ -631,3 +631,16 @@ def test_train_workers_ask_for_the_configured_gpu_type():
     }
     with pytest.raises(ConfigError, match="ray.use_gpu=true"):
         scaling(load_experiment(SMOKE, ["ray.accelerator_type=A100"]))
+
+
+def test_progress_lines_say_where_training_is():
+    from torch import nn
+
+    from latentforge.progress import format_seconds
+    from latentforge.training.loop import Job, progress_line
+
+    job = Job("generator", nn.Linear(1, 1), nn.Linear(1, 1), 1000, 10, 0.1, 0.9)
+    point = {"nimg": 250, "loss": 0.5, "images_per_s": 48.0}
+    line = progress_line(job, point, start_nimg=0, elapsed=5.0)  # 50 img/s since the start
+    assert line.startswith("[generator] 250/1000 images (25%) 48 img/s ETA 15s  loss=0.5")
+    assert [format_seconds(s) for s in (3, 229, 11000)] == ["3s", "3m49s", "3h03m"]

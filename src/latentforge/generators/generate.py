@@ -8,6 +8,8 @@ dataset's statistics (:func:`latentforge.models.latent_stat`) before decoding.""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -15,6 +17,7 @@ from latentforge.config import ExperimentConfig
 from latentforge.generators.samplers import JointClassToken, noise_for_seeds, sample
 from latentforge.images import to_uint8
 from latentforge.models import build_transport, latent_stat, num_classes_of
+from latentforge.progress import format_seconds
 
 MICRO_BATCH = 16  # the network always sees this many samples: bit-identical across splits
 
@@ -58,7 +61,7 @@ def sample_images(
     if reg_dim:  # REG: the class token is sampled jointly; only the latent is decoded
         field = JointClassToken(generator, latent_shape, reg_dim)
         noise_shape = (field.numel + reg_dim,)
-    out = []
+    out, t0 = [], time.time()
     step = max(MICRO_BATCH, sc.batch_size // MICRO_BATCH * MICRO_BATCH)
     for i in range(0, len(seeds), step):
         s, y = seeds[i : i + step], labels[i : i + step]
@@ -83,7 +86,12 @@ def sample_images(
         per_call = tokenizer_batch(cfg.data.resolution, len(z))
         for j in range(0, len(z), per_call):
             out.append(to_uint8(tokenizer.decode(z[j : j + per_call] * std + mean)))
-        log(f"[sample] {i + len(s)}/{len(seeds)} images ({nfe} NFE per sample)")
+        done, rate = i + len(s), (i + len(s)) / max(time.time() - t0, 1e-9)
+        eta = format_seconds((len(seeds) - done) / rate)
+        log(
+            f"[sample] {done}/{len(seeds)} images ({100 * done / len(seeds):.0f}%) "
+            f"{rate:.1f} img/s ETA {eta} ({nfe} NFE per sample)"
+        )
     return np.concatenate(out)
 
 

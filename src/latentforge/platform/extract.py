@@ -49,6 +49,7 @@ from latentforge.platform.shards import (
     write_parts,
 )
 from latentforge.platform.workers import worker_setup
+from latentforge.progress import format_seconds
 from latentforge.tokenizers.vfm import load_vfm
 
 TORCH_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}
@@ -231,9 +232,12 @@ class Progress:
             self.log(self.line())
 
     def line(self) -> str:
-        done = self.before + self.images
+        done, rate = self.before + self.images, self.rate()
         of = f"/{self.total} ({100 * done / max(self.total, 1):.0f}%)" if self.total else ""
-        return f"[extract] {done}{of} images encoded, {self.rate():.1f} images/s"
+        eta = ""
+        if self.total and rate > 0 and done < self.total:
+            eta = f" ETA {format_seconds((self.total - done) / rate)}"
+        return f"[extract] {done}{of} images encoded, {rate:.1f} images/s{eta}"
 
     def finish(self) -> None:
         self.log(self.line() + f" ({self.images} in {self.seconds():.1f} s)")

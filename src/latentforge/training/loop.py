@@ -24,6 +24,7 @@ from torch import nn
 
 from latentforge.config import ExperimentConfig
 from latentforge.models import build_generator, build_tokenizer, build_transport, latent_stat
+from latentforge.progress import format_seconds
 from latentforge.training.checkpoint import load_checkpoint, save_checkpoint
 from latentforge.training.objectives import GeneratorObjective, TokenizerObjective
 from latentforge.training.runtime import Runtime
@@ -249,16 +250,6 @@ def progress_line(job: Job, point: dict, start_nimg: int, elapsed: float) -> str
         f"[{job.kind}] {nimg}/{total} images ({100 * nimg / max(total, 1):.0f}%) "
         f"{point['images_per_s']:.0f} img/s ETA {eta}  {values}"
     )
-
-
-def format_seconds(seconds: float) -> str:
-    """``3h02m``, ``3m49s`` or ``42s``."""
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
 
 
 def seed_step(gen: torch.Generator, seed: int, rank: int, nimg: int) -> None:
