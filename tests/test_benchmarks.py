@@ -50,7 +50,7 @@ def test_generator_step_benchmark(tmp_path):
 # Stands in for hustvl/LightningDiT's tokenizer/autoencoder.py: its constructors, our modules.
 FAKE_OFFICIAL_VAE = """
 import torch
-from latentforge.tokenizers import vavae
+from latentforge.tokenizers import ldm_blocks, vavae
 
 
 def _arch(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels, **_):
@@ -59,11 +59,11 @@ def _arch(ch, ch_mult, num_res_blocks, attn_resolutions, resolution, z_channels,
 
 
 def Encoder(**kw):
-    return vavae.Encoder(_arch(**kw))
+    return ldm_blocks.ConvEncoder(_arch(**kw))
 
 
 def Decoder(**kw):
-    return vavae.Decoder(_arch(**kw))
+    return ldm_blocks.ConvDecoder(_arch(**kw))
 
 
 class Posterior:
