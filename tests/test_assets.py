@@ -1,5 +1,6 @@
 """The embedded assets: size, accuracy on held-out shapes, recipe code."""
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,21 @@ ASSETS = Path(__file__).resolve().parents[1] / "src" / "latentforge" / "assets"
 
 
 def holdout(n, res, **layout):
-    images, labels = render_shapes(range(HOLDOUT_OFFSET, HOLDOUT_OFFSET + n), res, **layout)
+    return _holdout(n, res, tuple(sorted(layout.items())))
+
+
+@functools.lru_cache
+def _holdout(n, res, layout):
+    """Rendered once per (n, res, layout): the classifier and the ViT read the same 1000
+    held-out images at 32 px (read-only)."""
+    images, labels = render_shapes(range(HOLDOUT_OFFSET, HOLDOUT_OFFSET + n), res, **dict(layout))
     return to_float(images), torch.from_numpy(labels)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_holdouts():
+    yield
+    _holdout.cache_clear()
 
 
 def test_assets_are_small():

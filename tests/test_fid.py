@@ -48,9 +48,9 @@ def random_inception_file(directory) -> str:
 
 
 @pytest.fixture(scope="module")
-def random_inception(tmp_path_factory):
-    """The random weights loaded through the real loader."""
-    return load_inception(random_inception_file(tmp_path_factory.mktemp("inception")))
+def random_inception(inception_file):
+    """The random weights (conftest's session-wide file) loaded through the real loader."""
+    return load_inception(inception_file)
 
 
 def images(n, seed, size=32):

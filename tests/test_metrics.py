@@ -28,15 +28,9 @@ from latentforge.platform import evaluate as ev
 from latentforge.platform import reference_cache
 from latentforge.shapes import render_shapes
 from latentforge.tokenizers import vfm as vfm_mod
-from tests.test_fid import random_inception_file
 
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.yaml"
 INCEPTION_SET = ["fid", "fid_inf", "sfid", "is", "kid", "precision", "recall"]
-
-
-@pytest.fixture(scope="module")
-def inception_file(tmp_path_factory):
-    return random_inception_file(tmp_path_factory.mktemp("inception"))
 
 
 @pytest.fixture(scope="module")

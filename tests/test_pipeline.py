@@ -19,18 +19,10 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    """2 CPUs and a declared GPU that no task here can use (no CUDA): the GPU paths'
-    scheduling runs, their computation falls back to the CPU."""
-    import ray
-
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def done_run(ray_session, tmp_path_factory):
+    """The smoke experiment run once, shared by the tests below. ``ray_session``
+    (conftest) declares a GPU that no task here can use (no CUDA): the GPU paths'
+    scheduling runs, their computation falls back to the CPU."""
     run_dir = tmp_path_factory.mktemp("smoke")
     cfg = load_experiment(SMOKE, [f"run_dir={run_dir}"])
     pipeline = Pipeline(cfg)
@@ -300,11 +292,9 @@ def test_tokenizer_streams_an_image_folder(ray_session, tmp_path, monkeypatch):
     assert [p["nimg"] for p in curve] == [32, 64] and all(np.isfinite(p["loss"]) for p in curve)
 
 
-def test_fid_in_the_evaluate_stage(done_run, tmp_path):
-    from tests.test_fid import random_inception_file
-
+def test_fid_in_the_evaluate_stage(done_run, inception_file):
     cfg, p = done_run
-    weights = random_inception_file(tmp_path)
+    weights = inception_file
     inception_set = ["fid", "is", "kid", "precision", "recall"]
     overrides = [f"evaluate.metrics={inception_set}", f"evaluate.inception_weights={weights}"]
     q = Pipeline(load_experiment(SMOKE, [f"run_dir={cfg.run_dir}", *overrides]))

@@ -13,6 +13,7 @@ second import would register the family twice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -22,15 +23,9 @@ import torch
 
 from latentforge.registry import TOKENIZERS
 from latentforge.tokenizers.vavae import (
-    PUBLISHED_HINT,
-    TRAINING_ONLY,
     VAVAE,
     VAVAEConfig,
     build_vavae,
-    check_training_files,
-    latent_shape,
-    load_published,
-    resolve_arch,
 )
 
 
@@ -77,14 +72,12 @@ def build_failing(cfg: FailingVAVAEConfig, resolution: int) -> FailingVAVAE:
     return model
 
 
-TOKENIZERS.register(
-    "vavae-failing",
-    config=FailingVAVAEConfig,
-    latent_shape=latent_shape,
-    normalization="channel",
-    check=resolve_arch,
-    check_training=check_training_files,
-    inference=TRAINING_ONLY,
-    load_published=load_published,
-    weights_hint=PUBLISHED_HINT,
-)(build_failing)
+# everything else as VA-VAE's own entry says
+TOKENIZERS.add(
+    dataclasses.replace(
+        TOKENIZERS.get("vavae"),
+        name="vavae-failing",
+        config_cls=FailingVAVAEConfig,
+        builder=build_failing,
+    )
+)
