@@ -1,4 +1,4 @@
-"""Shared fixtures and the test process's thread settings.
+"""Shared fixtures and the test process's environment (threads, Ray Train polling).
 
 One thread per BLAS / OpenMP pool in this process (and what it starts): the tests run on
 2 cores beside Ray's own processes (each of its workers already computes on one thread),
@@ -21,6 +21,12 @@ import os
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
+# Ray Train, for every Ray process started from here (test_jobs' head too): each phase of
+# a TorchTrainer run (start, each report, the end) waits for the controller's next poll of
+# its workers, every 2 s by default, ~4 s per run at 0.5 s; the preemption watcher (one
+# more actor per run) watches for cloud spot-node preemption, which a local node never sees
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 import pytest  # noqa: E402
 
