@@ -141,7 +141,7 @@ def test_extract_benchmark(tmp_path):
 def test_vf_linear_probe_benchmark(tmp_path):
     out = tmp_path / "probe.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "vf_linear_probe.py"), "--images", "64"]
-    cmd += ["--probe-images", "100", "--holdout", "50", "--out", str(out)]
+    cmd += ["--probe-images", "60", "--holdout", "30", "--threads", "1", "--out", str(out)]
     subprocess.run(cmd, check=True, timeout=300)
     rows = json.loads(out.read_text())["rows"]
     assert [r["vf_weight"] for r in rows] == [0.1, 0.0]

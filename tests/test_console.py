@@ -35,8 +35,19 @@ def latentforge(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
+    """The smoke experiment with its tokenizer given as weights (a random initialisation,
+    ``train.tokenizer_images=0``): every stage still runs and prints, and the generator's
+    Ray Train workers print the training progress, one TorchTrainer start cheaper."""
+    from safetensors.torch import save_file
+
+    from latentforge.config import load_experiment
+    from latentforge.models import build_tokenizer, state_dict_of
+
     run_dir = tmp_path_factory.mktemp("console")
-    return run_dir, latentforge("run", str(SMOKE), f"run_dir={run_dir}")
+    weights = run_dir / "random-tokenizer.safetensors"
+    save_file(state_dict_of(build_tokenizer(load_experiment(SMOKE))), str(weights))
+    given = ["train.tokenizer_images=0", f"tokenizer.weights={weights}"]
+    return run_dir, latentforge("run", str(SMOKE), f"run_dir={run_dir}", *given)
 
 
 @pytest.mark.slow
@@ -67,8 +78,10 @@ def test_console_shows_each_stage_and_progress_once_and_ray_goes_to_its_log(smok
 def test_ray_logs_flag_brings_ray_output_back_to_the_console(smoke_run):
     run_dir, _ = smoke_run
     # only sampling, evaluation and the report run again: Ray tasks and Ray Data
+    weights = run_dir / "random-tokenizer.safetensors"
+    given = ["train.tokenizer_images=0", f"tokenizer.weights={weights}"]
     console = latentforge(
-        "run", str(SMOKE), f"run_dir={run_dir}", "sample.num_images=32", "--ray-logs"
+        "run", str(SMOKE), f"run_dir={run_dir}", *given, "sample.num_images=32", "--ray-logs"
     )
     assert "[generator] cached: " in console and "[sample] done in " in console
     assert "Started a local Ray instance" in console  # Ray's own log records

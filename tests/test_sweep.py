@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from latentforge.config import ConfigError
+from latentforge.config import ConfigError, load_experiment
 from latentforge.platform.sweep import load_sweep, run_sweep, rung_config, trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,15 +60,23 @@ def test_bad_search_key_is_named(tmp_path):
 
 def two_point_sweep(tmp_path) -> Path:
     """experiments/sweeps/smoke.yaml (same base, objective, ASHA scheduler and trial
-    settings) with its 2 x 2 grid cut to the two points of latent_channels 8: every trial
-    trains its own tokenizer and generator through Ray Train (about 25 s of start-up each on
-    2 cores), and two trials exercise every path of the four (ASHA continues the first
-    trial, compares the second with it at rung 1, the grid reuses and completes the rungs)
-    at half the cost. The first point, (8, 0.0), has the clearly better rung-1 fd_shapesnet
-    (about 470 vs 615 for (8, 0.1)), so ASHA stops the second trial."""
+    settings) with its 2 x 2 grid cut to the two points of latent_channels 8, and the
+    tokenizer given as weights (a random initialisation, ``train.tokenizer_images=0``):
+    every trial still runs every stage, and its generator trains in rungs through Ray
+    Train (about 15 s of start-up each on 2 cores); two trials exercise every path of the
+    four (ASHA continues the first trial and compares the second with it at rung 1, the
+    grid reuses and completes the rungs)."""
+    from safetensors.torch import save_file
+
+    from latentforge.models import build_tokenizer, state_dict_of
+
     node = OmegaConf.load(SMOKE_SWEEP)
     node.base = str((SMOKE_SWEEP.parent / node.base).resolve())
     node.search_space["tokenizer.latent_channels"].grid = [8]
+    tokenizer = build_tokenizer(load_experiment(node.base, ["tokenizer.latent_channels=8"]))
+    weights = tmp_path / "random-tokenizer.safetensors"
+    save_file(state_dict_of(tokenizer), str(weights))
+    node.overrides = ["train.tokenizer_images=0", f"tokenizer.weights={weights}"]
     path = tmp_path / "smoke-two-points.yaml"
     OmegaConf.save(node, path)
     return path
