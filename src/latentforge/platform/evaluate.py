@@ -19,12 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import ray
-import torch
 from PIL import Image
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from latentforge import models  # load_tokenizer looked up when called (tests swap it)
-from latentforge.config import ExperimentConfig, from_dict, to_dict
+from latentforge.config import ExperimentConfig, to_dict
 from latentforge.images import grid_of
 from latentforge.metrics import inception  # its passes looked up when called (tests swap them)
 from latentforge.metrics.classification import classify, confusion, per_class
@@ -53,6 +51,7 @@ from latentforge.metrics.table import (
 )
 from latentforge.platform import reference_cache  # real_images looked up when called (tests)
 from latentforge.platform.reference_cache import REAL_IMAGES_RULE
+from latentforge.platform.workers import stage_task, worker_setup
 from latentforge.tokenizers import vfm as vfm_models  # load_vfm looked up when called (tests)
 
 __all__ = ["REAL_IMAGES_RULE", "check_inputs", "check_metrics", "evaluate", "run_evaluation"]
@@ -313,9 +312,7 @@ def evaluate(cfg: ExperimentConfig, paths: dict, out_dir: str | Path, device="cp
 
 def _evaluate_on_gpu(experiment: dict, paths: dict, out_dir: str) -> dict:
     """:func:`evaluate` in a Ray task holding a GPU (``ray.use_gpu``)."""
-    cfg = from_dict(experiment)
-    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg, device = worker_setup(experiment)
     held = ray.get_runtime_context().get_assigned_resources()
     return {"metrics": evaluate(cfg, paths, out_dir, device), "device": device, "resources": held}
 
@@ -329,9 +326,5 @@ def run_evaluation(cfg: ExperimentConfig, paths: dict, out_dir: str | Path) -> d
     if not cfg.ray.use_gpu:
         return {"metrics": evaluate(cfg, paths, out_dir), "device": "cpu"}
     # a fresh process (no TF32 setting of a sampling task), which exits after it
-    task = ray.remote(max_calls=1)(_evaluate_on_gpu).options(
-        num_cpus=cfg.ray.cpus_per_worker,
-        num_gpus=1,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
-    )
+    task = stage_task(_evaluate_on_gpu, cfg)
     return ray.get(task.remote(to_dict(cfg), paths, str(out_dir)))

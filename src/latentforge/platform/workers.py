@@ -217,11 +217,11 @@ def outside_placement_group() -> PlacementGroupSchedulingStrategy:
     return PlacementGroupSchedulingStrategy(placement_group=None)
 
 
-def stage_task(fn: Callable[..., Any], cfg: ExperimentConfig, gpu: bool | None = None):
-    """``fn`` as a Ray task holding the run's per-worker CPUs and, with ``ray.use_gpu`` (or
-    ``gpu``), one GPU. A GPU task's process exits after it (``max_calls=1``): no CUDA memory
-    or TF32 setting is left behind for the next task or Train job."""
-    gpu = cfg.ray.use_gpu if gpu is None else gpu
+def stage_task(fn: Callable[..., Any], cfg: ExperimentConfig):
+    """``fn`` as a Ray task holding the run's per-worker CPUs and, with ``ray.use_gpu``, one
+    GPU. A GPU task's process exits after it (``max_calls=1``): no CUDA memory or TF32
+    setting is left behind for the next task or Train job."""
+    gpu = cfg.ray.use_gpu
     remote = ray.remote(max_calls=1) if gpu else ray.remote
     return remote(fn).options(
         num_cpus=cfg.ray.cpus_per_worker,
