@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from latentforge.config import ConfigError, config_hash, from_dict, load_experiment, to_dict
 
@@ -156,6 +157,7 @@ def test_every_asset_recipe_loads(path):
         ("train.generator_betas=[0.9,0.95]", "generator"),
         ("extract.vfm_resize=64", None),  # no extract.vfm: no VFM features to resize
         ("sample.sampler=euler_maruyama", "sample"),
+        ("sample.guide_weights=/runs/small/generator/ema.safetensors", "sample"),
     ],
 )
 def test_stage_hashes_follow_the_stage_that_changed(override, changed):
@@ -179,6 +181,8 @@ def test_stage_hashes_follow_the_stage_that_changed(override, changed):
         ("tokenizer.vfm=local:nope", r"tokenizer\.vfm: 'local:nope'"),
         ("extract.vfm=hf:/nonexistent/dinov2", r"extract\.vfm: .* does not exist"),
         ("evaluate.inception_weights=/nonexistent/i.pth", r"/nonexistent/i\.pth"),
+        ("sample.guide_weights=/nonexistent/g.pt", r"sample\.guide_weights: /nonexistent/g\.pt"),
+        ("sample.guide_generator.config=tiny", r"sample\.guide_generator: set, but sample\.guide"),
     ],
 )
 def test_preflight_finds_late_stage_errors_before_anything_runs(tmp_path, override, message):
@@ -188,6 +192,58 @@ def test_preflight_finds_late_stage_errors_before_anything_runs(tmp_path, overri
     cfg = load_experiment(QUICKSTART, [f"run_dir={tmp_path}", override, *extra])
     with pytest.raises(ConfigError, match=message):
         Pipeline(cfg).preflight()
+
+
+@pytest.mark.parametrize(
+    "guide, message",
+    [
+        (["sample.guide_generator.config=nosuch"], r"sample\.guide_generator: .*'nosuch'"),
+        (["sample.guide_generator.nosuch=1"], r"sample\.guide_generator: nosuch"),
+        (["sample.guide_generator.name=other"], r"sample\.guide_generator\.name: 'other'"),
+        (["sample.cfg_channels=3"], r"sample\.cfg_channels: legacy"),
+    ],
+)
+def test_autoguidance_guide_errors_name_the_key(tmp_path, guide, message):
+    from latentforge.platform.pipeline import Pipeline
+
+    weights = tmp_path / "guide.safetensors"
+    weights.write_bytes(b"")
+    overrides = [f"run_dir={tmp_path}", f"sample.guide_weights={weights}"]
+    cfg = load_experiment(QUICKSTART, overrides + guide)
+    with pytest.raises(ConfigError, match=message):
+        Pipeline(cfg).preflight()
+
+
+def test_guide_config_and_strict_load(tmp_path):
+    """The guide is the generator's family at the size ``sample.guide_generator`` gives,
+    loaded strictly: a checkpoint of another size names the mismatched keys."""
+    from safetensors.torch import save_file
+
+    from latentforge.models import build_generator, guide_config, load_guide
+
+    cfg = load_experiment(
+        QUICKSTART, ["generator.config=tiny", "sample.guide_generator.config=tiny"]
+    )
+    stats = {"latent_shape": [8, 8, 8]}
+    assert guide_config(cfg).generator.config == "tiny"
+    model = build_generator(cfg, stats)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(tmp_path / "ema.safetensors"))
+    ok = load_experiment(
+        QUICKSTART,
+        ["generator.config=tiny", f"sample.guide_weights={tmp_path / 'ema.safetensors'}"],
+    )
+    guide = load_guide(ok, stats)
+    assert all(torch.equal(guide.state_dict()[k], v) for k, v in sd.items())
+    small = load_experiment(
+        QUICKSTART,
+        [
+            f"sample.guide_weights={tmp_path / 'ema.safetensors'}",
+            "sample.guide_generator.config=small",
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"sample\.guide_weights: .*(missing|unexpected|shapes)"):
+        load_guide(small, stats)
 
 
 def test_preflight_skips_stages_already_done(tmp_path):

@@ -143,6 +143,56 @@ def test_cfg_interval_skips_unconditional_passes():
     assert nfe == 10 + 5  # t = 0.5, 0.6, 0.7, 0.8, 0.9 guided
 
 
+def weaker(model):
+    """The model with its weights perturbed: a stand-in for a smaller or earlier guide."""
+    g = torch.Generator().manual_seed(2)
+    for p in model.parameters():
+        p.data.add_(torch.randn(p.shape, generator=g), alpha=0.03)
+    return model
+
+
+def test_autoguidance_by_the_model_itself_is_the_unguided_sample():
+    model, tr = trained_like(tiny()), Transport(TransportConfig())
+    noise, y = noise_for_seeds(range(4), (4, 8, 8)), torch.tensor([1, 2, 3, 4])
+    plain, nfe_plain = sample(model, tr, noise, y, steps=4, cfg_scale=1.0, null_class=10)
+    kw = dict(steps=4, cfg_scale=1.42, cfg_interval=(0.3, 1.0), null_class=10)
+    self_guided, nfe = sample(model, tr, noise, y, guide=model, **kw)
+    assert torch.equal(plain, self_guided)
+    assert nfe_plain == 4 and nfe == 4 + 2  # t = 0.5, 0.75 guided; 0, 0.25 outside
+
+
+def test_autoguidance_extrapolates_away_from_the_guide():
+    """One Euler step: v = v_guide + w (v_model - v_guide), both with the real labels."""
+    model, tr = trained_like(tiny()), Transport(TransportConfig())
+    guide = weaker(trained_like(tiny()))
+    noise, y = noise_for_seeds(range(3), (4, 8, 8)), torch.tensor([1, 2, 3])
+    out, nfe = sample(model, tr, noise, y, steps=1, cfg_scale=2.0, null_class=10, guide=guide)
+    t0 = torch.zeros(3)
+    vm = tr.velocity(model(noise, t0, y), noise, t0)
+    vg = tr.velocity(guide(noise, t0, y), noise, t0)
+    expected = noise + (vg + 2.0 * (vm - vg))
+    assert nfe == 2 and torch.allclose(out, expected, atol=1e-5)
+    cfg_out, _ = sample(model, tr, noise, y, steps=1, cfg_scale=2.0, null_class=10)
+    assert (out - cfg_out).abs().max() > 1e-3  # not classifier-free guidance
+    with pytest.raises(ValueError, match="autoguidance"):
+        sample(
+            model, tr, noise, y, steps=1, cfg_scale=2.0, cfg_channels=3, null_class=10, guide=guide
+        )
+
+
+def test_autoguided_sampling_identical_whatever_the_batch_split():
+    model, tr = trained_like(tiny()), Transport(TransportConfig())
+    guide = weaker(trained_like(tiny()))
+    seeds, y = list(range(100, 108)), balanced_labels(8, 10)
+    kw = dict(steps=3, cfg_scale=1.5, null_class=10, micro_batch=4, guide=guide)
+    full, _ = sample(model, tr, noise_for_seeds(seeds, (4, 8, 8)), y, **kw)
+    parts = [
+        sample(model, tr, noise_for_seeds(seeds[i : i + 4], (4, 8, 8)), y[i : i + 4], **kw)[0]
+        for i in (0, 4)
+    ]
+    assert torch.equal(full, torch.cat(parts))
+
+
 def test_sampling_identical_whatever_the_batch_split():
     model, tr = trained_like(tiny()), Transport(TransportConfig())
     seeds, y = list(range(100, 108)), balanced_labels(8, 10)

@@ -101,6 +101,33 @@ def test_sampling_does_not_depend_on_worker_count(done_run):
         assert np.array_equal(a["arr_0"], b["arr_0"])
 
 
+def test_sampling_autoguided_by_its_own_generator_is_unguided(done_run, tmp_path):
+    """The sample stage's Ray tasks load ``sample.guide_weights``; the generator guiding
+    itself at any scale gives the images of no guidance."""
+    import dataclasses
+
+    from latentforge.platform.sample import run_sampling
+
+    cfg, p = done_run
+    runs = {
+        "self": dict(cfg_scale=2.5, guide_weights=p.paths()["generator"]),
+        "plain": dict(cfg_scale=1.0),
+    }
+    for name, sample in runs.items():
+        run_sampling(
+            dataclasses.replace(cfg, sample=dataclasses.replace(cfg.sample, **sample)),
+            p.paths(),
+            p.stats(),
+            tmp_path / name,
+        )
+    self_guided, plain, cfg_guided = (
+        np.load(d / "samples.npz")["arr_0"]
+        for d in (tmp_path / "self", tmp_path / "plain", p.stage_dir("sample"))
+    )
+    assert np.array_equal(self_guided, plain)
+    assert not np.array_equal(cfg_guided, plain)  # the stage's classifier-free guidance
+
+
 def test_gpu_runs_evaluate_in_a_task_holding_a_gpu(done_run, tmp_path):
     """With ray.use_gpu the evaluation runs in a Ray task holding a GPU (the head of a
     cluster has none), with the same metrics as in-process."""

@@ -147,6 +147,12 @@ class SampleConfig:
     batch_size: int = 256  # a multiple of 16 (the sampler's fixed micro-batch)
     seed: int = 0
     grid_images: int = 100  # images in the report's sample grid (class-sorted)
+    # autoguidance (Karras et al. 2024): a weaker generator checkpoint (ours or published)
+    # replaces the unconditional pass; cfg_scale is its weight, cfg_interval applies
+    guide_weights: str | None = None
+    # the guide's architecture as overrides of the generator config (same family), e.g.
+    # {config: DiTDH-S}; empty: the generator's own (an earlier or shorter-trained checkpoint)
+    guide_generator: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

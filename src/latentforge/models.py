@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch import nn
 
-from latentforge.config import ConfigError, ExperimentConfig
+from latentforge.config import ConfigError, ExperimentConfig, merge_schema, to_dict
 from latentforge.generators.transport import Transport
 from latentforge.registry import GENERATORS, TOKENIZERS, Entry
+from latentforge.state_dicts import mismatch, read_state_dict
 
 
 def tokenizer_family(cfg: ExperimentConfig) -> Entry:
@@ -136,6 +138,62 @@ def load_published_generator(model: nn.Module, cfg: ExperimentConfig) -> None:
     if family.load_published is None:
         raise ConfigError(f"generator {cfg.generator.name}: no published-weights loader")
     family.load_published(model, cfg.generator.weights)
+
+
+def guide_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The experiment with the autoguidance guide as its generator: ``sample.guide_generator``
+    over the generator config (same family), without the generator's published files."""
+    overrides = dict(cfg.sample.guide_generator)
+    name = overrides.pop("name", cfg.generator.name)
+    if name != cfg.generator.name:
+        raise ConfigError(
+            f"sample.guide_generator.name: {name!r}; the guide is a {cfg.generator.name} "
+            "(the generator's family), sized by the other keys"
+        )
+    values = {**to_dict(cfg.generator), "weights": None, "latent_stats": None}
+    node = OmegaConf.merge(OmegaConf.create(values), OmegaConf.create(overrides))
+    merged = merge_schema(type(cfg.generator), node, "sample.guide_generator")
+    return dataclasses.replace(cfg, generator=merged)
+
+
+def load_guide(cfg: ExperimentConfig, stats: dict, device="cpu") -> nn.Module:
+    """The autoguidance guide: the generator config with ``sample.guide_generator`` applied,
+    loaded strictly from ``sample.guide_weights`` (a generator stage's ``ema.safetensors``,
+    or a published file the family's loader reads)."""
+    gcfg = guide_config(cfg)
+    model = build_generator(gcfg, stats)
+    path = cfg.sample.guide_weights
+    family = generator_family(gcfg)
+    try:
+        if family.load_published is not None:
+            family.load_published(model, path)
+        else:
+            sd = read_state_dict(path, entries=("ema", "model", "state_dict"))
+            if differs := mismatch(model.state_dict(), sd):
+                raise ValueError(f"{path}: not a checkpoint of this config ({differs})")
+            model.load_state_dict(sd, strict=True)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"sample.guide_weights: {e.args[0] if e.args else e}") from None
+    return model.to(device).eval().requires_grad_(False)
+
+
+def check_guide(cfg: ExperimentConfig) -> None:
+    """The guide's config resolves and its weights file exists (when autoguidance is on)."""
+    if not cfg.sample.guide_weights:
+        if cfg.sample.guide_generator:
+            raise ConfigError("sample.guide_generator: set, but sample.guide_weights is not")
+        return
+    if cfg.sample.cfg_channels is not None:
+        raise ConfigError("sample.cfg_channels: legacy partial guidance; unset it for autoguidance")
+    gcfg = guide_config(cfg)
+    family = generator_family(gcfg)
+    if family.check is not None:
+        try:
+            family.check(gcfg.generator)
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"sample.guide_generator: {e.args[0] if e.args else e}") from None
+    if not Path(cfg.sample.guide_weights).expanduser().is_file():
+        raise ConfigError(f"sample.guide_weights: {cfg.sample.guide_weights} does not exist")
 
 
 def build_transport(cfg: ExperimentConfig) -> Transport:

@@ -45,11 +45,13 @@ def sample_images(
     seeds: np.ndarray,
     labels: np.ndarray,
     log=print,
+    guide=None,
 ) -> np.ndarray:
     """Sample latents for (seed, label) pairs, de-normalise, decode; uint8 (N, H, W, 3).
 
     Runs on the generator's device; the noise is drawn on the CPU from each sample's seed
-    (the same numbers on any device) and moved there."""
+    (the same numbers on any device) and moved there. ``guide``: the autoguidance guide
+    (:func:`latentforge.models.load_guide`), else classifier-free guidance."""
     sc = cfg.sample
     transport = build_transport(cfg)
     latent_shape = tuple(stats["latent_shape"])
@@ -61,6 +63,7 @@ def sample_images(
     if reg_dim:  # REG: the class token is sampled jointly; only the latent is decoded
         field = JointClassToken(generator, latent_shape, reg_dim)
         noise_shape = (field.numel + reg_dim,)
+        guide = None if guide is None else JointClassToken(guide, latent_shape, reg_dim)
     out, t0 = [], time.time()
     step = max(MICRO_BATCH, sc.batch_size // MICRO_BATCH * MICRO_BATCH)
     for i in range(0, len(seeds), step):
@@ -81,6 +84,7 @@ def sample_images(
             null_class=num_classes_of(cfg),
             noise_seeds=chunk_seeds,  # the SDE's per-step noise, per sample
             micro_batch=MICRO_BATCH,
+            guide=guide,
         )
         z = field.split(z)[0] if reg_dim else z
         per_call = tokenizer_batch(cfg.data.resolution, len(z))

@@ -7,6 +7,13 @@ to reproduce published numbers. The CFG interval (Kynkäänniemi et al. 2024) is
 our time convention: guidance is on while ``lo <= t <= hi``; outside it no unconditional
 pass is run, and the NFE count returned is the true number of network evaluations per
 sample (a guided step counts 2).
+
+Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of
+Itself"; RAE guides DiT^DH-XL with a DiT^DH-S this way) replaces the unconditional pass by
+a weaker ``guide`` network evaluated with the same labels:
+v = v_guide + w (v_model - v_guide), within the same interval. The guide runs as its own
+pass at the model's batch size, so a guide equal to the model reproduces the unguided
+sample exactly.
 """
 
 from __future__ import annotations
@@ -75,7 +82,8 @@ class JointClassToken(nn.Module):
 
 
 class Guided:
-    """Velocity field with classifier-free guidance; counts network evaluations."""
+    """Velocity field with classifier-free guidance or autoguidance (``guide``); counts
+    network evaluations."""
 
     def __init__(
         self,
@@ -86,8 +94,9 @@ class Guided:
         scale: float,
         interval: tuple[float, float],
         channels: int | None,
+        guide=None,
     ):
-        self.model, self.transport, self.y = model, transport, y
+        self.model, self.transport, self.y, self.guide = model, transport, y, guide
         self.null = torch.full_like(y, null_class)
         self.scale, self.interval, self.channels = scale, interval, channels
         self.nfe = 0
@@ -101,9 +110,15 @@ class Guided:
             self.nfe += 1
             return self.transport.velocity(self.model(x, tt, self.y), x, tt)
         self.nfe += 2
-        both = self.model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([self.y, self.null]))
-        v = self.transport.velocity(both, torch.cat([x, x]), torch.cat([tt, tt]))
-        cond, uncond = v.chunk(2)
+        if self.guide is not None:  # autoguidance: the weaker model, same labels
+            cond = self.transport.velocity(self.model(x, tt, self.y), x, tt)
+            uncond = self.transport.velocity(self.guide(x, tt, self.y), x, tt)
+        else:
+            both = self.model(
+                torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([self.y, self.null])
+            )
+            v = self.transport.velocity(both, torch.cat([x, x]), torch.cat([tt, tt]))
+            cond, uncond = v.chunk(2)
         guided = uncond + self.scale * (cond - uncond)
         if self.channels is None:
             return guided
@@ -154,6 +169,7 @@ def sample(
     micro_batch: int | None = None,
     atol: float = 1e-6,
     rtol: float = 1e-3,
+    guide: nn.Module | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Integrate from noise (t = 0) to data (t = 1).
 
@@ -169,10 +185,14 @@ def sample(
     With ``micro_batch`` the network always sees chunks of exactly that many samples (the
     last one padded), so results are bit-identical however the caller splits the batch,
     as long as splits fall on multiples of ``micro_batch`` (BLAS kernels may otherwise
-    reduce in a batch-size-dependent order).
+    reduce in a batch-size-dependent order). With ``guide`` (a network of the model's
+    signature, e.g. a smaller or earlier checkpoint) the guidance is autoguidance: the
+    guide's conditional velocity takes the place of the unconditional one.
     """
     if cfg_channels is not None and isinstance(model, JointClassToken):
         raise ValueError("cfg_channels (legacy partial guidance) does not apply to REG states")
+    if cfg_channels is not None and guide is not None:
+        raise ValueError("cfg_channels (legacy partial guidance) does not apply to autoguidance")
     if method == "euler_maruyama" and noise_seeds is None and generator is None:
         raise ValueError("euler_maruyama needs noise_seeds (one per sample) or a generator")
     if noise_seeds is not None and len(noise_seeds) != noise.shape[0]:
@@ -180,7 +200,9 @@ def sample(
     opts = SamplerOptions(
         steps, method, cfg_scale, tuple(cfg_interval), cfg_channels, timestep_shift, atol, rtol
     )
-    run = partial(integrate, model, transport, null_class=null_class, opts=opts, rng=generator)
+    run = partial(
+        integrate, model, transport, null_class=null_class, opts=opts, rng=generator, guide=guide
+    )
     if not micro_batch:
         return run(noise, y, noise_seeds)
     outs, nfe = [], 0
@@ -207,10 +229,14 @@ def integrate(
     null_class: int,
     opts: SamplerOptions,
     rng: torch.Generator | None,
+    guide: nn.Module | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """One batch of :func:`sample`, in eval mode (the model's mode is restored)."""
+    """One batch of :func:`sample`, in eval mode (the model's mode is restored; a guide
+    stays in eval mode)."""
     was_training = model.training
     model.eval()
+    if guide is not None:
+        guide.eval()
     field = Guided(
         model,
         transport,
@@ -219,6 +245,7 @@ def integrate(
         opts.cfg_scale,
         opts.cfg_interval,
         opts.cfg_channels,
+        guide,
     )
     try:
         if opts.method == "dopri5":

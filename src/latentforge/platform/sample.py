@@ -28,7 +28,7 @@ from latentforge.generators.generate import (
 from latentforge.generators.samplers import balanced_labels
 from latentforge.images import grid_rows, save_grid
 from latentforge.metrics.inception import write_adm_npz_parts
-from latentforge.models import load_generator, load_tokenizer, num_classes_of
+from latentforge.models import load_generator, load_guide, load_tokenizer, num_classes_of
 from latentforge.platform.workers import stage_task, worker_setup
 
 CHUNK_IMAGES = 2048  # at most this many images per task and chunk file (~400 MB at 256 px)
@@ -39,8 +39,9 @@ def _sample_chunk(experiment: dict, paths: dict, stats: dict, seeds, labels, fil
     cfg, device = worker_setup(experiment)
     official_precision(device)
     gen = load_generator(cfg, paths["generator"], stats, device)
+    guide = load_guide(cfg, stats, device) if cfg.sample.guide_weights else None
     tok = load_tokenizer(cfg, paths["tokenizer"], device)
-    images = sample_images(cfg, gen, tok, stats, seeds, labels)
+    images = sample_images(cfg, gen, tok, stats, seeds, labels, guide=guide)
     tmp = f"{file}.tmp-{uuid.uuid4().hex[:12]}"  # unique across nodes
     with open(tmp, "wb") as f:
         np.save(f, images)

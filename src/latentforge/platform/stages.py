@@ -98,7 +98,11 @@ def generator_hash_parts(cfg: ExperimentConfig) -> list:
 
 
 def sample_hash_parts(cfg: ExperimentConfig) -> list:
-    return [dataclasses.replace(cfg.sample, batch_size=0)]
+    sample = to_dict(dataclasses.replace(cfg.sample, batch_size=0))
+    for key in ("guide_weights", "guide_generator"):  # unset: earlier hashes stay valid
+        if not sample[key]:
+            del sample[key]
+    return [sample]
 
 
 def evaluate_hash_parts(cfg: ExperimentConfig) -> list:
@@ -131,6 +135,7 @@ def check_generator(cfg: ExperimentConfig) -> None:
 
 def check_sample(cfg: ExperimentConfig) -> None:
     models.check_model_configs(cfg, generator=True)
+    models.check_guide(cfg)
 
 
 def check_evaluate(cfg: ExperimentConfig) -> None:
