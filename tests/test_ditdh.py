@@ -7,14 +7,16 @@ its outputs in RAE's convention (t = 0 data, t = 1 noise, output noise - data).
 """
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from latentforge.config import load_experiment
+from latentforge.config import ConfigError, load_experiment, to_dict
 from latentforge.generators.ditdh import (
     CONFIGS,
     DiTDH,
@@ -24,9 +26,11 @@ from latentforge.generators.ditdh import (
     load_published,
     resolve_arch,
 )
-from latentforge.generators.samplers import Guided, sample
-from latentforge.generators.transport import Transport, TransportConfig
+from latentforge.generators.generate import sample_images
+from latentforge.generators.samplers import Guided, sample, time_grid
+from latentforge.generators.transport import Transport, TransportConfig, resolve_shift, shift_t
 from latentforge.registry import GENERATORS
+from latentforge.training.loop import generator_job
 from latentforge.training.objectives import GeneratorObjective
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ditdh.safetensors"
@@ -195,3 +199,87 @@ def test_sampling_with_guidance():
     b, nfe_guided = sample(model, tr, noise, y, cfg_scale=3.0, **kw)
     assert (nfe, nfe_guided) == (4, 8)
     assert torch.isfinite(b).all() and (a - b).abs().max() > 1e-4
+
+
+# ------------------------------------------------------------ dimension-dependent shift
+
+
+def rae_shift(t: torch.Tensor, s: float) -> torch.Tensor:
+    """RAE's shift in its own convention (t = 1 noise): s t / (1 + (s - 1) t)."""
+    return s * t / (1 + (s - 1) * t)
+
+
+def test_auto_shift_is_raes_formula_in_our_convention():
+    """RAE: s = sqrt(C H W / 4096) (sqrt(768 * 256 / 4096) = 6.93 for DINOv2-B); ours is
+    1 / s, and 1-D tokens count C * N numbers."""
+    s = math.sqrt(768 * 16 * 16 / 4096)
+    assert s == pytest.approx(6.9282, abs=1e-4)
+    assert resolve_shift("auto", (768, 16, 16)) == pytest.approx(1 / s)
+    assert resolve_shift("auto", (32, 128)) == pytest.approx(1.0)  # 4096 numbers
+    # a 32 x 32 grid of 768 channels: s = sqrt(786432 / 4096) = 13.86
+    assert resolve_shift("auto", (768, 32, 32)) == pytest.approx(1 / math.sqrt(768 * 1024 / 4096))
+    assert resolve_shift(0.3, None) == 0.3 and resolve_shift(2, None) == 2.0
+    with pytest.raises(ValueError, match="latent shape"):
+        Transport(TransportConfig(train_shift="auto"))
+
+
+def test_auto_shifted_grids_equal_raes_after_the_convention_change():
+    """RAE's Euler grid (t_rae = 1 - linspace(0, 0.999, 50), shifted by s; t = 1 noise) is
+    1 - ours on the same base points; our sampler's grid (to t = 1 exactly) equals RAE's
+    formula on linspace(0, 1); training times of the same uniforms agree too."""
+    shape = (768, 16, 16)
+    s, ours = math.sqrt(768 * 256 / 4096), resolve_shift("auto", shape)
+    base = torch.linspace(0, 0.999, 50, dtype=torch.float64)
+    assert torch.allclose(shift_t(base, ours), 1 - rae_shift(1 - base, s), atol=1e-12)
+    grid = time_grid(49, ours, "cpu")
+    full = 1 - rae_shift(1 - torch.linspace(0, 1, 50, dtype=torch.float64), s)
+    assert torch.allclose(grid, full, atol=1e-12)
+    assert grid[25] < 0.2  # most steps near noise (t = 0 here), as s > 1 does in RAE
+    tr = Transport(TransportConfig(t_sampling="uniform", train_shift="auto"), shape)
+    t = tr.sample_t(1000, "cpu", torch.Generator().manual_seed(0)).double()
+    u = torch.rand(1000, generator=torch.Generator().manual_seed(0)).double()
+    assert torch.allclose(t, 1 - rae_shift(1 - u, s), atol=1e-6)
+
+
+def test_auto_shift_in_the_config_is_resolved_not_written_back():
+    """``auto`` loads into both keys, stays ``auto`` in the config, is resolved from the
+    latent shape by the training job (and logged) and by sampling; a wrong word is refused."""
+    cfg = load_experiment(
+        SMOKE,
+        ["generator.transport.train_shift=auto", "sample.timestep_shift=auto", "sample.steps=3"],
+    )
+    assert cfg.generator.transport.train_shift == "auto" and cfg.sample.timestep_shift == "auto"
+    assert to_dict(cfg)["sample"]["timestep_shift"] == "auto"
+    stats = {"latent_shape": [8, 8, 8], "mean": [0.0] * 8, "std": [1.0] * 8}
+    job = generator_job(cfg, stats)
+    assert job.objective.transport.train_shift == pytest.approx(1 / math.sqrt(0.125))
+    assert job.notes and "train_shift auto -> 2.8284" in job.notes[0]
+    assert load_experiment(SMOKE, ["sample.timestep_shift=2"]).sample.timestep_shift == 2
+    with pytest.raises(ConfigError, match="timestep_shift"):
+        load_experiment(SMOKE, ["sample.timestep_shift=fast"])
+
+
+def test_auto_sampling_shift_reaches_the_sampler():
+    """sample.timestep_shift=auto: the sampler evaluates the grid shifted by 1 / sqrt(D / 4096)
+    and says what it resolved to."""
+    cfg = load_experiment(SMOKE, ["sample.timestep_shift=auto", "sample.steps=3",
+                                  "sample.cfg_scale=1.0"])  # fmt: skip
+    times, lines = [], []
+
+    class Spy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, t, y):
+            times.append(t[0].item())
+            return torch.zeros_like(x)
+
+    class Decoder:
+        def decode(self, z):
+            return torch.zeros(z.shape[0], 3, 32, 32)
+
+    stats = {"latent_shape": [64, 16, 16], "mean": [0.0] * 64, "std": [1.0] * 64}  # D = 16384
+    sample_images(cfg, Spy(), Decoder(), stats, np.arange(16), np.arange(16) % 10, lines.append)
+    assert times == pytest.approx([shift_t(torch.tensor(u), 0.5).item() for u in (0, 1 / 3, 2 / 3)])
+    assert any("timestep_shift auto -> 0.5000" in line for line in lines)

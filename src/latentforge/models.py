@@ -138,8 +138,11 @@ def load_published_generator(model: nn.Module, cfg: ExperimentConfig) -> None:
     family.load_published(model, cfg.generator.weights)
 
 
-def build_transport(cfg: ExperimentConfig) -> Transport:
-    return Transport(cfg.generator.transport)
+def build_transport(
+    cfg: ExperimentConfig, latent_shape: tuple[int, ...] | None = None
+) -> Transport:
+    """The configured transport; ``latent_shape`` resolves ``train_shift: auto``."""
+    return Transport(cfg.generator.transport, latent_shape)
 
 
 # ----------------------------------------------------------------------------- checks

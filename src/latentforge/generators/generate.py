@@ -15,6 +15,7 @@ import torch
 
 from latentforge.config import ExperimentConfig
 from latentforge.generators.samplers import JointClassToken, noise_for_seeds, sample
+from latentforge.generators.transport import resolve_shift
 from latentforge.images import to_uint8
 from latentforge.models import build_transport, latent_stat, num_classes_of
 from latentforge.progress import format_seconds
@@ -51,8 +52,11 @@ def sample_images(
     Runs on the generator's device; the noise is drawn on the CPU from each sample's seed
     (the same numbers on any device) and moved there."""
     sc = cfg.sample
-    transport = build_transport(cfg)
     latent_shape = tuple(stats["latent_shape"])
+    transport = build_transport(cfg, latent_shape)
+    shift = resolve_shift(sc.timestep_shift, latent_shape)
+    if sc.timestep_shift == "auto":
+        log(f"[sample] timestep_shift auto -> {shift:.4f} for latents {latent_shape}")
     device = next(generator.parameters()).device
     mean = latent_stat(stats["mean"], latent_shape, device)
     std = latent_stat(stats["std"], latent_shape, device)
@@ -77,7 +81,7 @@ def sample_images(
             cfg_scale=sc.cfg_scale,
             cfg_interval=tuple(sc.cfg_interval),
             cfg_channels=sc.cfg_channels,
-            timestep_shift=sc.timestep_shift,
+            timestep_shift=shift,
             null_class=num_classes_of(cfg),
             noise_seeds=chunk_seeds,  # the SDE's per-step noise, per sample
             micro_batch=MICRO_BATCH,
