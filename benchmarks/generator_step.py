@@ -1,4 +1,4 @@
-"""Forward+backward time of a LightningDiT step (issue: generators), JSON out.
+"""Forward+backward time of a LightningDiT or DiT^DH step, JSON out.
 
 Default case: LightningDiT-B/1 (release flags), batch 8, 16x16x32 latents (VA-VAE f16d32 at
 256 px), fp32, 2 threads; median of 5 timed steps after 2 warm-up steps. Reports seconds per
@@ -14,8 +14,13 @@ LightningDiT-XL/1`` gives images/s and MFU against ``--peak-tflops``; on CPU, wi
 peak, also how close the dense kernels run to it and the speed-up a step doing nothing
 but its dense math at the peak would have (no implementation can be faster).
 
+``--family ditdh`` times DiT^DH (default config ``DiTDH-S``); its ``--official`` is a
+checkout of bytetriper/RAE, whose ``src/stage2/models/DDT.py`` ``DiTwDDTHead`` gets the same
+weights (square latents only, as the official unpatchify assumes).
+
     python benchmarks/generator_step.py --out runs/bench/generator_step.json
     python benchmarks/generator_step.py --official ../LightningDiT
+    python benchmarks/generator_step.py --family ditdh --latent 768,16,16 --official ../RAE
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ import torch
 from timing import emit, median_seconds
 from torch.utils.flop_counter import FlopCounterMode
 
+from latentforge.generators import ditdh
 from latentforge.generators.lightningdit import CONFIGS, LightningDiT
+
+DEFAULT_CONFIG = {"lightningdit": "LightningDiT-B/1", "ditdh": "DiTDH-S"}
 
 
 def official_model(repo: Path, arch, latent: tuple[int, int, int], classes: int):
@@ -64,6 +72,40 @@ def official_model(repo: Path, arch, latent: tuple[int, int, int], classes: int)
         use_rmsnorm=arch.use_rmsnorm,
         wo_shift=arch.wo_shift,
     )
+
+
+def official_ditdh(repo: Path, arch: ditdh.DiTDHArch, latent: tuple[int, int, int], classes: int):
+    """RAE's ``DiTwDDTHead`` with the same architecture (from the user's checkout)."""
+    sys.path.insert(0, str(repo / "src"))
+    from stage2.models.DDT import DiTwDDTHead
+
+    return DiTwDDTHead(
+        input_size=latent[1],
+        patch_size=arch.patch,
+        in_channels=latent[0],
+        hidden_size=list(arch.hidden),
+        depth=list(arch.depth),
+        num_heads=list(arch.heads),
+        mlp_ratio=arch.mlp_ratio,
+        num_classes=classes,
+    )
+
+
+def build_models(family: str, config: str, latent: tuple[int, ...], official: Path | None):
+    """Our model of ``family`` / ``config`` and, with a checkout, the official one with the
+    same weights (same keys: loaded strictly)."""
+    configs = ditdh.CONFIGS if family == "ditdh" else CONFIGS
+    if config not in configs:
+        raise SystemExit(f"--config {config}: not a {family} config ({', '.join(configs)})")
+    arch = configs[config]
+    make = ditdh.DiTDH if family == "ditdh" else LightningDiT
+    ours = make(arch, latent, 1000)
+    if official is None:
+        return ours, None
+    build = official_ditdh if family == "ditdh" else official_model
+    theirs = build(official, arch, latent, 1000)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    return ours, theirs
 
 
 def time_step(model, x, t, y, repeats: int, dtype) -> tuple[float, float]:
@@ -120,7 +162,13 @@ def dense_share(model, x, t, y, dtype) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="LightningDiT-B/1", choices=sorted(CONFIGS))
+    ap.add_argument("--family", default="lightningdit", choices=sorted(DEFAULT_CONFIG))
+    ap.add_argument(
+        "--config",
+        help="a named config of the family (default: "
+        + ", ".join(f"{k} for {f}" for f, k in DEFAULT_CONFIG.items())
+        + ")",
+    )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--latent", default="32,16,16", help="C,H,W")
     ap.add_argument("--threads", type=int, default=2)
@@ -135,17 +183,22 @@ def main() -> None:
         "2 x 2.6e9 x 32 FLOP/cycle = 0.166)",
     )
     ap.add_argument("--compile", action="store_true", help="torch.compile our model")
-    ap.add_argument("--official", type=Path, help="checkout of hustvl/LightningDiT to compare")
+    ap.add_argument(
+        "--official",
+        type=Path,
+        help="checkout of hustvl/LightningDiT (ditdh: bytetriper/RAE) to compare",
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/bench/generator_step.json"))
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     latent = tuple(int(v) for v in args.latent.split(","))
-    arch = CONFIGS[args.config]
+    config = args.config or DEFAULT_CONFIG[args.family]
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
-    ours = LightningDiT(arch, latent, 1000).to(device).train()
+    ours, official = build_models(args.family, config, latent, args.official)
+    ours = ours.to(device).train()
     x = torch.randn(args.batch, *latent, device=device)
     t = torch.rand(args.batch, device=device)
     y = torch.randint(0, 1000, (args.batch,), device=device)
@@ -173,7 +226,8 @@ def main() -> None:
 
     model = torch.compile(ours) if args.compile else ours
     results = {
-        "config": args.config,
+        "family": args.family,
+        "config": config,
         "compiled": args.compile,
         "batch": args.batch,
         "latent": list(latent),
@@ -183,10 +237,8 @@ def main() -> None:
         "torch": torch.__version__,
         "rows": [row("latentforge", model)],
     }
-    if args.official:
-        official = official_model(args.official, arch, latent, 1000).to(device).train()
-        official.load_state_dict(ours.state_dict(), strict=True)  # same keys, same weights
-        results["rows"].append(row("official", official))
+    if official is not None:
+        results["rows"].append(row("official", official.to(device).train()))
         results["speedup_vs_official"] = results["rows"][1]["step_s"] / results["rows"][0]["step_s"]
     emit(results, args.out)
 

@@ -146,3 +146,33 @@ def test_vf_linear_probe_benchmark(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["vf_weight"] for r in rows] == [0.1, 0.0]
     assert all(0.0 <= r["linear_probe_accuracy"] <= 1.0 and r["psnr_db"] > 0 for r in rows)
+
+
+# Stands in for a checkout of bytetriper/RAE: DiTwDDTHead's constructor keywords, our module.
+FAKE_RAE = """
+from latentforge.generators.ditdh import DiTDH, DiTDHArch
+
+
+def DiTwDDTHead(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
+                num_classes, **_):
+    arch = DiTDHArch(depth=tuple(depth), hidden=tuple(hidden_size), heads=tuple(num_heads),
+                     patch=patch_size, mlp_ratio=mlp_ratio)
+    return DiTDH(arch, (in_channels, input_size, input_size), num_classes)
+"""
+
+
+def test_generator_step_benchmark_ditdh(tmp_path):
+    models = tmp_path / "official" / "src" / "stage2" / "models"
+    models.mkdir(parents=True)
+    (models.parent / "__init__.py").write_text("")
+    (models / "__init__.py").write_text("")
+    (models / "DDT.py").write_text(FAKE_RAE)
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "generator_step.py"), "--family", "ditdh"]
+    cmd += ["--config", "tiny", "--latent", "8,4,4", "--batch", "2", "--repeats", "1"]
+    cmd += ["--threads", "1", "--official", str(tmp_path / "official"), "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert (result["family"], result["config"]) == ("ditdh", "tiny")
+    assert [r["implementation"] for r in result["rows"]] == ["latentforge", "official"]
+    assert result["rows"][0]["flops_per_step"] == result["rows"][1]["flops_per_step"] > 0

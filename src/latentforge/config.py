@@ -29,6 +29,11 @@ class ConfigError(ValueError):
     """A config file or override that does not fit its schema."""
 
 
+# a timestep shift: a number, or ``auto``: RAE's dimension-dependent shift, derived from the
+# latent shape when the transport / sampler is built (generators/transport.py resolve_shift)
+Shift = float | int | Literal["auto"]
+
+
 # ----------------------------------------------------------------- base schemas per kind
 # A family's schema derives from its kind's base (``class VAVAEConfig(TokenizerConfig)``)
 # and registers it (:mod:`latentforge.registry`); the platform reads only these fields.
@@ -62,7 +67,7 @@ class TransportConfig:
     t_sampling: Literal["uniform", "lognorm"] = "lognorm"
     lognorm_mean: float = 0.0
     lognorm_std: float = 1.0
-    train_shift: float = 1.0  # shift of training times (1 = none); see shift_t
+    train_shift: Shift = 1.0  # shift of training times (1 = none; auto); see shift_t
     cos_loss_weight: float = 1.0  # velocity-direction loss (LightningDiT); 0 disables
     # keep training t in [eps, 1 - eps]; 0: the path's safe default (SiT's): 1e-5 on vp,
     # 1e-3 for noise / score prediction on linear / gvp (alpha(0) = 0), else none
@@ -143,7 +148,7 @@ class SampleConfig:
     cfg_scale: float = 3.0
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     cfg_channels: int | None = None  # None = all channels; 3 reproduces DiT/LightningDiT
-    timestep_shift: float = 1.0
+    timestep_shift: Shift = 1.0  # shift of the time grid (1 = none; auto); see shift_t
     batch_size: int = 256  # a multiple of 16 (the sampler's fixed micro-batch)
     seed: int = 0
     grid_images: int = 100  # images in the report's sample grid (class-sorted)

@@ -196,8 +196,11 @@ def check_guide(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"sample.guide_weights: {cfg.sample.guide_weights} does not exist")
 
 
-def build_transport(cfg: ExperimentConfig) -> Transport:
-    return Transport(cfg.generator.transport)
+def build_transport(
+    cfg: ExperimentConfig, latent_shape: tuple[int, ...] | None = None
+) -> Transport:
+    """The configured transport; ``latent_shape`` resolves ``train_shift: auto``."""
+    return Transport(cfg.generator.transport, latent_shape)
 
 
 # ----------------------------------------------------------------------------- checks

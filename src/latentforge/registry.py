@@ -105,7 +105,9 @@ class Registry:
 
 
 TOKENIZERS = Registry("tokenizer", ("latentforge.tokenizers.vavae",))
-GENERATORS = Registry("generator", ("latentforge.generators.lightningdit",))
+GENERATORS = Registry(
+    "generator", ("latentforge.generators.lightningdit", "latentforge.generators.ditdh")
+)
 DATASETS = Registry("dataset", ("latentforge.data",))
 
 

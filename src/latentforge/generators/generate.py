@@ -15,6 +15,7 @@ import torch
 
 from latentforge.config import ExperimentConfig
 from latentforge.generators.samplers import JointClassToken, noise_for_seeds, sample
+from latentforge.generators.transport import resolve_shift
 from latentforge.images import to_uint8
 from latentforge.models import build_transport, latent_stat, num_classes_of
 from latentforge.progress import format_seconds
@@ -53,40 +54,22 @@ def sample_images(
     (the same numbers on any device) and moved there. ``guide``: the autoguidance guide
     (:func:`latentforge.models.load_guide`), else classifier-free guidance."""
     sc = cfg.sample
-    transport = build_transport(cfg)
     latent_shape = tuple(stats["latent_shape"])
     device = next(generator.parameters()).device
     mean = latent_stat(stats["mean"], latent_shape, device)
     std = latent_stat(stats["std"], latent_shape, device)
-    field, noise_shape = generator, latent_shape
-    reg_dim = getattr(generator, "reg_dim", 0)
-    if reg_dim:  # REG: the class token is sampled jointly; only the latent is decoded
-        field = JointClassToken(generator, latent_shape, reg_dim)
-        noise_shape = (field.numel + reg_dim,)
-        guide = None if guide is None else JointClassToken(guide, latent_shape, reg_dim)
+    field, guide, noise_shape = joint_fields(generator, guide, latent_shape)
+    options = sampler_options(cfg, latent_shape, log)
     out, t0 = [], time.time()
     step = max(MICRO_BATCH, sc.batch_size // MICRO_BATCH * MICRO_BATCH)
     for i in range(0, len(seeds), step):
         s, y = seeds[i : i + step], labels[i : i + step]
         chunk_seeds = [int(v) for v in s]
         noise = noise_for_seeds(chunk_seeds, noise_shape, device)
-        z, nfe = sample(
-            field,
-            transport,
-            noise,
-            torch.tensor(y, dtype=torch.long, device=device),
-            steps=sc.steps,
-            method=sc.sampler,
-            cfg_scale=sc.cfg_scale,
-            cfg_interval=tuple(sc.cfg_interval),
-            cfg_channels=sc.cfg_channels,
-            timestep_shift=sc.timestep_shift,
-            null_class=num_classes_of(cfg),
-            noise_seeds=chunk_seeds,  # the SDE's per-step noise, per sample
-            micro_batch=MICRO_BATCH,
-            guide=guide,
-        )
-        z = field.split(z)[0] if reg_dim else z
+        y = torch.tensor(y, dtype=torch.long, device=device)
+        # noise_seeds: the SDE's per-step noise, per sample
+        z, nfe = sample(field, noise=noise, y=y, noise_seeds=chunk_seeds, guide=guide, **options)
+        z = field.split(z)[0] if isinstance(field, JointClassToken) else z
         per_call = tokenizer_batch(cfg.data.resolution, len(z))
         for j in range(0, len(z), per_call):
             out.append(to_uint8(tokenizer.decode(z[j : j + per_call] * std + mean)))
@@ -97,6 +80,38 @@ def sample_images(
             f"{rate:.1f} img/s ETA {eta} ({nfe} NFE per sample)"
         )
     return np.concatenate(out)
+
+
+def joint_fields(generator, guide, latent_shape: tuple[int, ...]):
+    """(model, guide, noise shape) as the sampler integrates them: with REG the class token
+    is sampled jointly with the latent (:class:`JointClassToken`); only the latent is
+    decoded."""
+    reg_dim = getattr(generator, "reg_dim", 0)
+    if not reg_dim:
+        return generator, guide, latent_shape
+    field = JointClassToken(generator, latent_shape, reg_dim)
+    guide = None if guide is None else JointClassToken(guide, latent_shape, reg_dim)
+    return field, guide, (field.numel + reg_dim,)
+
+
+def sampler_options(cfg: ExperimentConfig, latent_shape: tuple[int, ...], log=print) -> dict:
+    """The keyword arguments of :func:`~latentforge.generators.samplers.sample` that
+    ``cfg.sample`` sets, the shift resolved for ``latent_shape`` (``auto``) and logged."""
+    sc = cfg.sample
+    shift = resolve_shift(sc.timestep_shift, latent_shape)
+    if sc.timestep_shift == "auto":
+        log(f"[sample] timestep_shift auto -> {shift:.4f} for latents {latent_shape}")
+    return dict(
+        transport=build_transport(cfg, latent_shape),
+        steps=sc.steps,
+        method=sc.sampler,
+        cfg_scale=sc.cfg_scale,
+        cfg_interval=tuple(sc.cfg_interval),
+        cfg_channels=sc.cfg_channels,
+        timestep_shift=shift,
+        null_class=num_classes_of(cfg),
+        micro_batch=MICRO_BATCH,
+    )
 
 
 def official_precision(device: str) -> None:

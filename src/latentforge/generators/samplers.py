@@ -189,14 +189,7 @@ def sample(
     signature, e.g. a smaller or earlier checkpoint) the guidance is autoguidance: the
     guide's conditional velocity takes the place of the unconditional one.
     """
-    if cfg_channels is not None and isinstance(model, JointClassToken):
-        raise ValueError("cfg_channels (legacy partial guidance) does not apply to REG states")
-    if cfg_channels is not None and guide is not None:
-        raise ValueError("cfg_channels (legacy partial guidance) does not apply to autoguidance")
-    if method == "euler_maruyama" and noise_seeds is None and generator is None:
-        raise ValueError("euler_maruyama needs noise_seeds (one per sample) or a generator")
-    if noise_seeds is not None and len(noise_seeds) != noise.shape[0]:
-        raise ValueError(f"{len(noise_seeds)} noise_seeds for {noise.shape[0]} samples")
+    check_arguments(model, noise, method, cfg_channels, generator, noise_seeds, guide)
     opts = SamplerOptions(
         steps, method, cfg_scale, tuple(cfg_interval), cfg_channels, timestep_shift, atol, rtol
     )
@@ -217,6 +210,18 @@ def sample(
         x, nfe = run(n, yy, ss)
         outs.append(x[: micro_batch - pad])
     return torch.cat(outs), nfe
+
+
+def check_arguments(model, noise, method, cfg_channels, generator, noise_seeds, guide) -> None:
+    """:func:`sample`'s arguments fit together, else a ValueError saying how."""
+    if cfg_channels is not None and isinstance(model, JointClassToken):
+        raise ValueError("cfg_channels (legacy partial guidance) does not apply to REG states")
+    if cfg_channels is not None and guide is not None:
+        raise ValueError("cfg_channels (legacy partial guidance) does not apply to autoguidance")
+    if method == "euler_maruyama" and noise_seeds is None and generator is None:
+        raise ValueError("euler_maruyama needs noise_seeds (one per sample) or a generator")
+    if noise_seeds is not None and len(noise_seeds) != noise.shape[0]:
+        raise ValueError(f"{len(noise_seeds)} noise_seeds for {noise.shape[0]} samples")
 
 
 def integrate(

@@ -48,10 +48,26 @@ def shift_t(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def dimension_shift(latent_shape: tuple[int, ...], base_dim: int = 4096) -> float:
-    """RAE's dimension-dependent shift (Zheng et al. 2025): sqrt(C*H*W / 4096) in the
-    t = 1 noise convention, i.e. its reciprocal as our ``shift``."""
+SHIFT_BASE_DIM = 4096  # RAE's base dimension: latents of 4096 numbers need no shift
+
+
+def dimension_shift(latent_shape: tuple[int, ...], base_dim: int = SHIFT_BASE_DIM) -> float:
+    """RAE's dimension-dependent shift (Zheng et al. 2025; SD3's resolution-dependent shift,
+    Esser et al. 2024) as our ``shift``. RAE uses s = sqrt(D / base_dim), D = C*H*W (C*N for
+    1-D tokens), in its t = 1 noise convention: t' = s t / (1 + (s - 1) t), s > 1 moves
+    times toward noise. In ours (t = 1 data) the same map is :func:`shift_t` with 1 / s.
+    DINOv2-B latents (768 x 16 x 16): s = 6.93, our shift 0.144."""
     return 1.0 / math.sqrt(math.prod(latent_shape) / base_dim)
+
+
+def resolve_shift(shift: float | str, latent_shape: tuple[int, ...] | None) -> float:
+    """A configured shift as a number: ``auto`` is :func:`dimension_shift` of the latent
+    shape (a derived value: the caller logs it; the config keeps ``auto``)."""
+    if shift != "auto":
+        return float(shift)
+    if latent_shape is None:
+        raise ValueError("shift 'auto' needs the latent shape (C, H, W) or (C, N)")
+    return dimension_shift(tuple(latent_shape))
 
 
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -71,10 +87,12 @@ class Transport:
     the data at t = 0. Velocity prediction on ``linear`` / ``gvp`` is regular everywhere.
     """
 
-    def __init__(self, cfg: TransportConfig):
+    def __init__(self, cfg: TransportConfig, latent_shape: tuple[int, ...] | None = None):
+        """``latent_shape`` resolves ``train_shift: auto`` (into ``self.train_shift``)."""
         if cfg.train_eps < 0 or cfg.train_eps >= 0.5:
             raise ValueError(f"train_eps must be in [0, 0.5), got {cfg.train_eps}")
         self.cfg = cfg
+        self.train_shift = resolve_shift(cfg.train_shift, latent_shape)
         velocity = cfg.prediction == "velocity"
         if cfg.train_eps > 0:
             self.train_eps = cfg.train_eps
@@ -118,7 +136,7 @@ class Transport:
         else:
             n = torch.randn(batch, device=device, generator=generator)
             t = torch.sigmoid(n * self.cfg.lognorm_std + self.cfg.lognorm_mean)
-        t = shift_t(t, self.cfg.train_shift)
+        t = shift_t(t, self.train_shift)
         eps = self.train_eps
         return t.clamp(eps, 1 - eps) if eps > 0 else t
 

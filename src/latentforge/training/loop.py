@@ -47,6 +47,7 @@ class Job:
     disc_lr: float = 0.0
     disc_betas: tuple[float, float] = (0.5, 0.9)
     init_from: str | None = None  # a checkpoint directory to start from (train.generator_init)
+    notes: tuple[str, ...] = ()  # derived values, logged when training starts
 
 
 def tokenizer_job(cfg: ExperimentConfig) -> Job:
@@ -73,7 +74,11 @@ def generator_job(cfg: ExperimentConfig, stats: dict[str, Any]) -> Job:
     model = build_generator(cfg, stats)
     shape = tuple(stats["latent_shape"])
     mean, std = latent_stat(stats["mean"], shape), latent_stat(stats["std"], shape)
-    objective = GeneratorObjective(model, build_transport(cfg), mean, std)
+    transport = build_transport(cfg, shape)
+    objective = GeneratorObjective(model, transport, mean, std)
+    notes = ()
+    if cfg.generator.transport.train_shift == "auto":
+        notes = (f"transport.train_shift auto -> {transport.train_shift:.4f} for latents {shape}",)
     return Job(
         "generator",
         model,
@@ -84,6 +89,7 @@ def generator_job(cfg: ExperimentConfig, stats: dict[str, Any]) -> Job:
         cfg.train.ema_decay,
         betas=tuple(cfg.train.generator_betas or Job.betas),
         init_from=cfg.train.generator_init,
+        notes=notes,
     )
 
 
@@ -131,6 +137,8 @@ def fit(cfg: ExperimentConfig, job: Job, runtime: Runtime, log: Callable = print
     ema = copy.deepcopy(job.model).eval().requires_grad_(False)
     opt, opt_d = make_optimizers(job, train_cfg)
     state, curve = restore(job, ema, opt, opt_d, runtime, log)
+    for note in job.notes:
+        log(f"[{job.kind}] {note}")
     objective = runtime.wrap(job.objective)
     if train_cfg.compile:
         objective = torch.compile(objective, backend=train_cfg.compile)
