@@ -18,11 +18,16 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/latentforge run experiments/quickstart.yaml
 
+# the suite in TEST_WORKERS processes (pytest-xdist), each test module whole in one of them
+# (its shared fixtures and Ray session); TEST_WORKERS=0 runs it in this process
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # every benchmark with its defaults (timing.py is their shared helper); sweep_efficiency runs
 # the smoke sweep here: pass experiments/sweeps/dim_frontier.yaml yourself for the full grid

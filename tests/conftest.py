@@ -7,10 +7,11 @@ waiting for a thread that another process holds, than computing: the samplers' a
 loops' small ops run 10-20x slower on 2 busy cores than on one. Set before numpy and torch
 are imported; an explicit setting in the environment is kept.
 
-One local Ray session for the whole test session: every module that needs Ray asks for
-``ray_session`` and gets the same cluster, started at the first such test and shut down at
-the end, instead of paying Ray's start-up (GCS, raylet, workers importing torch) and
-shutdown once per module. It has what the most demanding module needs: 2 CPUs, as on CI,
+One local Ray session per test process (``make test`` runs two, pytest-xdist, each module
+whole in one of them): every module that needs Ray asks for ``ray_session`` and gets that
+process's cluster, started at the first such test and shut down at the end, instead of
+paying Ray's start-up (GCS, raylet, workers importing torch) and shutdown once per module.
+Two sessions on one machine are two independent local clusters. It has what the most demanding module needs: 2 CPUs, as on CI,
 and one declared GPU that no task can use here (no CUDA; test_pipeline schedules its GPU
 paths on it and their computation falls back to the CPU). Tasks that ask for no GPU are
 placed as before. test_jobs starts its own head (own temp dir, ports and token) and never
