@@ -205,3 +205,38 @@ def test_equivariance_applies_the_same_transform_to_z_and_target(monkeypatch):
         out = model.loss(torch.rand(2, 3, 32, 32) * 2 - 1, nimg=0)
         assert torch.isfinite(out["loss"])
     assert seen == [(2, 4, 4, 4), (2, 4, 4, 4)]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = [
+    ROOT / "experiments/shapes/vfmvae.yaml",
+    ROOT / "experiments/imagenet256/vfmvae_f16d32_siglip2.yaml",
+]
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_experiment_files_load_and_dry_run(path, capsys, tmp_path):
+    from latentforge.cli import main
+    from latentforge.config import load_experiment
+
+    cfg = load_experiment(path)
+    assert cfg.tokenizer.name == "vfmvae" and isinstance(cfg.tokenizer, VFMVAEConfig)
+    verb = "run" if "shapes" in path.parts else "train-tokenizer"
+    assert main([verb, str(path), f"run_dir={tmp_path}", "--dry-run"]) == 0
+    assert "tokenizer" in capsys.readouterr().out
+
+
+def test_imagenet_file_follows_the_released_stage_zero():
+    from latentforge.config import load_experiment
+
+    cfg = load_experiment(EXPERIMENTS[1])
+    stage = stage_of(cfg.tokenizer)
+    assert (stage.kl, stage.vf, stage.l1, stage.perceptual, stage.ssim) == (
+        1e-6,
+        5.0,
+        1.0,
+        10.0,
+        0.0,
+    )
+    assert cfg.train.tokenizer_betas == [0.0, 0.99] and cfg.train.tokenizer_batch_size == 512
+    assert latent_shape(cfg.tokenizer, cfg.data.resolution) == (32, 16, 16)
