@@ -11,6 +11,7 @@ with its smaller RGB outputs (see fixtures/README.md).
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -240,3 +241,38 @@ def test_imagenet_file_follows_the_released_stage_zero():
     )
     assert cfg.train.tokenizer_betas == [0.0, 0.99] and cfg.train.tokenizer_batch_size == 512
     assert latent_shape(cfg.tokenizer, cfg.data.resolution) == (32, 16, 16)
+
+
+def test_platform_fit_with_gan_then_inference_build_loads_the_weights(tmp_path):
+    """The shapes experiment through the plain training loop (GAN phase from 32 images),
+    then the inference build (no VF projection, no perceptual network) loads the EMA
+    weights and encodes / decodes."""
+    from latentforge.config import load_experiment
+    from latentforge.models import load_tokenizer
+    from latentforge.shapes import render_shapes
+    from latentforge.training.loop import fit, tokenizer_job
+    from latentforge.training.runtime import LocalRuntime
+
+    cfg = load_experiment(
+        EXPERIMENTS[0],
+        [
+            "train.tokenizer_images=64",
+            "train.tokenizer_batch_size=16",
+            "train.checkpoint_every_images=64",
+            "tokenizer.perceptual=none",
+            "tokenizer.disc_weight=0.1",
+            "tokenizer.disc_start=32",
+            "tokenizer.disc_channels=8",
+        ],
+    )
+    images, labels = render_shapes(range(64), 32)
+    runtime = LocalRuntime({"image": images, "label": labels}, tmp_path)
+    out = fit(cfg, tokenizer_job(cfg), runtime, log=lambda *_: None)
+    assert out["nimg"] == 64
+    last = out["curve"][-1]
+    assert all(np.isfinite(last[k]) for k in ("l1", "kl", "vf", "g_loss"))
+    ema = next(tmp_path.rglob("ema.safetensors"))
+    model = load_tokenizer(cfg, ema)
+    assert model.ldm_adapter.linear_proj is None and model.perceptual is None
+    x = torch.as_tensor(images[:2]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert model.decode(model.encode(x)).shape == (2, 3, 32, 32)

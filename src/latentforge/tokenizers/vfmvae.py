@@ -862,9 +862,12 @@ class VFMVAE(Tokenizer):
             total = total + weight * vf
             out.update(vf=vf.detach(), vf_weight_eff=torch.as_tensor(weight).detach())
         if discriminator is not None and self.gan_active(nimg):
-            g = losses.hinge_g_loss(discriminator(x_hat))
+            fake = x_hat  # at the input's size (an equivariance step may shrink it)
+            if fake.shape[-2:] != images.shape[-2:]:
+                fake = F.interpolate(fake, size=images.shape[-2:], mode="bilinear")
+            g = losses.hinge_g_loss(discriminator(fake))
             total = total + cfg.disc_weight * g
-            out.update(g_loss=g.detach(), fake=x_hat.detach())
+            out.update(g_loss=g.detach(), fake=fake.detach())
         out["loss"] = total
         return out
 
@@ -910,9 +913,7 @@ class VFMVAE(Tokenizer):
     def discriminator_loss(
         self, discriminator: nn.Module, images: torch.Tensor, fake: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Hinge loss on real images (resized to the reconstruction) and reconstructions."""
-        if images.shape[-2:] != fake.shape[-2:]:
-            images = F.interpolate(images, size=fake.shape[-2:], mode="bilinear", antialias=True)
+        """Hinge loss on real images and reconstructions."""
         real_logits = discriminator(images.detach())
         fake_logits = discriminator(fake.detach())
         d = losses.hinge_d_loss(real_logits, fake_logits)
