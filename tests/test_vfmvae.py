@@ -276,3 +276,14 @@ def test_platform_fit_with_gan_then_inference_build_loads_the_weights(tmp_path):
     assert model.ldm_adapter.linear_proj is None and model.perceptual is None
     x = torch.as_tensor(images[:2]).permute(0, 3, 1, 2).float() / 127.5 - 1
     assert model.decode(model.encode(x)).shape == (2, 3, 32, 32)
+
+
+def test_a_copy_shares_the_frozen_vfm_even_when_loaded_later():
+    import copy
+
+    model = tiny_model()
+    ema = copy.deepcopy(model)
+    vfm, _, _ = fixture_vfm()
+    model._frozen["vfm"] = vfm
+    assert ema.vfm is vfm
+    assert ema.synthesis.blocks["0"].torgb.weight is not model.synthesis.blocks["0"].torgb.weight

@@ -754,10 +754,9 @@ class VFMVAE(Tokenizer):
         return self._frozen["perceptual"]
 
     def __deepcopy__(self, memo: dict) -> VFMVAE:
-        """A copy with its own weights that shares the frozen networks (an EMA copy)."""
-        for m in self._frozen.values():
-            if m is not None:
-                memo[id(m)] = m
+        """A copy with its own weights that shares the frozen networks (an EMA copy), also
+        the VFM that either loads later."""
+        memo[id(self._frozen)] = self._frozen
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         new.__dict__.update(copy.deepcopy(self.__dict__, memo))
