@@ -168,8 +168,18 @@ def test_alignment_stage_terms():
 
 
 def test_ssim_stage_terms_and_multiscale_window():
-    out = term_values("ssim-finetune", multiscale_end_images=0.0)
+    out = term_values("ssim-finetune")
     assert {"l1", "ssim"} <= set(out) and "vf" not in out and "multiscale_l1" not in out
+    assert "multiscale_l1" not in term_values("strong-alignment", multiscale_end_images=0.0)
+    assert not stage_of(VFMVAEConfig(stage="weak-alignment")).multiscale
+
+
+def test_gan_stage_needs_a_gan_term():
+    from latentforge.tokenizers.vfmvae import check_config
+
+    with pytest.raises(ValueError, match="tokenizer.disc_weight"):
+        check_config(VFMVAEConfig(stage="gan-finetune"))
+    check_config(VFMVAEConfig(stage="gan-finetune", disc_weight=0.1))
 
 
 def test_ssim_loss_is_zero_for_equal_images_and_grows_with_noise():
@@ -244,7 +254,7 @@ def test_imagenet_file_follows_the_released_stage_zero():
 
 
 def test_platform_fit_with_gan_then_inference_build_loads_the_weights(tmp_path):
-    """The shapes experiment through the plain training loop (GAN phase from 32 images),
+    """The shapes experiment through the plain training loop (GAN phase from 16 images),
     then the inference build (no VF projection, no perceptual network) loads the EMA
     weights and encodes / decodes."""
     from latentforge.config import load_experiment
@@ -256,19 +266,19 @@ def test_platform_fit_with_gan_then_inference_build_loads_the_weights(tmp_path):
     cfg = load_experiment(
         EXPERIMENTS[0],
         [
-            "train.tokenizer_images=64",
-            "train.tokenizer_batch_size=16",
-            "train.checkpoint_every_images=64",
+            "train.tokenizer_images=32",
+            "train.tokenizer_batch_size=8",
+            "train.checkpoint_every_images=32",
             "tokenizer.perceptual=none",
             "tokenizer.disc_weight=0.1",
-            "tokenizer.disc_start=32",
+            "tokenizer.disc_start=16",
             "tokenizer.disc_channels=8",
         ],
     )
-    images, labels = render_shapes(range(64), 32)
+    images, labels = render_shapes(range(32), 32)
     runtime = LocalRuntime({"image": images, "label": labels}, tmp_path)
     out = fit(cfg, tokenizer_job(cfg), runtime, log=lambda *_: None)
-    assert out["nimg"] == 64
+    assert out["nimg"] == 32
     last = out["curve"][-1]
     assert all(np.isfinite(last[k]) for k in ("l1", "kl", "vf", "g_loss"))
     ema = next(tmp_path.rglob("ema.safetensors"))

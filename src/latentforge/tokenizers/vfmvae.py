@@ -639,6 +639,8 @@ class Stage:
     ssim: float
     equivariance: bool
     trains: tuple[str, ...]  # parameter-name prefixes that train
+    # multi-scale L1 (released: on for the first 5M images of stage 0, so never later)
+    multiscale: bool = False
 
 
 _ALL = ("ldm_adapter.", "mapping.", "synthesis.")
@@ -653,7 +655,7 @@ _SECOND_HALF = (
     "synthesis.z_convs.3.",
 )
 STAGES: dict[str, Stage] = {
-    "strong-alignment": Stage(1e-6, 5.0, 1.0, 10.0, 0.0, True, _ALL),  # stage 0, 20M images
+    "strong-alignment": Stage(1e-6, 5.0, 1.0, 10.0, 0.0, True, _ALL, True),  # stage 0, 20M
     "weak-alignment": Stage(1e-6, 1.0, 1.0, 10.0, 0.0, True, _ALL),  # stage 1, +20M
     "ssim-finetune": Stage(0.0, 0.0, 1.0, 2.0, 1.0, True, _DECODER),  # stage 2, +1M
     "gan-finetune": Stage(0.0, 0.0, 0.0, 0.0, 0.0, False, _SECOND_HALF),  # stage 3, +3M
@@ -708,9 +710,8 @@ def stage_of(cfg: VFMVAEConfig) -> Stage:
     base = STAGES[cfg.stage]
     keys = ("kl", "vf", "l1", "perceptual", "ssim", "equivariance")
     given = {k: getattr(cfg, f"{k}_weight" if k != "equivariance" else k) for k in keys}
-    return Stage(
-        **{k: getattr(base, k) if v is None else v for k, v in given.items()}, trains=base.trains
-    )
+    values = {k: getattr(base, k) if v is None else v for k, v in given.items()}
+    return Stage(**values, trains=base.trains, multiscale=base.multiscale)
 
 
 class VFMVAE(Tokenizer):
@@ -884,7 +885,7 @@ class VFMVAE(Tokenizer):
             out["ssim"] = losses.ssim_loss(target, x_hat)
             main = main + stage.ssim * out["ssim"]
         weights = self.cfg.multiscale_weights[: len(smaller)]
-        if any(weights) and nimg < self.cfg.multiscale_end_images:
+        if stage.multiscale and any(weights) and nimg < self.cfg.multiscale_end_images:
             out["multiscale_l1"] = ms = losses.multiscale_l1(target, smaller, weights)
             main = main + ms
         return {k: v.detach() for k, v in out.items()}, main
@@ -945,6 +946,17 @@ def resolve_arch(cfg: VFMVAEConfig) -> VFMVAEArch:
     arch = CONFIGS[cfg.config]
     arch.grid_ratio()
     return arch
+
+
+def check_config(cfg: VFMVAEConfig) -> None:
+    """The named config exists, and the stage has a term to train."""
+    resolve_arch(cfg)
+    stage = stage_of(cfg)
+    recon = stage.l1 + stage.ssim + (stage.perceptual if cfg.perceptual != "none" else 0)
+    if recon + stage.kl + stage.vf <= 0 and cfg.disc_weight <= 0 and not stage.multiscale:
+        raise ValueError(
+            f"tokenizer.disc_weight: stage {cfg.stage} trains only GAN terms; set it above 0"
+        )
 
 
 def latent_shape(cfg: VFMVAEConfig, resolution: int) -> tuple[int, int, int]:
@@ -1029,7 +1041,7 @@ TOKENIZERS.register(
     config=VFMVAEConfig,
     latent_shape=latent_shape,
     normalization="channel",
-    check=resolve_arch,
+    check=check_config,
     check_training=check_training_files,
     inference=TRAINING_ONLY,
     load_published=load_published,
