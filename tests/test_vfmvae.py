@@ -297,3 +297,21 @@ def test_a_copy_shares_the_frozen_vfm_even_when_loaded_later():
     model._frozen["vfm"] = vfm
     assert ema.vfm is vfm
     assert ema.synthesis.blocks["0"].torgb.weight is not model.synthesis.blocks["0"].torgb.weight
+
+
+def test_perceptual_term_enters_with_the_stage_weight():
+    """LPIPS (random VGG backbone here: no download) adds stage weight x its value."""
+    vfm, _, _ = fixture_vfm()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    cfg = VFMVAEConfig(config="tiny", perceptual="lpips", vf_weight=0.0, equivariance=False)
+    weights = tiny_model(vf_weight=0.0).state_dict()
+    totals, parts = [], []
+    for perceptual in (None, losses.LPIPSLoss("vgg", pretrained_backbone=False)):
+        model = VFMVAE(CONFIGS["tiny"], cfg, vfm, perceptual).eval()
+        model.load_state_dict(weights)
+        torch.manual_seed(1)  # the same posterior sample
+        out = model.loss(x, nimg=0)
+        totals.append(out["loss"].item())
+        parts.append(out.get("perceptual_lpips"))
+    assert parts[0] is None and parts[1].item() > 0
+    assert totals[1] - totals[0] == pytest.approx(10.0 * parts[1].item(), rel=1e-4)
