@@ -129,6 +129,13 @@ def test_published_config_sizes():
     arch = CONFIGS["f16d32-siglip2"]
     assert [arch.block_channels(i) for i in range(6)] == [512, 512, 512, 512, 256, 128]
     assert arch.grid_ratio() == 2
+    with torch.device("meta"):  # shapes only
+        sd = VFMVAE(arch, VFMVAEConfig(config="f16d32-siglip2", perceptual="none")).state_dict()
+    # the official Generator built from the released stage-0 config has these 783 entries
+    # besides its VFM's (checked once against tianciB/VFM-VAE b3a752a)
+    assert len(sd) == 783 and sum(v.numel() for v in sd.values()) == 140_291_064
+    assert sd["ldm_adapter.final_quant.blocks.0.attn.qkv.weight"].shape == (2304, 768)
+    assert sd["ldm_adapter.linear_proj.weight"].shape == (1024, 32, 1, 1)
 
 
 def test_round_trip_any_size_and_decode_needs_no_vfm():
