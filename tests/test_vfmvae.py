@@ -157,6 +157,10 @@ def test_stages_choose_terms_and_trained_parameters():
     assert any(n.startswith("ldm_adapter.post_quant.") for n in trained)
     assert not any(n.startswith("ldm_adapter.final_quant.") for n in trained)
     assert model.ldm_adapter.linear_proj is None  # no VF term in stage 2
+    model = tiny_model(stage="gan-finetune", disc_weight=0.1)  # of 3 blocks: 1 and 2
+    trained = {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"1", "2"}
+    assert any(p.requires_grad for p in model.synthesis.z_convs["2"].parameters())
 
 
 def term_values(stage: str, **kw) -> dict:

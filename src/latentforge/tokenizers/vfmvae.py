@@ -645,20 +645,15 @@ class Stage:
 
 _ALL = ("ldm_adapter.", "mapping.", "synthesis.")
 _DECODER = ("ldm_adapter.post_quant.", "mapping.", "synthesis.")
-# stage 3 trains "the second half of the decoder": the blocks above 32 px at 256 px (the
-# released code names them synthesis.b64 ..., which matches no parameter, so there it
-# trains none; we train the blocks it names)
-_SECOND_HALF = (
-    "synthesis.blocks.3.",
-    "synthesis.blocks.4.",
-    "synthesis.blocks.5.",
-    "synthesis.z_convs.3.",
-)
+# stage 3 trains "the second half of the decoder" (SECOND_HALF: the upper half of the
+# synthesis blocks and their latent inputs; above 32 px at 256 px). The released code names
+# them synthesis.b64, ..., which matches no parameter, so there it trains none of them
+SECOND_HALF = ("synthesis.second-half",)
 STAGES: dict[str, Stage] = {
     "strong-alignment": Stage(1e-6, 5.0, 1.0, 10.0, 0.0, True, _ALL, True),  # stage 0, 20M
     "weak-alignment": Stage(1e-6, 1.0, 1.0, 10.0, 0.0, True, _ALL),  # stage 1, +20M
     "ssim-finetune": Stage(0.0, 0.0, 1.0, 2.0, 1.0, True, _DECODER),  # stage 2, +1M
-    "gan-finetune": Stage(0.0, 0.0, 0.0, 0.0, 0.0, False, _SECOND_HALF),  # stage 3, +3M
+    "gan-finetune": Stage(0.0, 0.0, 0.0, 0.0, 0.0, False, SECOND_HALF),  # stage 3, +3M
 }
 
 
@@ -739,7 +734,11 @@ class VFMVAE(Tokenizer):
         self.set_trainable(stage.trains)
 
     def set_trainable(self, prefixes: tuple[str, ...]) -> None:
-        """Only parameters whose names start with one of ``prefixes`` train."""
+        """Only parameters whose names start with one of ``prefixes`` train
+        (:data:`SECOND_HALF`: the upper half of the synthesis blocks)."""
+        if prefixes == SECOND_HALF:
+            upper = range(self.arch.num_blocks // 2, self.arch.num_blocks)
+            prefixes = tuple(f"synthesis.{k}.{i}." for i in upper for k in ("blocks", "z_convs"))
         for name, p in self.named_parameters():
             p.requires_grad_(name.startswith(prefixes))
 
