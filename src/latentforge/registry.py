@@ -104,7 +104,9 @@ class Registry:
         return entry.builder(*args, **kwargs)
 
 
-TOKENIZERS = Registry("tokenizer", ("latentforge.tokenizers.vavae",))
+TOKENIZERS = Registry(
+    "tokenizer", ("latentforge.tokenizers.vavae", "latentforge.tokenizers.vfmvae")
+)
 GENERATORS = Registry(
     "generator", ("latentforge.generators.lightningdit", "latentforge.generators.ditdh")
 )

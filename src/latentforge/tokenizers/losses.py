@@ -207,3 +207,37 @@ class LPIPSLoss(Frozen):
     def forward(self, x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
         """Mean LPIPS of images in [-1, 1] (B, 3, H, W); gradients flow to x_hat."""
         return self.model(x_hat, x).mean()
+
+
+# --------------------------------------------------------------------------- SSIM, multi-scale
+
+
+def ssim_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """1 - SSIM (Wang et al. 2004; 11x11 Gaussian window, sigma 1.5) of images in [-1, 1],
+    both clamped to [-1, 1] (data range 2), through ``pytorch_msssim``. The window is
+    applied without padding, so images need at least 11 pixels a side."""
+    from pytorch_msssim import ssim
+
+    a = (x_hat.float().clamp(-1, 1) + 1) / 2
+    b = (x.float().clamp(-1, 1) + 1) / 2
+    return 1.0 - ssim(a, b, data_range=1.0, size_average=True)
+
+
+def multiscale_l1(
+    x: torch.Tensor, outputs: list[torch.Tensor], weights: list[float]
+) -> torch.Tensor:
+    """Sum over ``outputs`` (smaller images, any order) of weight x the mean absolute error
+    against ``x`` resized to their size (bilinear, antialiased when shrinking)."""
+    total = x.new_zeros((), dtype=torch.float32)
+    for out, w in zip(outputs, weights, strict=False):
+        if w == 0:
+            continue
+        size = out.shape[-2:]
+        ref = x
+        if ref.shape[-2:] != size:
+            shrink = size[-1] < ref.shape[-1]
+            ref = F.interpolate(
+                ref, size=size, mode="bilinear", align_corners=False, antialias=shrink
+            )
+        total = total + w * (out.float() - ref.float()).abs().mean()
+    return total
