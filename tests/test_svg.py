@@ -25,6 +25,7 @@ from latentforge.tokenizers.svg import (
 from latentforge.tokenizers.vfm import IMAGENET_MEAN, IMAGENET_STD, TimmVFM, load_vfm
 
 FIXTURE = Path(__file__).parent / "fixtures" / "svg.safetensors"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def fixture():
@@ -311,3 +312,41 @@ def test_hub_vfm_from_a_local_repository(tmp_path):
         ref = net.forward_features(vfm.prepare(x))[:, 1:]
     assert out.patch[-1].shape == (2, 16, 2, 2) and out.cls.shape == (2, 16)
     assert torch.allclose(out.patch[-1].flatten(2).transpose(1, 2), ref, atol=1e-6)
+
+
+def test_tokenizer_fit_on_the_platform_path(tmp_path):
+    """experiments/shapes/svg.yaml's objective (VFM perceptual term, PatchGAN from
+    ``disc_start``) through the training loop on a few batches: the GAN phase switches on,
+    the running match statistics are saved with the weights and load for inference."""
+    import numpy as np
+
+    from latentforge.config import load_experiment
+    from latentforge.models import load_tokenizer
+    from latentforge.shapes import render_shapes
+    from latentforge.training.loop import fit, tokenizer_job
+    from latentforge.training.runtime import LocalRuntime
+
+    cfg = load_experiment(
+        ROOT / "experiments" / "shapes" / "svg.yaml",
+        [
+            f"run_dir={tmp_path}",
+            "tokenizer.config=tiny",
+            "tokenizer.disc_start=32",
+            "tokenizer.disc_channels=8",
+            "train.tokenizer_images=64",
+            "train.tokenizer_batch_size=16",
+            "train.log_every_images=32",
+            "train.checkpoint_every_images=64",
+        ],
+    )
+    images, labels = render_shapes(range(32), 32)
+    job = tokenizer_job(cfg)
+    out = fit(cfg, job, LocalRuntime({"image": images, "label": labels}, tmp_path), log=print)
+    assert [p["disc_active"] for p in out["curve"]] == [0.0, 1.0]
+    assert np.isfinite(out["curve"][-1]["perceptual_vfm"]) and "g_loss" in out["curve"][-1]
+    assert int(job.model.match_count) == 4
+    model = load_tokenizer(cfg, tmp_path / "checkpoint" / "model.safetensors")
+    assert model.perceptual is None and int(model.match_count) == 4
+    x = torch.from_numpy(images[:4]).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W)
+    with torch.no_grad():
+        assert (model.encode(x[:1]) - model.encode(x)[:1]).abs().max().item() <= 1e-5

@@ -179,11 +179,23 @@ class SVG(Tokenizer):
         # frozen networks are held outside the module tree (no state_dict entries), as in VA-VAE
         self._frozen = {"vfm": vfm, "perceptual": perceptual}
 
-    # the frozen networks follow .to() and are shared by deep copies (EMA), as in VA-VAE
+    @property
+    def vfm(self) -> nn.Module:
+        return self._frozen["vfm"]
+
+    @property
+    def perceptual(self) -> nn.Module | None:
+        return self._frozen["perceptual"]
+
+    # deep copies (the EMA) share the frozen networks, as VA-VAE's do
     __deepcopy__ = VAVAE.__deepcopy__
-    _apply = VAVAE._apply
-    vfm = VAVAE.vfm
-    perceptual = VAVAE.perceptual
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        for m in self._frozen.values():
+            if m is not None:
+                m._apply(fn, recurse)  # .to(device) moves the frozen networks along
+        return self
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The VFM features (B, Cv, h, w) and the raw residual (B, r, h, w) (None without one)
