@@ -350,3 +350,61 @@ def test_tokenizer_fit_on_the_platform_path(tmp_path):
     x = torch.from_numpy(images[:4]).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W)
     with torch.no_grad():
         assert (model.encode(x[:1]) - model.encode(x)[:1]).abs().max().item() <= 1e-5
+
+
+# ----------------------------------------------------------------------------- SVG-XL
+
+
+def test_official_svg_dit_loads_strictly_and_outputs_match(tmp_path):
+    """``shiml20/SVG`` ``models/models_SVG.py`` ``DiT`` (tiny: depth 2, width 32, 2 heads,
+    6 channels on a 16x16 grid; qk-norm as LayerNorm, learned sigma, ``ln1`` input): our
+    LightningDiT with the SVG-XL flags. Its time convention is ours (t in [0, 1], 1 = data,
+    unscaled in the embedder): the same t goes in unchanged. Tokens (N, T, C) are the
+    latent's row-major grid; of its 2C output channels the flow uses the first C."""
+    from dataclasses import replace
+
+    from latentforge.generators.lightningdit import CONFIGS, LightningDiT, load_published
+
+    with safe_open(str(FIXTURE.with_name("svg_dit.safetensors")), "pt") as f:
+        kw = json.loads(f.metadata()["kwargs"])
+    t = load_file(str(FIXTURE.with_name("svg_dit.safetensors")))
+    weights = {k[len("weight.") :]: v.float() for k, v in t.items() if k.startswith("weight.")}
+    arch = replace(
+        CONFIGS["SVG-XL"], depth=kw["depth"], hidden=kw["hidden_size"], heads=kw["num_heads"]
+    )
+    c, s = kw["in_channels"], kw["input_size"]
+    model = LightningDiT(arch, (c, s, s), kw["num_classes"], class_dropout=0.1).eval()
+    # our fixed sin-cos table is the official one (fixture: fp16-rounded)
+    assert (model.pos_embed - weights["pos_embed"]).abs().max().item() < 1e-3
+    model.load_state_dict(weights, strict=True)
+    x = t["input.x"].transpose(1, 2).reshape(-1, c, s, s)  # (N, T, C) -> (B, C, H, W)
+    with torch.no_grad():
+        out = model(x, t["input.t"], t["input.y"])
+    ref = t["output"][..., :c].transpose(1, 2).reshape(-1, c, s, s)
+    assert (out - ref).abs().max().item() <= 1e-5
+    # the released file is {"ema": state_dict}: loaded strictly by the published loader
+    torch.save({"ema": weights}, tmp_path / "svg_xl.pt")
+    fresh = LightningDiT(arch, (c, s, s), kw["num_classes"]).eval()
+    load_published(fresh, str(tmp_path / "svg_xl.pt"))
+    with torch.no_grad():
+        assert torch.equal(fresh(x, t["input.t"], t["input.y"]), out)
+    with pytest.raises(FileNotFoundError, match="howlin/SVG"):
+        load_published(fresh, str(tmp_path / "absent.pt"))
+    wide = LightningDiT(replace(arch, hidden=64), (c, s, s), kw["num_classes"])
+    with pytest.raises(ValueError, match="other shapes"):
+        load_published(wide, str(tmp_path / "svg_xl.pt"))
+
+
+def test_svg_xl_config_shape():
+    from latentforge.generators.lightningdit import CONFIGS, LightningDiT
+
+    arch = CONFIGS["SVG-XL"]
+    assert (arch.depth, arch.hidden, arch.heads, arch.patch) == (28, 1152, 16, 1)
+    assert arch.input_linear and arch.use_qknorm and arch.learn_sigma and not arch.use_rope
+    with torch.device("meta"):
+        model = LightningDiT(arch, (392, 16, 16), 1000)
+    sd = model.state_dict()
+    assert sd["ln1.weight"].shape == (1152, 392) and "x_embedder.proj.weight" not in sd
+    assert sd["final_layer.linear.weight"].shape == (784, 1152)
+    assert sd["blocks.0.attn.q_norm.weight"].shape == (72,)
+    assert model.blocks[0].attn.q_norm.eps == 1e-5
