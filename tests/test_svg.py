@@ -408,3 +408,45 @@ def test_svg_xl_config_shape():
     assert sd["final_layer.linear.weight"].shape == (784, 1152)
     assert sd["blocks.0.attn.q_norm.weight"].shape == (72,)
     assert model.blocks[0].attn.q_norm.eps == 1e-5
+
+
+# ----------------------------------------------------------------------------- experiments
+
+
+def test_imagenet_file_dry_runs_with_the_published_settings(tmp_path, capsys):
+    """experiments/imagenet256/svg_dinov3_s16p.yaml: the CLI dry run plans every stage once
+    its files exist, and names the published files' origin when one is missing."""
+    from latentforge.cli import main
+    from latentforge.config import load_experiment
+
+    path = ROOT / "experiments" / "imagenet256" / "svg_dinov3_s16p.yaml"
+    (tmp_path / "data" / "n01").mkdir(parents=True)
+    for name in ("ae.ckpt", "dino.safetensors", "stats.pt"):
+        (tmp_path / name).touch()
+    files = [
+        f"run_dir={tmp_path / 'run'}",
+        f"data.path={tmp_path / 'data'}",
+        f"tokenizer.weights={tmp_path / 'ae.ckpt'}",
+        f"tokenizer.vfm_weights={tmp_path / 'dino.safetensors'}",
+        f"generator.latent_stats={tmp_path / 'stats.pt'}",
+    ]
+    assert main(["run", str(path), *files, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{stage} " in out for stage in ("tokenizer", "extract", "generator", "sample"))
+    assert main(["run", str(path), *files[:2], "--dry-run"]) == 2
+    assert "howlin/SVG" in capsys.readouterr().err
+    cfg = load_experiment(path, files)
+    transport, sample = cfg.generator.transport, cfg.sample
+    assert (transport.t_sampling, transport.train_shift, transport.cos_loss_weight) == (
+        "uniform",
+        0.4,
+        0.0,
+    )
+    assert (sample.sampler, sample.steps, sample.cfg_scale, sample.timestep_shift) == (
+        "euler",
+        25,
+        4.0,
+        0.15,
+    )
+    assert sample.cfg_channels is None and tuple(sample.cfg_interval) == (0.0, 1.0)
+    assert cfg.generator.config == "SVG-XL" and cfg.tokenizer.match == "batch"
