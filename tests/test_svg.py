@@ -450,3 +450,29 @@ def test_imagenet_file_dry_runs_with_the_published_settings(tmp_path, capsys):
     )
     assert sample.cfg_channels is None and tuple(sample.cfg_interval) == (0.0, 1.0)
     assert cfg.generator.config == "SVG-XL" and cfg.tokenizer.match == "batch"
+
+
+def test_timm_dinov3_layout_gives_x_norm_patchtokens():
+    """timm's DINOv3 (an Eva with RoPE and 4 registers, ``timm:vit_*_dinov3``) through the
+    timm VFM: the final-norm patch tokens, prefix tokens dropped."""
+    from timm.models.eva import Eva
+
+    torch.manual_seed(0)
+    eva = Eva(
+        img_size=32,
+        patch_size=16,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        num_classes=0,
+        num_reg_tokens=4,
+        use_rot_pos_emb=True,
+        use_abs_pos_emb=False,
+        rope_type="dinov3",
+    ).eval()
+    vfm = TimmVFM(eva, "timm-dinov3", None, True, None, IMAGENET_MEAN, IMAGENET_STD)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        ref = eva.forward_features(vfm.prepare(x))[:, eva.num_prefix_tokens :]  # (B, N, C)
+    assert eva.num_prefix_tokens == 5
+    assert torch.allclose(vfm(x).patch[-1].flatten(2).transpose(1, 2), ref, atol=1e-6)
