@@ -66,28 +66,52 @@ class SVGArch:
         return self.vfm_dim + self.residual_dim
 
 
-def _decoder(z: int, **kw) -> AEArch:
-    return AEArch(z_channels=z, **kw)
-
-
-_F16 = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_levels=(4,))
 _SMALL = dict(num_res_blocks=1, attn_levels=(), mid_attn=False)
 CONFIGS: dict[str, SVGArch] = {
     # the published autoencoder: DINOv3 ViT-S/16+ at 256 px, 6-layer residual ViT, f16 decoder
     "dinov3-s16p": SVGArch(
-        "timm:vit_small_plus_patch16_dinov3", 384, 16, 256, 8, 6, 8, 384, 1536, 0.1,
-        _decoder(392, **_F16),
+        vfm="timm:vit_small_plus_patch16_dinov3",
+        vfm_dim=384,
+        patch=16,
+        image_size=256,
+        residual_dim=8,
+        vit_layers=6,
+        vit_heads=8,
+        vit_width=384,
+        vit_mlp=1536,
+        vit_dropout=0.1,
+        decoder=AEArch(
+            ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn_levels=(4,), z_channels=392
+        ),
     ),
     # the embedded default: 32x32 shapes, the shapes ViT (128 x 8x8) + an 8-channel residual
     "shapes": SVGArch(
-        "local:shapes-vit", 128, 4, 32, 8, 2, 4, 64, 256, 0.0,
-        _decoder(136, ch=16, ch_mult=(1, 2, 4), groups=8, **_SMALL),
+        vfm="local:shapes-vit",
+        vfm_dim=128,
+        patch=4,
+        image_size=32,
+        residual_dim=8,
+        vit_layers=2,
+        vit_heads=4,
+        vit_width=64,
+        vit_mlp=256,
+        vit_dropout=0.0,
+        decoder=AEArch(ch=16, ch_mult=(1, 2, 4), groups=8, z_channels=136, **_SMALL),
     ),
     "tiny": SVGArch(
-        "local:shapes-vit", 128, 4, 32, 4, 1, 2, 32, 64, 0.0,
-        _decoder(132, ch=8, ch_mult=(1, 2, 2), groups=4, **_SMALL),
+        vfm="local:shapes-vit",
+        vfm_dim=128,
+        patch=4,
+        image_size=32,
+        residual_dim=4,
+        vit_layers=1,
+        vit_heads=2,
+        vit_width=32,
+        vit_mlp=64,
+        vit_dropout=0.0,
+        decoder=AEArch(ch=8, ch_mult=(1, 2, 2), groups=4, z_channels=132, **_SMALL),
     ),
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -126,7 +150,7 @@ class SVGConfig(TokenizerConfig):
 def residual_tokens(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     """torchvision ViT on normalised images (B, 3, S, S) -> head outputs of the patch tokens
     (B, N, r), the class token dropped."""
-    t = vit._process_input(x)  # (B, N, D)
+    t = vit.conv_proj(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
     cls = vit.class_token.expand(t.shape[0], -1, -1)  # (B, 1, D)
     t = vit.encoder(torch.cat([cls, t], dim=1))[:, 1:]  # (B, N, D)
     return vit.heads(t)  # (B, N, r)
@@ -168,9 +192,11 @@ class SVG(Tokenizer):
                 dropout=arch.vit_dropout,
                 attention_dropout=arch.vit_dropout,
             )
+            # initialisation: torchvision's for the ViT, torch's defaults for the head, as
+            # published; the mask token N(0, 0.02), stored (1, r, 1) as in the official files
             w = arch.vit_width
             self.extra_vit.heads = nn.Sequential(nn.Linear(w, w), nn.GELU(), nn.Linear(w, r))
-            self.mask_token = nn.Parameter(torch.randn(1, r, 1) * 0.02)  # (1, r, 1) as published
+            self.mask_token = nn.Parameter(torch.randn(1, r, 1) * 0.02)
         if r and cfg.match == "running":
             # running [mean, std] of the VFM features and of the residual; updates so far
             self.register_buffer("match_stats", torch.tensor([0.0, 1.0, 0.0, 1.0]))
