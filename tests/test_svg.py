@@ -476,3 +476,23 @@ def test_timm_dinov3_layout_gives_x_norm_patchtokens():
         ref = eva.forward_features(vfm.prepare(x))[:, eva.num_prefix_tokens :]  # (B, N, C)
     assert eva.num_prefix_tokens == 5
     assert torch.allclose(vfm(x).patch[-1].flatten(2).transpose(1, 2), ref, atol=1e-6)
+
+
+def test_match_stats_make_published_weights_batch_independent(tmp_path):
+    """``tokenizer.match_stats``: running statistics for weights without any (calibrated once
+    with calibrate_match); statistics saved with trained weights take precedence."""
+    model = build_svg(SVGConfig(config="tiny"), 32).eval()
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    with pytest.raises(RuntimeError, match="match_stats"):
+        model.encode(x)
+    model.calibrate_match(x)
+    stats = model.match_stats.tolist()
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("match_")}
+    torch.save({"state_dict": sd}, tmp_path / "published.ckpt")
+    cfg = SVGConfig(config="tiny", weights=str(tmp_path / "published.ckpt"), match_stats=stats)
+    loaded = build_svg(cfg, 32).eval()
+    assert loaded.match_stats.tolist() == stats and int(loaded.match_count) == 1
+    with torch.no_grad():
+        assert (loaded.encode(x[:1]) - model.encode(x)[:1]).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="match_stats: 4 values"):
+        TOKENIZERS.get("svg").check(SVGConfig(match_stats=[1.0, 2.0]))

@@ -17,7 +17,7 @@ and at inference, so an image's latent depends on the other images of its batch
 ``match: running``, does as BatchNorm: training uses the batch's statistics and keeps a
 moving average of them, and evaluation uses that average, so that a latent depends on its
 image alone; published weights carry no average: calibrate one with
-:meth:`SVG.calibrate_match` or use ``match: batch``.
+:meth:`SVG.calibrate_match` (and give it as ``match_stats``) or use ``match: batch``.
 
 Parameter names follow the official checkpoints (``extra_vit.*``: torchvision's
 VisionTransformer, whose modules are used; ``mask_token``; ``decoder.*``), so that the
@@ -128,6 +128,9 @@ class SVGConfig(TokenizerConfig):
     # inference), "batch" (the published behaviour: the current batch's, always), "none"
     match: Literal["running", "batch", "none"] = "running"
     match_momentum: float = 0.01  # running: weight of each training batch in the average
+    # running: [VFM mean, VFM std, residual mean, residual std] for weights that carry none
+    # (published ones), e.g. SVG.calibrate_match over some training images, then match_stats
+    match_stats: list[float] | None = None
     recon: Literal["l1", "l2"] = "l1"
     perceptual: Literal["none", "vfm", "lpips"] = "none"  # published: lpips, weight 1
     perceptual_weight: float = 1.0
@@ -254,7 +257,8 @@ class SVG(Tokenizer):
                 raise RuntimeError(
                     "tokenizer.match=running: these weights carry no running statistics "
                     "(published weights were trained with batch statistics); calibrate them "
-                    "with SVG.calibrate_match(images) or set tokenizer.match=batch"
+                    "with SVG.calibrate_match(images) and set tokenizer.match_stats, or set "
+                    "tokenizer.match=batch"
                 )
             stats = self.match_stats
         mean_h, std_h, mean_r, std_r = stats.unbind()
@@ -334,6 +338,8 @@ class SVG(Tokenizer):
 
 
 def resolve_arch(cfg: SVGConfig) -> SVGArch:
+    if cfg.match_stats is not None and len(cfg.match_stats) != 4:
+        raise ValueError(f"tokenizer.match_stats: 4 values, not {len(cfg.match_stats)}")
     if cfg.config not in CONFIGS:
         raise KeyError(f"unknown tokenizer config {cfg.config!r}; known: {', '.join(CONFIGS)}")
     arch = CONFIGS[cfg.config]
@@ -390,6 +396,10 @@ def build_svg(cfg: SVGConfig, resolution: int) -> SVG:
     model = SVG(arch, cfg, vfm, build_perceptual(cfg, arch))
     if cfg.weights:
         load_published(model, cfg.weights)
+    # given running statistics, unless the weights carry their own
+    if cfg.match_stats is not None and int(getattr(model, "match_count", 1)) == 0:
+        model.match_stats.copy_(torch.tensor(cfg.match_stats, dtype=torch.float32))
+        model.match_count.fill_(1)
     return model
 
 
