@@ -252,8 +252,8 @@ def check_training_files(cfg: ExperimentConfig) -> None:
 
 def read_latent_stats(path: str | Path, shape: tuple[int, ...] | int) -> dict[str, list]:
     """``mean`` / ``std`` of published latents (LightningDiT's ``latents_stats.pt``, RAE's
-    ``stat.pt``, or a JSON ``{"mean": ..., "std": ...}``): a scalar is repeated per channel;
-    per-channel values (C, 1, 1) become a list of C; per-element values of the latent's
+    ``stat.pt``, SVG's ``dinov3_sp_stats.pt``, or a JSON ``{"mean": ..., "std": ...}``): a
+    scalar is repeated per channel; per-channel values (C, 1, 1) become a list of C; per-element values of the latent's
     full shape are kept as nested lists. ``shape`` is the latent shape (or its channels)."""
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     channels = shape[0]
@@ -266,7 +266,9 @@ def read_latent_stats(path: str | Path, shape: tuple[int, ...] | int) -> dict[st
         raw = torch.load(str(file), map_location="cpu", weights_only=True)
     out = {}
     for key in ("mean", "std"):
-        value = torch.as_tensor(raw[key], dtype=torch.float64)
+        # a prefixed name is accepted too (SVG's dinov3_sp_mean / dinov3_sp_std)
+        name = key if key in raw else next((k for k in raw if k.endswith(f"_{key}")), key)
+        value = torch.as_tensor(raw[name], dtype=torch.float64)
         if value.numel() > channels and value.numel() == math.prod(shape):  # per element
             out[key] = value.reshape(shape).tolist()
             continue

@@ -105,7 +105,8 @@ class Registry:
 
 
 TOKENIZERS = Registry(
-    "tokenizer", ("latentforge.tokenizers.vavae", "latentforge.tokenizers.vfmvae")
+    "tokenizer",
+    ("latentforge.tokenizers.vavae", "latentforge.tokenizers.vfmvae", "latentforge.tokenizers.svg"),
 )
 GENERATORS = Registry(
     "generator", ("latentforge.generators.lightningdit", "latentforge.generators.ditdh")

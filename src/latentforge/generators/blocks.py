@@ -34,6 +34,9 @@ class DiTArch:
     wo_shift: bool = False
     learn_sigma: bool = False
     mlp_ratio: float = 4.0
+    # SVG's input layer: a Linear on the latent's tokens stored as ``ln1`` (patch 1) in place
+    # of the conv patch embedding ``x_embedder``
+    input_linear: bool = False
 
 
 # ------------------------------------------------------------------------ embeddings
@@ -133,10 +136,10 @@ def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -
     return x if shift is None else x + shift.unsqueeze(1)
 
 
-def make_norm(dim: int, rms: bool, affine: bool) -> nn.Module:
+def make_norm(dim: int, rms: bool, affine: bool, eps: float = 1e-6) -> nn.Module:
     if rms:
         return nn.RMSNorm(dim, eps=1e-6)
-    return nn.LayerNorm(dim, elementwise_affine=affine, eps=1e-6)
+    return nn.LayerNorm(dim, elementwise_affine=affine, eps=eps)
 
 
 class Attention(nn.Module):
@@ -148,8 +151,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         head_dim = dim // heads
-        self.q_norm = make_norm(head_dim, rms, True) if qknorm else nn.Identity()
-        self.k_norm = make_norm(head_dim, rms, True) if qknorm else nn.Identity()
+        # qk-norm as LayerNorm: torch's default eps, as LightningDiT and SVG build it
+        eps = 1e-5
+        self.q_norm = make_norm(head_dim, rms, True, eps) if qknorm else nn.Identity()
+        self.k_norm = make_norm(head_dim, rms, True, eps) if qknorm else nn.Identity()
 
     def forward(self, x: torch.Tensor, rope: VisionRoPE | None) -> torch.Tensor:
         q, k, v = rearrange(

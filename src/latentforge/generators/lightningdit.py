@@ -65,6 +65,9 @@ CONFIGS: dict[str, DiTArch] = {
     "micro": DiTArch(depth=4, hidden=128, heads=2, patch=2),  # the 2-core demo
     "tiny": DiTArch(depth=2, hidden=64, heads=2, patch=2),
     "tiny/1": DiTArch(depth=2, hidden=64, heads=2, patch=1),  # also for 1-D token latents
+    # SVG-XL (Shi et al. 2025, shiml20/SVG): DiT-XL/1 with qk-norm (LayerNorm), learned sigma
+    # and a Linear input layer ``ln1`` on 392-channel SVG latents
+    "SVG-XL": DiTArch(28, 1152, 16, patch=1, use_qknorm=True, input_linear=True, **_VANILLA),
 }
 
 
@@ -159,7 +162,12 @@ class LightningDiT(Generator):
         self.num_classes = num_classes
         self.grid = (h // arch.patch, w // arch.patch)
         d = arch.hidden
-        self.x_embedder = PatchEmbed(arch.patch, c, d)
+        if arch.input_linear:
+            if arch.patch != 1:
+                raise ValueError(f"input_linear embeds single tokens: patch 1, not {arch.patch}")
+            self.ln1 = nn.Linear(c, d)  # (B, T, C) -> (B, T, D)
+        else:
+            self.x_embedder = PatchEmbed(arch.patch, c, d)
         self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = LabelEmbedder(num_classes, d, class_dropout)
         tokens = self.grid[0] * self.grid[1]
@@ -193,9 +201,10 @@ class LightningDiT(Generator):
         self.apply(basic)
         pos = sincos_2d(self.arch.hidden, *self.grid)
         self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
-        w = self.x_embedder.proj.weight.data
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        if not self.arch.input_linear:
+            w = self.x_embedder.proj.weight.data
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
@@ -235,7 +244,10 @@ class LightningDiT(Generator):
                 else "cls= needs a model built with reg_dim > 0"
             )
         x_in = x_t.unsqueeze(2) if self.tokens_1d else x_t  # (B, C, N) -> (B, C, 1, N)
-        x = self.x_embedder(x_in) + self.pos_embed  # (B, T, D)
+        if self.arch.input_linear:
+            x = self.ln1(rearrange(x_in, "b c h w -> b (h w) c")) + self.pos_embed  # (B, T, D)
+        else:
+            x = self.x_embedder(x_in) + self.pos_embed  # (B, T, D)
         prefix = 0
         if cls is not None:
             x = torch.cat([self.cls_embedder(cls.to(x.dtype)).unsqueeze(1), x], dim=1)
@@ -298,7 +310,9 @@ def build_lightningdit(
 
 PUBLISHED_GENERATOR_HINT = (
     "the released LightningDiT-XL/1 checkpoints and their latents_stats.pt are linked from "
-    "hustvl/LightningDiT's README, DiT-XL/2 is DiT-XL-2-256x256.pt from facebookresearch/DiT; "
+    "hustvl/LightningDiT's README, DiT-XL/2 is DiT-XL-2-256x256.pt from facebookresearch/DiT, "
+    "SVG-XL is in the Hugging Face repo howlin/SVG (latent statistics: dinov3_sp_stats.pt "
+    "of shiml20/SVG); "
     "download one and set generator.weights=<path> (and generator.latent_stats=<path>)"
 )
 

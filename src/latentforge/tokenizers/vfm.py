@@ -7,8 +7,11 @@
   dtype are stored in the file's safetensors metadata;
 - ``timm:<model>`` — e.g. ``timm:vit_large_patch14_dinov2.lvd142m``; weights from
   ``weights=`` or the existing Hugging Face hub cache (never downloaded here);
-- ``hf:<repo id or local dir>`` — DINOv2 (with or without registers), SigLIP / SigLIP2,
-  CLIP vision and ViT-MAE through transformers, ``local_files_only=True``.
+- ``hf:<repo id or local dir>`` — DINOv2 (with or without registers), DINOv3, SigLIP /
+  SigLIP2, CLIP vision and ViT-MAE through transformers, ``local_files_only=True``;
+- ``hub:<local repo dir>:<entry>`` — a torch.hub entry of a local clone of its repository
+  with an explicit weights file, e.g. ``hub:/opt/dinov3:dinov3_vits16plus`` (DINOv3 as SVG
+  loads it; timm's ``timm:vit_small_plus_patch16_dinov3`` is the same network).
 
 Every VFM takes images in [-1, 1], resizes them to its own input size, applies its own
 mean/std (``normalize=False`` instead feeds the raw [-1, 1] input, which reproduces what
@@ -182,7 +185,7 @@ class HFVFM(VFM):
         # transformers' hidden_states precede the model's final LayerNorm; VA-VAE and REPA
         # align to normalised tokens, as timm's forward_intermediates(norm=True) gives them
         root = getattr(model, "vision_model", model)
-        norms = [getattr(root, n, None) for n in ("layernorm", "post_layernorm")]
+        norms = [getattr(root, n, None) for n in ("layernorm", "post_layernorm", "norm")]
         self.final_norm = next((m for m in norms if isinstance(m, nn.Module)), nn.Identity())
         self.depth = vcfg.num_hidden_layers  # transformer blocks; ``layers`` index them
         self.layers = layers or [self.depth - 1]
@@ -321,6 +324,8 @@ def check_vfm_spec(key: str, spec: str | None, weights: str | None) -> None:
             raise ValueError(f"{key}: {spec!r}: {path} does not exist")
     elif kind == "hf" and name.startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
         raise ValueError(f"{key}: {spec!r}: directory {name} does not exist")
+    elif kind == "hub":
+        check_hub_spec(key, spec, weights)
     elif kind not in ("local", "hf", "timm"):
         raise ValueError(f"{key}: {spec!r}: expected local:<asset>, timm:<model> or hf:<repo>")
 
@@ -340,6 +345,8 @@ def load_vfm(
         return load_timm(spec, name, layers, normalize, resize, weights)
     if kind == "hf":
         return load_hf(spec, name, layers, normalize, resize)
+    if kind == "hub":
+        return load_hub(spec, name, layers, normalize, resize, weights)
     raise ValueError(f"VFM spec {spec!r}: expected local:<asset>, timm:<model> or hf:<repo or dir>")
 
 
@@ -400,3 +407,66 @@ def _timm_hidden(model: nn.Module, x: torch.Tensor):
     for block in model.blocks:
         hidden.append(block(hidden[-1]))
     return hidden, model.norm(hidden[-1]), grid
+
+
+# ----------------------------------------------------------------------------- torch.hub
+
+
+class HubVFM(VFM):
+    """A DINOv2 / DINOv3 torch.hub model: ``forward_features`` -> ``x_norm_patchtokens``."""
+
+    def __init__(self, model: nn.Module, name: str, normalize: bool, resize: int | None):
+        embed = model.patch_embed
+        size = getattr(embed, "img_size", 224)
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        patch = getattr(model, "patch_size", None) or embed.patch_size
+        patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+        super().__init__(
+            name, size, patch, model.embed_dim, IMAGENET_MEAN, IMAGENET_STD, normalize, resize
+        )
+        self.model = model.eval().requires_grad_(False)
+        self.depth = len(model.blocks)
+        self.layers = [self.depth - 1]  # the last block's normalised tokens only
+
+    def encode(self, x: torch.Tensor) -> VFMOutput:
+        if self.layers != [self.depth - 1]:
+            raise ValueError(f"VFM {self.name!r}: hub: VFMs give the last layer's features only")
+        out = self.model.forward_features(x)
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        patch = _tokens_to_grid(out["x_norm_patchtokens"], grid)  # (B, C, h, w)
+        return VFMOutput([patch], out.get("x_norm_clstoken"))
+
+
+def _hub_parts(spec: str) -> tuple[str, str]:
+    repo, _, entry = spec.partition(":")[2].rpartition(":")
+    if not repo or not entry:
+        raise ValueError(f"VFM spec {spec!r}: expected hub:<local repo dir>:<entry>")
+    return repo, entry
+
+
+def check_hub_spec(key: str, spec: str, weights: str | None) -> None:
+    """A ``hub:`` spec names an existing local directory with a hubconf.py, and weights."""
+    repo, _ = _hub_parts(spec)
+    if not (Path(repo).expanduser() / "hubconf.py").is_file():
+        raise ValueError(f"{key}: {spec!r}: {repo}/hubconf.py does not exist")
+    if not weights:
+        raise ValueError(f"{key}: {spec!r}: set {key}_weights to the model's weights file")
+
+
+def load_hub(spec: str, name: str, layers, normalize, resize, weights: str | None) -> VFM:
+    """A torch.hub entry of a local repository clone, with ``weights`` (never downloaded)."""
+    repo, entry = _hub_parts(spec)
+    if not weights or not Path(weights).expanduser().is_file():
+        raise _missing(
+            spec,
+            str(weights or "no weights file given"),
+            "Pass the model's weights file (e.g. dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth) "
+            "as tokenizer.vfm_weights=<path>.",
+        )
+    model = torch.hub.load(
+        str(Path(repo).expanduser()), entry, source="local", weights=str(Path(weights).expanduser())
+    )
+    vfm = HubVFM(model, spec, normalize, resize)
+    if layers:
+        vfm.layers = list(layers)
+    return vfm
