@@ -104,7 +104,7 @@ class Registry:
         return entry.builder(*args, **kwargs)
 
 
-TOKENIZERS = Registry("tokenizer", ("latentforge.tokenizers.vavae",))
+TOKENIZERS = Registry("tokenizer", ("latentforge.tokenizers.vavae", "latentforge.tokenizers.rae"))
 GENERATORS = Registry("generator", ("latentforge.generators.lightningdit",))
 DATASETS = Registry("dataset", ("latentforge.data",))
 

@@ -18,6 +18,7 @@ the requested layers plus the class (or pooled) token, frozen and without gradie
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +201,10 @@ class HFVFM(VFM):
         if self.model.config.model_type == "vit_mae":
             # ascending noise keeps the patch order (MAE shuffles tokens even with mask 0)
             kwargs["noise"] = torch.arange(n, dtype=x.dtype, device=x.device).expand(x.shape[0], n)
+        if x.shape[-1] != getattr(self.model.config, "image_size", x.shape[-1]) and (
+            "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
+        ):  # ViT-MAE and SigLIP take other sizes only when asked (DINOv2 always does)
+            kwargs["interpolate_pos_encoding"] = True
         out = self.model(pixel_values=x, output_hidden_states=True, **kwargs)
         grids = []
         for layer in self.layers:
@@ -341,3 +346,38 @@ def load_vfm(
     if kind == "hf":
         return load_hf(spec, name, layers, normalize, resize)
     raise ValueError(f"VFM spec {spec!r}: expected local:<asset>, timm:<model> or hf:<repo or dir>")
+
+
+# ----------------------------------------------------------------------------- exact input
+
+
+def prepare_exact(
+    vfm: VFM, images: torch.Tensor, size: int, mode: str = "bicubic", antialias: bool = False
+) -> torch.Tensor:
+    """``images`` in [-1, 1] (B, 3, H, W) as a reference pipeline feeds the VFM: to [0, 1],
+    resized to ``size`` x ``size`` with ``mode`` (and ``antialias``; RAE: bicubic without),
+    then the VFM's mean/std. Differentiable; :meth:`VFM.prepare` is the antialiased default."""
+    x = (images.float() + 1) / 2
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode=mode, align_corners=False, antialias=antialias)
+    return (x - vfm.mean) / vfm.std
+
+
+def final_norm_of(vfm: VFM) -> nn.Module:
+    """The LayerNorm after the VFM's last block (timm ``norm``, transformers ``layernorm`` /
+    ``post_layernorm``)."""
+    norm = getattr(vfm, "final_norm", None) or getattr(vfm.model, "norm", None)
+    if not isinstance(norm, nn.LayerNorm):
+        raise ValueError(f"VFM {vfm.name!r}: no final LayerNorm found")
+    return norm
+
+
+def drop_final_norm_affine(vfm: VFM) -> VFM:
+    """Remove the final LayerNorm's scale and shift, so the last layer's tokens are plain
+    standardised features (RAE, Zheng et al. 2025, Sec. 3: the encoder's output keeps the
+    LayerNorm without its affine parameters). Returns ``vfm``, changed in place."""
+    norm = final_norm_of(vfm)
+    norm.weight = None
+    norm.bias = None
+    norm.elementwise_affine = False
+    return vfm
