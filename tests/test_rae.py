@@ -4,6 +4,7 @@ outputs of the official ``RAE.encode`` / ``RAE.decode`` in fp32), strict and fai
 published decoders, the latent shape without building, and the training pieces."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,92 @@ def test_a_few_steps_lower_the_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+# ----------------------------------------------------------------------------- platform
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = [
+    ROOT / "experiments" / "shapes" / "rae.yaml",
+    ROOT / "experiments" / "imagenet256" / "rae_dinov2_b.yaml",
+]
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_experiment_files_pass_the_cli_dry_run(path, tmp_path, capsys):
+    from latentforge.cli import main
+
+    assert main(["run", str(path), f"run_dir={tmp_path}", "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("will run") == 6
+
+
+def test_published_stat_pt_gives_per_element_statistics(tmp_path):
+    """RAE's ``stat.pt`` holds ``mean`` and ``var`` of shape (C, H, W); the generator's
+    statistics are the mean and sqrt(var + 1e-5), per element."""
+    from latentforge.models import latent_stat, read_latent_stats
+
+    mean, var = torch.randn(8, 4, 4), torch.rand(8, 4, 4) + 0.1
+    torch.save({"mean": mean, "var": var}, tmp_path / "stat.pt")
+    stats = read_latent_stats(tmp_path / "stat.pt", (8, 4, 4))
+    std = latent_stat(stats["std"], (8, 4, 4))
+    assert std.shape == (1, 8, 4, 4)
+    assert torch.allclose(std[0], (var.double() + 1e-5).sqrt().float())
+    assert torch.allclose(latent_stat(stats["mean"], (8, 4, 4))[0], mean)
+
+
+def test_mae_encoder_at_another_input_size(tmp_path):
+    """``hf:`` ViT-MAE at RAE's 256 px for a 224 px model: positions interpolated, patch order
+    kept, the class token dropped (a tiny model saved as a local directory)."""
+    from transformers import ViTMAEConfig, ViTMAEModel
+
+    from latentforge.tokenizers.vfm import load_vfm
+
+    cfg = ViTMAEConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        image_size=16, patch_size=4,
+    )  # fmt: skip
+    ViTMAEModel(cfg).save_pretrained(tmp_path / "mae")
+    arch = replace(CONFIGS["tiny"], encoder=f"hf:{tmp_path / 'mae'}", encoder_dim=32)
+    vfm = load_vfm(arch.encoder, resize=32)
+    model = RAE(arch, tiny_cfg(disc_weight=0.0), 32, vfm)
+    z = model.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert z.shape == (2, 32, 8, 8)
+
+
+def test_tokenizer_job_trains_with_the_gan_and_loads_for_inference(tmp_path):
+    """Through the platform's loop: the discriminator (heads + LeCAM averages) steps from
+    disc_start; the checkpoint's weights are the decoder's only and load for encoding."""
+    from latentforge.config import load_experiment
+    from latentforge.models import load_tokenizer
+    from latentforge.shapes import render_shapes
+    from latentforge.training.loop import fit, tokenizer_job
+    from latentforge.training.runtime import LocalRuntime
+
+    cfg = load_experiment(
+        EXPERIMENTS[0],
+        [
+            "tokenizer.config=tiny",
+            "tokenizer.perceptual=none",
+            "tokenizer.disc_start=32",
+            "tokenizer.gan_start=32",
+            "tokenizer.lecam_weight=0.1",
+            "train.tokenizer_images=64",
+            "train.tokenizer_batch_size=16",
+            "train.log_every_images=32",
+            "train.checkpoint_every_images=64",
+        ],
+    )
+    images, labels = render_shapes(range(32), 32)
+    job = tokenizer_job(cfg)
+    out = fit(cfg, job, LocalRuntime({"image": images, "label": labels}, tmp_path), log=print)
+    assert [p["disc_active"] for p in out["curve"]] == [0.0, 1.0]
+    assert "g_loss" in out["curve"][-1] and "lecam" in out["curve"][-1]
+    ck = tmp_path / "checkpoint"
+    assert set(load_file(str(ck / "model.safetensors"))) == set(job.model.state_dict())
+    assert all(k.startswith("decoder.") for k in job.model.state_dict())
+    disc = load_file(str(ck / "discriminator.safetensors"))
+    assert disc["lecam.ema_real"] != 0
+    model = load_tokenizer(cfg, ck / "model.safetensors")
+    assert model.perceptual is None and model.make_discriminator() is None
+    x = torch.as_tensor(images[:2]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert model.decode(model.encode(x)).shape == x.shape
