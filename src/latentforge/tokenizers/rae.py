@@ -232,8 +232,9 @@ class GeneralDecoder(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """Sin-cos position embedding (MAE); linears Xavier-uniform, zero bias; LayerNorms
-        unit scale (RAE keeps transformers' defaults); class token zero."""
+        """Fixed 2-D sin-cos position embedding (MAE; zeros for the class token); linears
+        Xavier-uniform with zero bias (MAE's decoder init; the official decoder keeps
+        PyTorch's defaults); LayerNorms unit scale, zero shift; class token zero."""
         pos = torch.from_numpy(sincos_2d(self.decoder_pos_embed.shape[-1], self.grid, self.grid))
         self.decoder_pos_embed.data[0, 1:] = pos.float()
         for m in self.modules():
@@ -443,7 +444,7 @@ def build_rae(cfg: RAEConfig, resolution: int, encoder: VFM | None = None) -> RA
     """The configured RAE; ``encoder`` replaces loading the named config's VFM (tests)."""
     arch = resolve_arch(cfg)
     shape = latent_shape(cfg, resolution)
-    encoder = encoder or load_vfm(arch.encoder)
+    encoder = encoder or load_vfm(arch.encoder, resize=shape[1] * arch.encoder_patch)
     if encoder.embed_dim != shape[0]:
         raise ValueError(
             f"tokenizer.encoder {arch.encoder!r} is {encoder.embed_dim} wide; the config "
