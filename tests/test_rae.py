@@ -194,6 +194,7 @@ def test_discriminator_backbone_is_frozen_and_outside_the_weights():
 
 def test_noise_augmentation_is_per_image_uniform_and_training_only():
     model = build_rae(tiny_cfg(disc_weight=0.0, noise_tau=0.8), 32)
+    assert model.encoder.model.norm.weight is None  # timm ViT: the final norm's affine dropped
     torch.manual_seed(0)
     z = torch.zeros(256, 4, 8, 8)
     std = model.noise_augment(z).flatten(1).std(1)  # one sigma per image

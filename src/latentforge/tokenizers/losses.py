@@ -210,10 +210,10 @@ class LPIPSLoss(Frozen):
 
 
 # --------------------------------------------------------------------------- ViT-feature GAN
-# A discriminator on a frozen ViT's features (StyleGAN-T, Sauer et al. 2023, Sec. 3.2; RAE,
+# A discriminator on a frozen ViT's features (StyleGAN-T, Sauer et al. 2023; RAE,
 # Zheng et al. 2025, uses DINO ViT-S/8), DiffAugment (Zhao et al. 2020, "Differentiable
 # Augmentation for Data-Efficient GAN Training") and LeCAM (Tseng et al. 2021, "Regularizing
-# Generative Adversarial Networks under Limited Data", Eq. 3).
+# Generative Adversarial Networks under Limited Data").
 
 
 class DiffAugment(nn.Module):
@@ -274,7 +274,7 @@ class DiffAugment(nn.Module):
 class LeCAM(nn.Module):
     """LeCAM regulariser: the discriminator's logits are pulled towards the exponential moving
     averages of its logits on the other side, mean relu(D(x) - a_F)^2 + mean relu(a_R - D(G(z)))^2
-    (Tseng et al. 2021, Eq. 3 with the one-sided form of their code)."""
+    (Tseng et al. 2021, in the one-sided form of their code)."""
 
     def __init__(self, decay: float = 0.999):
         super().__init__()

@@ -11,7 +11,7 @@ and un-normalised with the encoder's mean/std. Parameter names follow the offici
 files (``decoder_embed``, ``decoder_layers.{i}.attention.attention.query``, ...), so the
 published ``model.pt`` loads strictly.
 
-Training (Sec. 3 and ``train_stage1.py``): the decoder sees z + sigma * eps, sigma ~ U(0, tau)
+Training (the paper and ``train_stage1.py``): the decoder sees z + sigma * eps, sigma ~ U(0, tau)
 per image (absolute, on the standardised features; none at inference), with L1 + LPIPS and a
 hinge GAN on a frozen-ViT-feature discriminator (DiffAugment, optional LeCAM), its generator
 term weighted adaptively at ``decoder_pred`` and clamped. The discriminator's steps and the
@@ -323,8 +323,8 @@ class RAE(Tokenizer):
         return x * 2 - 1
 
     def noise_augment(self, z: torch.Tensor) -> torch.Tensor:
-        """z + sigma * eps with sigma ~ U(0, noise_tau) per image (RAE Sec. 3, absolute on the
-        standardised features)."""
+        """z + sigma * eps with sigma ~ U(0, noise_tau) per image (RAE's noise augmentation;
+        absolute, on the standardised features)."""
         sigma = self.cfg.noise_tau * torch.rand(
             (z.shape[0],) + (1,) * (z.dim() - 1), device=z.device
         )

@@ -374,7 +374,7 @@ def final_norm_of(vfm: VFM) -> nn.Module:
 
 def drop_final_norm_affine(vfm: VFM) -> VFM:
     """Remove the final LayerNorm's scale and shift, so the last layer's tokens are plain
-    standardised features (RAE, Zheng et al. 2025, Sec. 3: the encoder's output keeps the
+    standardised features (RAE, Zheng et al. 2025: the encoder's output keeps the
     LayerNorm without its affine parameters). Returns ``vfm``, changed in place."""
     norm = final_norm_of(vfm)
     norm.weight = None
