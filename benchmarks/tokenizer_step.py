@@ -1,4 +1,4 @@
-"""Encode and decode time of the VA-VAE tokenizer (issue 4), JSON out.
+"""Encode and decode time of the VA-VAE and RAE tokenizers, JSON out.
 
 Default case: VA-VAE f16d32 (the published architecture, 69.8M parameters), batch 4,
 256x256 images, fp32, 2 threads, eval mode without gradients; median of 5 timed calls after
@@ -11,8 +11,16 @@ calls are timed on the official ``tokenizer.autoencoder.AutoencoderKL`` holding 
 weights, and the speed-ups are reported. Implementations are timed in alternation (one call
 of each per round), so load from other processes on a shared machine hits both alike.
 
+RAE (``--family rae``, default config ``dinov2-b``: DINOv2-B with registers, random weights
+built from its architecture, and the ViT-XL decoder at 256 px): ``encode`` is the frozen
+encoder's pass (bicubic resize, normalisation, last layer), ``decode`` the decoder with
+unpatchify and un-normalisation. With ``--official PATH`` (a checkout of bytetriper/RAE) the
+decode is also timed on the official ``stage1.decoders.GeneralDecoder`` holding the same
+weights (the encoder is transformers' model in both, so it is timed once).
+
     python benchmarks/tokenizer_step.py --out runs/bench/tokenizer_step.json
     python benchmarks/tokenizer_step.py --official ../LightningDiT
+    python benchmarks/tokenizer_step.py --family rae --official ../RAE
 """
 
 from __future__ import annotations
@@ -66,12 +74,12 @@ def time_alternating(
     impls: dict[str, dict[str, Callable]], inputs: dict[str, torch.Tensor], repeats: int
 ) -> dict[str, dict[str, float]]:
     """Median seconds of every (implementation, call), one call of each per round."""
-    times = {name: {call: [] for call in inputs} for name in impls}
+    times = {name: {call: [] for call in calls} for name, calls in impls.items()}
     for r in range(repeats + 1):  # round 0 is the warm-up
         for name, calls in impls.items():
-            for call, x in inputs.items():
+            for call, fn in calls.items():
                 t0 = time.perf_counter()
-                calls[call](x)
+                fn(inputs[call])
                 if r:
                     times[name][call].append(time.perf_counter() - t0)
     return {n: {c: statistics.median(v) for c, v in d.items()} for n, d in times.items()}
@@ -83,31 +91,93 @@ def count_flops(fn: Callable, x: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="f16d32", choices=sorted(CONFIGS))
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--resolution", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--official", type=Path, help="checkout of hustvl/LightningDiT to compare")
-    ap.add_argument("--out", type=Path, default=Path("runs/bench/tokenizer_step.json"))
-    args = ap.parse_args()
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+def vavae_case(args) -> tuple[dict, dict]:
+    """Implementations and inputs of the VA-VAE benchmark."""
     arch = CONFIGS[args.config]
     ours = VAVAE(arch, VAVAEConfig(config=args.config, vfm=None)).eval()
     x = torch.rand(args.batch, 3, args.resolution, args.resolution) * 2 - 1
     with torch.no_grad():
         z = ours.encode(x)
-    inputs = {"encode": x, "decode": z}
     impls = {"latentforge": our_calls(ours)}
     if args.official:
         official = official_model(args.official, arch, args.resolution).eval()
         official.load_state_dict(ours.state_dict(), strict=True)  # same keys, same weights
         impls["official"] = official_calls(official)
+    return impls, {"encode": x, "decode": z}
 
+
+def rae_encoder(arch):
+    """The named config's encoder: DINOv2-B with registers built from its architecture
+    (random weights: nothing is downloaded, the time is the same), else the VFM spec."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    from latentforge.tokenizers.vfm import HFVFM, IMAGENET_MEAN, IMAGENET_STD, load_vfm
+
+    if "dinov2-with-registers-base" not in arch.encoder:
+        return load_vfm(arch.encoder)
+    cfg = Dinov2WithRegistersConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                    patch_size=14, image_size=518, num_register_tokens=4)  # fmt: skip
+    model = Dinov2WithRegistersModel(cfg)
+    return HFVFM(model, arch.encoder, None, True, 224, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def official_rae_decode(repo: Path, ours, arch) -> Callable:
+    """The official ``GeneralDecoder`` with our decoder's weights, called as the official
+    ``RAE.decode`` calls it (tokens, unpatchify, un-normalise)."""
+    sys.path.insert(0, str(repo / "src"))
+    from stage1.decoders import GeneralDecoder
+    from stage1.decoders.utils import ViTMAEConfig
+
+    cfg = ViTMAEConfig(hidden_size=ours.latent_channels, decoder_hidden_size=arch.hidden,
+                       decoder_num_hidden_layers=arch.depth, decoder_num_attention_heads=arch.heads,
+                       decoder_intermediate_size=arch.mlp, patch_size=arch.patch,
+                       image_size=ours.grid * arch.patch, num_channels=3, hidden_act="gelu",
+                       layer_norm_eps=arch.layer_norm_eps, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0, qkv_bias=True)  # fmt: skip
+    dec = GeneralDecoder(cfg, num_patches=ours.grid**2).eval()
+    dec.load_state_dict(ours.decoder.state_dict(), strict=True)
+    mean, std = ours.encoder.mean, ours.encoder.std
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        out = dec(z.flatten(2).transpose(1, 2), drop_cls_token=False).logits
+        return dec.unpatchify(out) * std + mean
+
+    return decode
+
+
+def rae_case(args) -> tuple[dict, dict]:
+    """Implementations and inputs of the RAE benchmark."""
+    from latentforge.tokenizers.rae import CONFIGS as RAE_CONFIGS
+    from latentforge.tokenizers.rae import RAE, RAEConfig
+
+    arch = RAE_CONFIGS[args.config]
+    cfg = RAEConfig(config=args.config, perceptual="none", disc_weight=0.0)
+    ours = RAE(arch, cfg, args.resolution, rae_encoder(arch)).eval()
+    x = torch.rand(args.batch, 3, args.resolution, args.resolution) * 2 - 1
+    with torch.no_grad():
+        z = ours.encode(x)
+    impls = {"latentforge": {"encode": ours.encode, "decode": ours.decode}}
+    if args.official:
+        impls["official"] = {"decode": official_rae_decode(args.official, ours, arch)}
+    return impls, {"encode": x, "decode": z}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", default="vavae", choices=["vavae", "rae"])
+    ap.add_argument("--config", help="named config (default: f16d32 / dinov2-b)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--resolution", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--official", type=Path, help="checkout of the official repository to compare")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/tokenizer_step.json"))
+    args = ap.parse_args()
+    args.config = args.config or {"vavae": "f16d32", "rae": "dinov2-b"}[args.family]
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    impls, inputs = (rae_case if args.family == "rae" else vavae_case)(args)
     with torch.no_grad():
         flops = {c: count_flops(impls["latentforge"][c], v) for c, v in inputs.items()}
         medians = time_alternating(impls, inputs, args.repeats)
@@ -125,6 +195,7 @@ def main() -> None:
                 }
             )
     results = {
+        "family": args.family,
         "config": args.config,
         "batch": args.batch,
         "resolution": args.resolution,
@@ -137,7 +208,7 @@ def main() -> None:
     }
     if args.official:
         results["speedup_vs_official"] = {
-            c: medians["official"][c] / medians["latentforge"][c] for c in inputs
+            c: medians["official"][c] / medians["latentforge"][c] for c in medians["official"]
         }
     emit(results, args.out)
 

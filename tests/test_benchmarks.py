@@ -176,3 +176,44 @@ def test_generator_step_benchmark_ditdh(tmp_path):
     assert (result["family"], result["config"]) == ("ditdh", "tiny")
     assert [r["implementation"] for r in result["rows"]] == ["latentforge", "official"]
     assert result["rows"][0]["flops_per_step"] == result["rows"][1]["flops_per_step"] > 0
+
+
+# Stands in for bytetriper/RAE's src/stage1/decoders: its constructor and call, our decoder.
+FAKE_OFFICIAL_RAE = """
+from types import SimpleNamespace
+
+from latentforge.tokenizers import rae
+
+
+class ViTMAEConfig(SimpleNamespace):
+    pass
+
+
+class GeneralDecoder(rae.GeneralDecoder):
+    def __init__(self, config, num_patches):
+        arch = rae.RAEArch("", config.hidden_size, 1, config.decoder_hidden_size,
+                           config.decoder_num_hidden_layers, config.decoder_num_attention_heads,
+                           config.decoder_intermediate_size, config.patch_size)
+        super().__init__(arch, round(num_patches**0.5), config.hidden_size)
+
+    def forward(self, tokens, drop_cls_token=False):
+        return SimpleNamespace(logits=super().forward(tokens))
+"""
+
+
+def test_tokenizer_step_benchmark_rae(tmp_path):
+    pkg = tmp_path / "official" / "src" / "stage1" / "decoders"
+    pkg.mkdir(parents=True)
+    (pkg.parent / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("from .utils import GeneralDecoder, ViTMAEConfig\n")
+    (pkg / "utils.py").write_text(FAKE_OFFICIAL_RAE)
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "tokenizer_step.py"), "--family", "rae"]
+    cmd += ["--config", "tiny", "--resolution", "32", "--batch", "1", "--repeats", "1"]
+    cmd += ["--threads", "1", "--official", str(tmp_path / "official"), "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    rows = [(r["implementation"], r["call"]) for r in result["rows"]]
+    assert rows == [("latentforge", "encode"), ("latentforge", "decode"), ("official", "decode")]
+    assert all(r["seconds"] > 0 and r["flops"] > 0 for r in result["rows"])
+    assert set(result["speedup_vs_official"]) == {"decode"}

@@ -264,6 +264,8 @@ def read_latent_stats(path: str | Path, shape: tuple[int, ...] | int) -> dict[st
         raw = json.loads(file.read_text())
     else:
         raw = torch.load(str(file), map_location="cpu", weights_only=True)
+    if "std" not in raw and "var" in raw:  # RAE's stat.pt: its std is sqrt(var + 1e-5)
+        raw = {"mean": raw["mean"], "std": (torch.as_tensor(raw["var"]).double() + 1e-5).sqrt()}
     out = {}
     for key in ("mean", "std"):
         # a prefixed name is accepted too (SVG's dinov3_sp_mean / dinov3_sp_std)

@@ -106,7 +106,12 @@ class Registry:
 
 TOKENIZERS = Registry(
     "tokenizer",
-    ("latentforge.tokenizers.vavae", "latentforge.tokenizers.vfmvae", "latentforge.tokenizers.svg"),
+    (
+        "latentforge.tokenizers.vavae",
+        "latentforge.tokenizers.rae",
+        "latentforge.tokenizers.svg",
+        "latentforge.tokenizers.vfmvae",
+    ),
 )
 GENERATORS = Registry(
     "generator", ("latentforge.generators.lightningdit", "latentforge.generators.ditdh")

@@ -241,3 +241,172 @@ def multiscale_l1(
             )
         total = total + w * (out.float() - ref.float()).abs().mean()
     return total
+
+
+# --------------------------------------------------------------------------- ViT-feature GAN
+# A discriminator on a frozen ViT's features (StyleGAN-T, Sauer et al. 2023; RAE,
+# Zheng et al. 2025, uses DINO ViT-S/8), DiffAugment (Zhao et al. 2020, "Differentiable
+# Augmentation for Data-Efficient GAN Training") and LeCAM (Tseng et al. 2021, "Regularizing
+# Generative Adversarial Networks under Limited Data").
+
+
+class DiffAugment(nn.Module):
+    """Differentiable translation, colour and cutout, each applied to the whole batch with
+    probability ``prob`` (drawn per call), with per-image random amounts."""
+
+    def __init__(self, prob: float = 1.0, translation: float = 0.125, cutout: float = 0.0):
+        super().__init__()
+        self.prob, self.translation, self.cutout = prob, translation, cutout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x (B, C, H, W). Returns the augmented batch, same shape."""
+        if self.prob <= 0:
+            return x
+        trans, color, cut = (torch.rand(3) < self.prob).tolist()
+        if trans and self.translation > 0:
+            x = self.translate(x)
+        if color:
+            x = self.color(x)
+        if cut and self.cutout > 0:
+            x = self.cut(x)
+        return x
+
+    def translate(self, x: torch.Tensor) -> torch.Tensor:
+        """Shift each image by up to ``translation`` of its size, filling with zeros."""
+        b, _, h, w = x.shape
+        dh, dw = round(h * self.translation), round(w * self.translation)
+        ty = torch.randint(-dh, dh + 1, (b, 1, 1), device=x.device)
+        tx = torch.randint(-dw, dw + 1, (b, 1, 1), device=x.device)
+        iy = (torch.arange(h, device=x.device).view(1, h, 1) + ty + 1).clamp(0, h + 1)  # (B, H, 1)
+        ix = (torch.arange(w, device=x.device).view(1, 1, w) + tx + 1).clamp(0, w + 1)  # (B, 1, W)
+        bi = torch.arange(b, device=x.device).view(b, 1, 1)
+        padded = F.pad(x, [1, 1, 1, 1])  # zero border: indices 0 and H+1 read zeros
+        return padded.permute(0, 2, 3, 1)[bi, iy, ix].permute(0, 3, 1, 2)  # (B, C, H, W)
+
+    @staticmethod
+    def color(x: torch.Tensor) -> torch.Tensor:
+        """Random brightness (+U(-0.5, 0.5)), saturation (x U(0, 2)), contrast (x U(0.5, 1.5))."""
+        r = torch.rand(3, x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype)
+        x = x + (r[0] - 0.5)
+        m = x.mean(dim=1, keepdim=True)
+        x = (x - m) * (2 * r[1]) + m
+        m = x.mean(dim=(1, 2, 3), keepdim=True)
+        return (x - m) * (r[2] + 0.5) + m
+
+    def cut(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero a square of side ``cutout`` x the image size at a random centre per image."""
+        b, _, h, w = x.shape
+        ch, cw = round(h * self.cutout), round(w * self.cutout)
+        cy = torch.randint(0, h + (1 - ch % 2), (b, 1, 1), device=x.device) - ch // 2
+        cx = torch.randint(0, w + (1 - cw % 2), (b, 1, 1), device=x.device) - cw // 2
+        ys = torch.arange(h, device=x.device).view(1, h, 1)
+        xs = torch.arange(w, device=x.device).view(1, 1, w)
+        inside = (ys >= cy) & (ys < cy + ch) & (xs >= cx) & (xs < cx + cw)  # (B, H, W)
+        return x * (~inside).unsqueeze(1).to(x.dtype)
+
+
+class LeCAM(nn.Module):
+    """LeCAM regulariser: the discriminator's logits are pulled towards the exponential moving
+    averages of its logits on the other side, mean relu(D(x) - a_F)^2 + mean relu(a_R - D(G(z)))^2
+    (Tseng et al. 2021, in the one-sided form of their code)."""
+
+    def __init__(self, decay: float = 0.999):
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("ema_real", torch.zeros(()))
+        self.register_buffer("ema_fake", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> None:
+        self.ema_real.lerp_(logits_real.float().mean(), 1.0 - self.decay)
+        self.ema_fake.lerp_(logits_fake.float().mean(), 1.0 - self.decay)
+
+    def forward(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+        """Updates the averages with this batch, then returns the penalty."""
+        self.update(logits_real, logits_fake)
+        real = F.relu(logits_real.float() - self.ema_fake).pow(2).mean()
+        return real + F.relu(self.ema_real - logits_fake.float()).pow(2).mean()
+
+
+class _HeadBlock(nn.Sequential):
+    """Spectral-norm token convolution, batch-statistics norm, LeakyReLU(0.2)."""
+
+    def __init__(self, channels: int, kernel_size: int, eps: float):
+        conv = nn.Conv1d(
+            channels, channels, kernel_size, padding=kernel_size // 2, padding_mode="circular"
+        )
+        super().__init__(
+            nn.utils.parametrizations.spectral_norm(conv),
+            nn.BatchNorm1d(channels, eps=eps, track_running_stats=False),  # batch stats always
+            nn.LeakyReLU(0.2),
+        )
+
+
+class _Residual(nn.Module):
+    """(f(x) + x) / sqrt(2)."""
+
+    def __init__(self, fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.fn(x) + x) * 2**-0.5
+
+
+class VFMDiscriminator(nn.Module):
+    """Discriminator on a frozen ViT (any :mod:`~latentforge.tokenizers.vfm` VFM): one
+    trainable head per feature level (``layers`` spread over the depth, then the output),
+    each a 1x1 and a residual ``kernel_size`` spectral-norm convolution over the token
+    sequence and a 1x1 projection to one logit per token. The ViT stays outside the module
+    tree: frozen, not in ``state_dict``, no gradients of its own (they flow through it to
+    the images)."""
+
+    def __init__(self, vfm: nn.Module, layers: list[int] | None = None, kernel_size: int = 9):
+        super().__init__()
+        depth = vfm.depth
+        layers = list(layers or sorted({round(depth * (k + 1) / 4) - 1 for k in range(4)}))
+        self.levels = layers + [depth - 1]  # the key depths, then the output
+        vfm.layers = sorted(set(self.levels))
+        self._backbone = {"vfm": vfm.eval().requires_grad_(False)}
+        c = vfm.embed_dim
+        self.heads = nn.ModuleList(
+            nn.Sequential(
+                _HeadBlock(c, 1, 1e-6),
+                _Residual(_HeadBlock(c, kernel_size, 1e-6)),
+                nn.utils.parametrizations.spectral_norm(nn.Conv1d(c, 1, 1)),
+            )
+            for _ in self.levels
+        )
+
+    @property
+    def vfm(self) -> nn.Module:
+        return self._backbone["vfm"]
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self.vfm._apply(fn, recurse)  # .to(device) moves the frozen ViT along
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Args: images (B, 3, H, W) in [-1, 1]. Returns logits (B, levels * tokens)."""
+        grids = self.vfm.encode(self.vfm.prepare(images)).patch  # (B, C, h, w) per layer
+        by_layer = dict(zip(self.vfm.layers, grids, strict=True))
+        logits = [
+            head(by_layer[layer].flatten(2).float()).flatten(1)  # (B, C, N) -> (B, N)
+            for head, layer in zip(self.heads, self.levels, strict=True)
+        ]
+        return torch.cat(logits, dim=1)
+
+
+class GANCritic(nn.Module):
+    """A discriminator behind DiffAugment, with the LeCAM averages it is trained with."""
+
+    def __init__(self, discriminator: nn.Module, augment: nn.Module, lecam: LeCAM | None = None):
+        super().__init__()
+        self.discriminator = discriminator
+        self.augment = augment
+        self.lecam = lecam
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Args: images (B, 3, H, W) in [-1, 1]. Returns the logits of the augmented images."""
+        return self.discriminator(self.augment(images))

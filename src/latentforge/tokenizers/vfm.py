@@ -21,6 +21,7 @@ the requested layers plus the class (or pooled) token, frozen and without gradie
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +204,10 @@ class HFVFM(VFM):
         if self.model.config.model_type == "vit_mae":
             # ascending noise keeps the patch order (MAE shuffles tokens even with mask 0)
             kwargs["noise"] = torch.arange(n, dtype=x.dtype, device=x.device).expand(x.shape[0], n)
+        if x.shape[-1] != getattr(self.model.config, "image_size", x.shape[-1]) and (
+            "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters
+        ):  # ViT-MAE and SigLIP take other sizes only when asked (DINOv2 always does)
+            kwargs["interpolate_pos_encoding"] = True
         out = self.model(pixel_values=x, output_hidden_states=True, **kwargs)
         grids = []
         for layer in self.layers:
@@ -350,65 +355,6 @@ def load_vfm(
     raise ValueError(f"VFM spec {spec!r}: expected local:<asset>, timm:<model> or hf:<repo or dir>")
 
 
-# ----------------------------------------------------------------------------- levels
-
-
-def encode_levels(vfm: VFM, x: torch.Tensor, levels: list[int]) -> list[torch.Tensor]:
-    """Token grids (B, C, h, w) of several depths of a frozen VFM at once, on input ``x``
-    already prepared (resized and normalised) at any size divisible by the patch size.
-
-    Levels are indexed as VFM-VAE indexes them (Bi et al. 2025, tianciB/VFM-VAE): ``0`` is
-    the patch embedding (with the position embedding added), ``k`` the output of
-    transformer block ``k`` (before any final norm), ``-1`` the final, normed output, and
-    ``-k`` (k >= 2) the output of the k-1-th last block. The position embedding is
-    interpolated for inputs other than the model's own size.
-    """
-    with torch.no_grad():
-        if isinstance(vfm, TimmVFM):
-            hidden, final, grid = _timm_hidden(vfm.model, x)
-        elif isinstance(vfm, HFVFM):
-            out = vfm.model(
-                pixel_values=x, output_hidden_states=True, interpolate_pos_encoding=True
-            )
-            hidden, final = list(out.hidden_states), out.last_hidden_state
-            grid = (x.shape[-2] // vfm.patch_size, x.shape[-1] // vfm.patch_size)
-        else:
-            raise TypeError(f"{type(vfm).__name__}: no multi-level features")
-    n = grid[0] * grid[1]
-    grids = []
-    for level in levels:
-        h = final if level == -1 else hidden[level if level >= 0 else level + 1]
-        grids.append(_tokens_to_grid(h[:, h.shape[1] - n :].float(), grid))  # (B, C, h, w)
-    return grids
-
-
-def _timm_hidden(model: nn.Module, x: torch.Tensor):
-    """A timm ViT's token sequences: [embedding, block 1, ..., block N], the normed final
-    output and the patch grid, at any input size (position embedding resampled)."""
-    from timm.layers import resample_abs_pos_embed
-
-    embed = model.patch_embed
-    tokens = embed.proj(x)  # (B, C, h, w)
-    grid = tuple(tokens.shape[-2:])
-    tokens = embed.norm(tokens.flatten(2).transpose(1, 2))  # (B, h*w, C)
-    prefix = [] if model.cls_token is None else [model.cls_token.expand(x.shape[0], -1, -1)]
-    if getattr(model, "reg_token", None) is not None:
-        prefix.append(model.reg_token.expand(x.shape[0], -1, -1))
-    n_prefix = 0 if model.no_embed_class else model.num_prefix_tokens
-    pos = resample_abs_pos_embed(
-        model.pos_embed, new_size=grid, old_size=embed.grid_size, num_prefix_tokens=n_prefix
-    )
-    if model.no_embed_class:
-        tokens = torch.cat([*prefix, tokens + pos], dim=1)
-    else:
-        tokens = torch.cat([*prefix, tokens], dim=1) + pos
-    tokens = model.norm_pre(model.patch_drop(model.pos_drop(tokens)))
-    hidden = [tokens]
-    for block in model.blocks:
-        hidden.append(block(hidden[-1]))
-    return hidden, model.norm(hidden[-1]), grid
-
-
 # ----------------------------------------------------------------------------- torch.hub
 
 
@@ -469,4 +415,39 @@ def load_hub(spec: str, name: str, layers, normalize, resize, weights: str | Non
     vfm = HubVFM(model, spec, normalize, resize)
     if layers:
         vfm.layers = list(layers)
+    return vfm
+
+
+# ----------------------------------------------------------------------------- exact input
+
+
+def prepare_exact(
+    vfm: VFM, images: torch.Tensor, size: int, mode: str = "bicubic", antialias: bool = False
+) -> torch.Tensor:
+    """``images`` in [-1, 1] (B, 3, H, W) as a reference pipeline feeds the VFM: to [0, 1],
+    resized to ``size`` x ``size`` with ``mode`` (and ``antialias``; RAE: bicubic without),
+    then the VFM's mean/std. Differentiable; :meth:`VFM.prepare` is the antialiased default."""
+    x = (images.float() + 1) / 2
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode=mode, align_corners=False, antialias=antialias)
+    return (x - vfm.mean) / vfm.std
+
+
+def final_norm_of(vfm: VFM) -> nn.Module:
+    """The LayerNorm after the VFM's last block (timm ``norm``, transformers ``layernorm`` /
+    ``post_layernorm``)."""
+    norm = getattr(vfm, "final_norm", None) or getattr(vfm.model, "norm", None)
+    if not isinstance(norm, nn.LayerNorm):
+        raise ValueError(f"VFM {vfm.name!r}: no final LayerNorm found")
+    return norm
+
+
+def drop_final_norm_affine(vfm: VFM) -> VFM:
+    """Remove the final LayerNorm's scale and shift, so the last layer's tokens are plain
+    standardised features (RAE, Zheng et al. 2025: the encoder's output keeps the
+    LayerNorm without its affine parameters). Returns ``vfm``, changed in place."""
+    norm = final_norm_of(vfm)
+    norm.weight = None
+    norm.bias = None
+    norm.elementwise_affine = False
     return vfm

@@ -38,7 +38,8 @@ from latentforge.registry import TOKENIZERS
 from latentforge.state_dicts import mismatch, read_state_dict
 from latentforge.tokenizers import losses
 from latentforge.tokenizers.base import Tokenizer
-from latentforge.tokenizers.vfm import VFM, check_vfm_spec, encode_levels, load_vfm
+from latentforge.tokenizers.vfm import VFM, check_vfm_spec, load_vfm
+from latentforge.tokenizers.vfm_levels import encode_levels
 from latentforge.tokenizers.vfmvae_layers import Mapping
 from latentforge.tokenizers.vfmvae_nets import CONFIGS, Adapter, Synthesis, VFMVAEArch
 
