@@ -20,7 +20,6 @@ generator's GAN term start at separate image counts.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -182,23 +181,6 @@ class RAE(Tokenizer):
     @property
     def perceptual(self) -> nn.Module | None:
         return self._frozen["perceptual"]
-
-    def __deepcopy__(self, memo: dict) -> RAE:
-        """A copy with its own decoder that shares the frozen networks (EMA copies)."""
-        for m in self._frozen.values():
-            if m is not None:
-                memo[id(m)] = m
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        return new
-
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        for m in self._frozen.values():
-            if m is not None:
-                m._apply(fn, recurse)  # .to(device) moves the frozen networks along
-        return self
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:

@@ -216,16 +216,6 @@ class SVG(Tokenizer):
     def perceptual(self) -> nn.Module | None:
         return self._frozen["perceptual"]
 
-    # deep copies (the EMA) share the frozen networks, as VA-VAE's do
-    __deepcopy__ = VAVAE.__deepcopy__
-
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        for m in self._frozen.values():
-            if m is not None:
-                m._apply(fn, recurse)  # .to(device) moves the frozen networks along
-        return self
-
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The VFM features (B, Cv, h, w) and the raw residual (B, r, h, w) (None without one)
         of images in [-1, 1]; the residual ViT sees the VFM's normalised input."""

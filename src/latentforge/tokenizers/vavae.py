@@ -10,7 +10,6 @@ Models" (hustvl/LightningDiT, VA-VAE). Parameter names follow the official check
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -148,24 +147,6 @@ class VAVAE(Tokenizer):
     @property
     def perceptual(self) -> nn.Module | None:
         return self._frozen["perceptual"]
-
-    def __deepcopy__(self, memo: dict) -> VAVAE:
-        """A copy with its own weights that shares the frozen loss networks: an EMA copy
-        needs none of its own (with DINOv2-L as the VFM that saves 1.2 GB per worker)."""
-        for m in self._frozen.values():
-            if m is not None:
-                memo[id(m)] = m
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        return new
-
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        for m in self._frozen.values():
-            if m is not None:
-                m._apply(fn, recurse)  # .to(device) moves the loss networks along
-        return self
 
     def moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         moments = self.quant_conv(self.encoder(cpu_channels_last(images))).contiguous()

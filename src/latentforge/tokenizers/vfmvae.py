@@ -23,7 +23,6 @@ and from reading the official code; no code is copied from it.
 
 from __future__ import annotations
 
-import copy
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,22 +171,6 @@ class VFMVAE(Tokenizer):
     @property
     def perceptual(self) -> nn.Module | None:
         return self._frozen["perceptual"]
-
-    def __deepcopy__(self, memo: dict) -> VFMVAE:
-        """A copy with its own weights that shares the frozen networks (an EMA copy), also
-        the VFM that either loads later."""
-        memo[id(self._frozen)] = self._frozen
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        return new
-
-    def _apply(self, fn, recurse: bool = True):
-        super()._apply(fn, recurse)
-        for m in self._frozen.values():
-            if m is not None:
-                m._apply(fn, recurse)  # .to(device) moves the frozen networks along
-        return self
 
     def vfm_levels(self, images: torch.Tensor, input_scale: float = 1.0) -> list[torch.Tensor]:
         """The VFM's level grids for images in [-1, 1]: [0, 1] values, optionally shrunk by
