@@ -34,7 +34,8 @@ from latentforge.training.loop import generator_job
 from latentforge.training.objectives import GeneratorObjective
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ditdh.safetensors"
-SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "experiments" / "smoke.yaml"
 
 
 def fixture_model():
@@ -316,3 +317,33 @@ def test_auto_sampling_shift_reaches_the_sampler():
     sample_images(cfg, Spy(), Decoder(), stats, np.arange(16), np.arange(16) % 10, lines.append)
     assert times == pytest.approx([shift_t(torch.tensor(u), 0.5).item() for u in (0, 1 / 3, 2 / 3)])
     assert any("timestep_shift auto -> 0.5000" in line for line in lines)
+
+
+def test_rae_imagenet_file_dry_runs_with_autoguidance(tmp_path, capsys):
+    """experiments/imagenet256/rae_ditdh_xl_dinov2_b.yaml: DiT^DH-XL on the published RAE
+    latents, RAE's shift and autoguidance by DiT^DH-S; the CLI dry run plans every stage
+    once its files exist, and names what is missing otherwise."""
+    from latentforge.cli import main
+    from latentforge.config import load_experiment
+    from latentforge.models import guide_config
+
+    path = ROOT / "experiments" / "imagenet256" / "rae_ditdh_xl_dinov2_b.yaml"
+    (tmp_path / "data" / "n01").mkdir(parents=True)
+    for name in ("model.pt", "stat.pt", "guide.pt"):
+        (tmp_path / name).touch()
+    files = [
+        f"run_dir={tmp_path / 'run'}",
+        f"data.path={tmp_path / 'data'}",
+        f"tokenizer.weights={tmp_path / 'model.pt'}",
+        f"generator.latent_stats={tmp_path / 'stat.pt'}",
+        f"sample.guide_weights={tmp_path / 'guide.pt'}",
+    ]
+    assert main(["run", str(path), *files, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{stage} " in out for stage in ("extract", "generator", "sample", "evaluate"))
+    assert main(["run", str(path), *files[:4], "--dry-run"]) == 2
+    assert "sample.guide_weights" in capsys.readouterr().err
+    cfg = load_experiment(path, files)
+    assert (cfg.generator.config, guide_config(cfg).generator.config) == ("DiTDH-XL", "DiTDH-S")
+    assert cfg.generator.transport.train_shift == cfg.sample.timestep_shift == "auto"
+    assert (cfg.sample.cfg_scale, cfg.sample.steps) == (1.42, 50)
