@@ -326,3 +326,32 @@ def test_perceptual_term_enters_with_the_stage_weight():
         parts.append(out.get("perceptual_lpips"))
     assert parts[0] is None and parts[1].item() > 0
     assert totals[1] - totals[0] == pytest.approx(10.0 * parts[1].item(), rel=1e-4)
+
+
+def test_projected_discriminator_on_frozen_vit_features(tmp_path):
+    """tokenizer.disc_vfm: StyleGAN-T's projected discriminator (heads on the frozen ViT's
+    features behind DiffAugment) instead of the PatchGAN; the ViT gets no gradients and is
+    not in the discriminator's state_dict, the images do; a missing ViT is named before
+    training starts."""
+    from latentforge.config import ConfigError, load_experiment
+    from latentforge.models import build_tokenizer, check_training_files
+    from latentforge.tokenizers import losses
+
+    over = ["tokenizer.disc_weight=0.1", "tokenizer.disc_vfm=local:shapes-vit"]
+    cfg = load_experiment(EXPERIMENTS[0], over)
+    model = build_tokenizer(cfg)
+    disc = model.make_discriminator()
+    assert isinstance(disc, losses.GANCritic)
+    assert isinstance(disc.discriminator, losses.VFMDiscriminator)
+    assert not any(k.startswith("_backbone") or "vfm" in k for k in disc.state_dict())
+    x = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)
+    out = model.discriminator_loss(disc, x, x.detach() * 0.5)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in disc.parameters() if p.requires_grad)
+    g = model.loss(x.detach(), 10**6, discriminator=disc)  # the decoder's GAN term through it
+    assert torch.isfinite(g["g_loss"]) and g["loss"].requires_grad
+    patch = build_tokenizer(load_experiment(EXPERIMENTS[0], over[:1])).make_discriminator()
+    assert isinstance(patch, losses.NLayerDiscriminator)
+    missing = load_experiment(EXPERIMENTS[0], [over[0], "tokenizer.disc_vfm=local:nope"])
+    with pytest.raises(ConfigError, match="tokenizer.disc_vfm"):
+        check_training_files(missing)

@@ -106,13 +106,19 @@ class VFMVAEConfig(TokenizerConfig):
     # the official code uses the same VGG LPIPS) or, offline, a VFM feature distance
     perceptual: Literal["none", "vfm", "lpips"] = "lpips"
     perceptual_vfm: str | None = None  # perceptual=vfm: VFM spec (None: tokenizer.vfm)
-    # a hinge PatchGAN (losses.NLayerDiscriminator); 0 = off. It stands in for the released
-    # discriminators (StyleGAN-T's projected one on DINO-S/16; pix2pixHD's multi-scale
-    # PatchGAN with feature matching in stage 3), which are not reproduced here
+    # hinge GAN; 0 = off. With disc_vfm: StyleGAN-T's projected discriminator, as released
+    # for stages 0-2 (heads on a frozen ViT's features at several depths behind DiffAugment
+    # color / translation / cutout 0.2; released: timm vit_small_patch16_224.dino), the one
+    # RAE adapted (losses.VFMDiscriminator). Without: a PatchGAN (losses.NLayerDiscriminator),
+    # standing in for stage 3's multi-scale PatchGAN with feature matching (not reproduced)
     disc_weight: float = 0.0
     disc_start: float = 0.0
-    disc_layers: int = 3
-    disc_channels: int = 64
+    disc_vfm: str | None = None  # tokenizers/vfm.py spec of the projected discriminator's ViT
+    disc_vfm_weights: str | None = None  # explicit weights file for a timm: disc_vfm
+    disc_kernel: int = 9  # kernel of the projected heads' token convolution
+    diffaug_cutout: float = 0.2  # DiffAugment's cutout side (fraction of the image)
+    disc_layers: int = 3  # PatchGAN depth
+    disc_channels: int = 64  # PatchGAN width
     sample_posterior: bool = True  # training decodes z ~ q(z|x); encode() returns the mean
     # the released G_ema (or our safetensors) to start from or, with
     # train.tokenizer_images=0, to use as it is
@@ -300,11 +306,16 @@ class VFMVAE(Tokenizer):
         return losses.vf_loss(self.ldm_adapter.linear_proj(z), feats, 0.0, 0.0)
 
     def make_discriminator(self) -> nn.Module | None:
-        """A hinge PatchGAN when ``disc_weight`` > 0, else None."""
+        """The projected discriminator on ``disc_vfm`` (or a PatchGAN) when ``disc_weight``
+        > 0, else None."""
         cfg = self.cfg
         if cfg.disc_weight <= 0:
             return None
-        return losses.NLayerDiscriminator(3, cfg.disc_channels, cfg.disc_layers)
+        if cfg.disc_vfm is None:
+            return losses.NLayerDiscriminator(3, cfg.disc_channels, cfg.disc_layers)
+        vfm = load_vfm(cfg.disc_vfm, weights=cfg.disc_vfm_weights)
+        disc = losses.VFMDiscriminator(vfm, kernel_size=cfg.disc_kernel)
+        return losses.GANCritic(disc, losses.DiffAugment(1.0, cutout=cfg.diffaug_cutout))
 
     def discriminator_optimizer(self, base_lr: float) -> dict:
         return {"disc_lr": base_lr, "disc_betas": (0.0, 0.99)}  # as released
@@ -436,6 +447,8 @@ def check_training_files(cfg: VFMVAEConfig) -> None:
     check_vfm_spec("tokenizer.vfm", cfg.vfm, cfg.vfm_weights)
     if cfg.perceptual == "vfm" and cfg.perceptual_vfm:
         check_vfm_spec("tokenizer.perceptual_vfm", cfg.perceptual_vfm, None)
+    if cfg.disc_weight > 0 and cfg.disc_vfm:
+        check_vfm_spec("tokenizer.disc_vfm", cfg.disc_vfm, cfg.disc_vfm_weights)
 
 
 TOKENIZERS.register(
