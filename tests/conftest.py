@@ -31,31 +31,6 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 import pytest  # noqa: E402
 
-# The modules that start Ray Train runs, Ray jobs or whole pipelines, longest first (about
-# 2 min down to 30 s on 2 cores). Collected first, so that pytest-xdist's two processes
-# start on them and the short modules fill in around them, instead of one long module
-# running alone at the end.
-LONG_MODULES = (
-    "test_pipeline.py",
-    "test_sweep.py",
-    "test_console.py",
-    "test_jobs.py",
-    "test_benchmarks.py",
-    "test_extract.py",
-    "test_families.py",
-    "test_train.py",
-)
-
-
-def pytest_collection_modifyitems(items):
-    """Long modules first (see LONG_MODULES); each module's tests stay together and in order."""
-
-    def rank(item) -> int:
-        name = item.path.name
-        return LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES)
-
-    items.sort(key=rank)  # stable: the order within each rank is the collection order
-
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
