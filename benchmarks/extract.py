@@ -138,6 +138,9 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance")
     ap.add_argument("--no-flip", action="store_true")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument(
+        "--sources", default="shapes,memory", help="comma-separated: shapes, memory (see above)"
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/bench/extract.json"))
     args = ap.parse_args()
 
@@ -164,10 +167,14 @@ def main() -> None:
         alone = encoder_alone(cfg, weights, images, args.repeats)
         rate = alone["images_per_s"]
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        sources = {}
         try:
-            sources = {"shapes": measure(cfg, weights, work, args.repeats, rate)}
-            data_module.load_images = MemorySource(images, labels)
-            sources["memory"] = measure(cfg, weights, work, args.repeats, rate)
+            for source in args.sources.split(","):
+                if source not in ("shapes", "memory"):
+                    raise SystemExit(f"--sources: unknown source {source!r} (shapes, memory)")
+                if source == "memory":
+                    data_module.load_images = MemorySource(images, labels)
+                sources[source] = measure(cfg, weights, work, args.repeats, rate)
         finally:
             ray.shutdown()
     report = {

@@ -1,4 +1,7 @@
-"""`ray job submit` end to end: the smoke experiment as a Ray job on a local head.
+"""`ray job submit` end to end: the smoke experiment as a Ray job on a local head, and what
+`latentforge run` prints there (each stage's start, progress and end, every line once; Ray's
+own logs, progress bars and worker output in run_dir/ray.log, or on the console with
+--ray-logs, checked by rerunning the job's run directory with the CLI in a fresh process).
 
 The head is a real `ray start --head` on 127.0.0.1 with its own temp dir, ports and auth
 token, so it neither collides with nor is found by the `ray.init()` sessions of other tests
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -27,6 +31,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -38,6 +43,8 @@ from latentforge.platform.stages import NAMES as STAGES
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = "experiments/smoke.yaml"  # relative: the job's cwd is the uploaded working dir
 JOB_TIMEOUT_S = 600  # the smoke run takes about 70 s on 2 busy cores
+TQDM_BAR = re.compile(r"[█▏▎▍▌▋▊▉]|\d+%\|")
+PROGRESS = re.compile(r"^\[(tokenizer|generator)\] \d+/\d+ images \(\d+%\) \d+ img/s ETA \S+ ")
 # What `ray job submit --working-dir . --runtime-env-json '{"py_modules": ["src/latentforge"]}'`
 # sends (README, "On a cluster"): the checkout as the job's cwd, and the package itself as a
 # py_module so the job runs this tree's code even where an older latentforge is installed.
@@ -213,22 +220,78 @@ def test_job_runs_the_submitted_code(ray_head):
     assert "py_modules_files" in out, out  # the uploaded package, not the installed one
 
 
-def test_smoke_experiment_as_a_job(ray_head, tmp_path):
+@pytest.fixture(scope="module")
+def smoke_job(ray_head, tmp_path_factory):
+    """The smoke experiment submitted as a job, its tokenizer given as weights (a random
+    initialisation, ``train.tokenizer_images=0``): every stage still runs and prints, and
+    the generator's Ray Train workers print the training progress. Returns the run
+    directory, the job's final status and its logs."""
+    from safetensors.torch import save_file
+
+    from latentforge.models import build_tokenizer, state_dict_of
+
+    run_dir = tmp_path_factory.mktemp("job") / "run"
+    weights = run_dir.parent / "random-tokenizer.safetensors"
+    save_file(state_dict_of(build_tokenizer(load_experiment(ROOT / SMOKE))), str(weights))
+    given = ["train.tokenizer_images=0", f"tokenizer.weights={weights}"]
     client = jobs_client(*ray_head)
-    run_dir = tmp_path / "run"
     job_id = client.submit_job(
-        entrypoint=f"latentforge run {SMOKE} run_dir={run_dir}",
+        entrypoint=" ".join(["latentforge run", SMOKE, f"run_dir={run_dir}", *given]),
         runtime_env=RUNTIME_ENV,
         metadata={"test": "test_jobs"},
     )
     status = wait_for_job(client, job_id, JOB_TIMEOUT_S)
-    assert status == "SUCCEEDED", f"job {job_id} {status}:\n{logs(client, job_id)}"
+    return run_dir, given, status, client.get_job_logs(job_id)
+
+
+def test_smoke_experiment_as_a_job(smoke_job):
+    run_dir, given, status, out = smoke_job
+    assert status == "SUCCEEDED", f"{status}:\n{out[-8000:]}"
 
     # The job wrote every stage under the hashes this process computes for the same config.
-    pipeline = Pipeline(load_experiment(ROOT / SMOKE, [f"run_dir={run_dir}"]))
-    assert [s for s in STAGES if not pipeline.is_done(s)] == [], logs(client, job_id)
+    pipeline = Pipeline(load_experiment(ROOT / SMOKE, [f"run_dir={run_dir}", *given]))
+    assert [s for s in STAGES if not pipeline.is_done(s)] == [], out[-8000:]
     assert (pipeline.stage_dir("tokenizer") / "model.safetensors").exists()
     assert (pipeline.stage_dir("evaluate") / "metrics.json").exists()
     for name in ("config.yaml", "report.html", "report.md"):
         assert (run_dir / name).stat().st_size > 0, name
-    assert f"report: {run_dir / 'report.html'}" in logs(client, job_id)
+    assert f"report: {run_dir / 'report.html'}" in out
+
+
+def test_console_shows_each_stage_and_progress_once_and_ray_goes_to_its_log(smoke_job):
+    run_dir, _, status, console = smoke_job
+    assert status == "SUCCEEDED", console[-8000:]
+    lines = [line for line in console.splitlines() if line.strip()]
+    for stage in STAGES:
+        assert f"[{stage}] running -> {run_dir}/{stage}/" in console, stage
+        assert re.search(rf"^\[{stage}\] done in [\d.]+ s$", console, re.M), stage
+    # the training loop's lines, printed inside Ray Train workers, reach the console bare
+    progress = [line for line in lines if PROGRESS.match(line)]
+    assert any(line.startswith("[generator] 512/512 images (100%)") for line in progress)
+    assert not TQDM_BAR.search(console)
+    for noise in ("Running Dataset", "Starting execution of Dataset", "pid=", "core_worker"):
+        assert noise not in console, noise
+    assert [line for line, n in Counter(lines).items() if n > 1] == []
+    assert f"Ray's logs -> {run_dir}/ray.log" in console
+
+    log = (run_dir / "ray.log").read_text()
+    assert "Starting execution of Dataset" in log  # Ray Data's driver-side records
+    assert "(RayTrainWorker pid=" in log  # the workers' lines, with Ray's prefix
+    assert all(line in log for line in progress)
+
+
+def test_ray_logs_flag_brings_ray_output_back_to_the_console(smoke_job):
+    """The CLI as a person runs it, in a fresh process (a local Ray instance of its own),
+    on the job's run directory: only sampling, evaluation and the report run again."""
+    run_dir, given, status, _ = smoke_job
+    assert status == "SUCCEEDED"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    cmd = [sys.executable, "-m", "latentforge.cli", "run", SMOKE, f"run_dir={run_dir}", *given]
+    cmd += ["sample.num_images=32", "--ray-logs"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert out.returncode == 0, f"{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+    console = out.stdout + out.stderr
+    assert "[generator] cached: " in console and "[sample] done in " in console
+    assert "Started a local Ray instance" in console  # Ray's own log records
+    assert re.search(r"\(_sample_chunk pid=\d+\)\S* \[sample\] 32/32 images", console)
