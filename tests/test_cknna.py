@@ -83,3 +83,19 @@ def test_pool_and_transforms():
     assert torch.equal(ck.rotate_and_scale(img, 90, 1.0)[:, 0, 0], img[:, 0, -1])
     noisy = ck.add_noise(img, 0.1, 5)
     assert torch.equal(noisy, ck.add_noise(img, 0.1, 5)) and noisy.min() >= 0 and noisy.max() <= 1
+
+
+def test_transformed_sets_follow_the_recorded_transforms():
+    images = torch.rand(6, 3, 16, 16)
+    sets = ck.transformed_sets(images, seed=3)
+    assert list(sets) == ["clean", "equivariance", *(f"noise_{s:.2f}" for s in ck.NOISE_LEVELS)]
+    assert all(x.shape == images.shape and x.min() >= 0 and x.max() <= 1 for x in sets.values())
+    assert torch.equal(sets["clean"], images)
+    for i in range(6):
+        rotation, scale = ck.equivariance_params(i, 3)
+        if scale == 1.0:  # turned only
+            assert torch.allclose(
+                sets["equivariance"][i], torch.rot90(images[i], rotation // 90, (1, 2))
+            )
+        assert torch.equal(sets["noise_0.10"][i], ck.add_noise(images[i], 0.1, i, 3))
+    assert torch.equal(ck.transformed_sets(images, seed=3)["noise_0.20"], sets["noise_0.20"])

@@ -294,6 +294,38 @@ def test_reconstruction_metrics_of_a_perfect_tokenizer(tmp_path, real_calls):
     assert hits / 16 == pytest.approx(out["recon_class_accuracy"])
 
 
+class SeesAsTheVFM(Identity):
+    """A tokenizer whose latents are the VFM's own patch grid: SE-CKNNA 1 on every set."""
+
+    def __init__(self, vfm):
+        super().__init__()
+        self.vfm = vfm
+
+    def encode(self, x):
+        self.images = x
+        return self.vfm(x).patch[-1]
+
+    def decode(self, z):
+        return self.images  # what recon.png shows
+
+
+def test_se_cknna_of_a_tokenizer_with_the_evaluation_vfm(tmp_path, real_calls):
+    cfg = smoke_cfg(tmp_path, "evaluate.metrics=[se_cknna]", "evaluate.num_recon=24")
+    vfm = vfm_mod.load_vfm(cfg.evaluate.fd_vfm)
+    same = ev.reconstruction_metrics(cfg, SeesAsTheVFM(vfm), tmp_path, device="cpu")
+    for key in ("se_cknna", "se_cknna_clean", "se_cknna_equivariance", "se_cknna_noise"):
+        assert same[key] == pytest.approx(1.0, abs=1e-4), key  # the 1e-6 of the ratio
+    assert same["se_cknna_num_samples"] == 24
+    assert "local:shapes-vit" in same["se_cknna_extractor"]
+    pixels = ev.reconstruction_metrics(cfg, Identity(), tmp_path, device="cpu")  # mean RGB
+    assert -1.0 <= pixels["se_cknna"] < 0.9
+    again = ev.reconstruction_metrics(cfg, Identity(), tmp_path, device="cpu")
+    assert again["se_cknna"] == pixels["se_cknna"]  # seeded transforms
+    few = smoke_cfg(tmp_path, "evaluate.metrics=[se_cknna]", "evaluate.num_recon=10")
+    with pytest.raises(ValueError, match="more than 10 held-out images"):
+        ev.reconstruction_metrics(few, Identity(), tmp_path, device="cpu")
+
+
 def test_generation_metrics_per_class_and_fd_inf(tmp_path, real_calls):
     cfg = smoke_cfg(tmp_path, "evaluate.num_real=40")
     samples, labels = render_shapes(range(300, 340), 32)  # real images as "samples"

@@ -170,7 +170,7 @@ class EvaluateConfig:
     batch_size: int = 250
     inception_weights: str | None = None  # FID: local InceptionV3 file (else torch hub cache)
     fid_reference: str | None = None  # FID: an ADM reference batch .npz (else real images)
-    fd_vfm: str = "local:shapes-vit"  # fd_vfm's extractor (tokenizers/vfm.py spec)
+    fd_vfm: str = "local:shapes-vit"  # fd_vfm's and se_cknna's VFM (tokenizers/vfm.py spec)
     fd_vfm_weights: str | None = None  # fd_vfm: weights file of a timm: VFM (else hub cache)
     lpips_net: Literal["alex", "vgg"] = "alex"  # lpips' backbone (torchvision ImageNet weights)
     kid_subset_size: int = 1000  # KID: subset size (clamped to the smaller set)

@@ -121,3 +121,56 @@ def add_noise(image: torch.Tensor, sigma: float, index: int, seed: int = 0) -> t
     noise = np.random.RandomState(seed + index).normal(0, sigma, (h, w, c)).astype(np.float32)
     noise_t = torch.from_numpy(noise).permute(2, 0, 1).to(image.device)  # (C, H, W)
     return (image + noise_t).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- a tokenizer
+
+
+def transformed_sets(images: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The image sets of SE-CKNNA from (n, 3, H, W) images in [0, 1]: ``clean``;
+    ``equivariance`` (image i turned and shrunk by :func:`equivariance_params`, then brought
+    back to H x W, as the official pipeline's tokenizer transform resizes what it is given);
+    ``noise_<sigma>`` for each of :data:`NOISE_LEVELS` (:func:`add_noise`)."""
+    h, w = images.shape[-2:]
+    turned = []
+    for i, image in enumerate(images):
+        rotation, scale = equivariance_params(i, seed)
+        x = rotate_and_scale(image, rotation, scale)
+        if x.shape[-2:] != (h, w):
+            x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        turned.append(x.clamp(0, 1))
+    sets = {"clean": images, "equivariance": torch.stack(turned)}
+    for sigma in NOISE_LEVELS:
+        noisy = [add_noise(image, sigma, i, seed) for i, image in enumerate(images)]
+        sets[f"noise_{sigma:.2f}"] = torch.stack(noisy)
+    return sets
+
+
+@torch.no_grad()
+def tokenizer_alignment(
+    tokenizer, vfm, images: torch.Tensor, batch_size: int, seed: int = 0, topk: int = TOPK
+) -> dict[str, float]:
+    """SE-CKNNA of a tokenizer's latents with a VFM's patch features over (n, 3, H, W)
+    images in [0, 1] (n > ``topk``), on the device of the tensors and models given.
+
+    Per set of :func:`transformed_sets`: the tokenizer's latents (its posterior mean) and
+    the VFM's last-level patch tokens, each mean-pooled over positions, then
+    :func:`se_cknna`. ``se_cknna`` is the mean over the transformed sets (equivariance and
+    the four noise levels: what the metric adds over plain CKNNA); the clean set's value,
+    the equivariance set's and the mean of the noise sets are given beside it."""
+    per_set = {}
+    for name, x in transformed_sets(images, seed).items():
+        latents, feats = [], []
+        for i in range(0, len(x), batch_size):
+            batch = x[i : i + batch_size] * 2 - 1  # the models take [-1, 1]
+            latents.append(tokenizer.encode(batch).flatten(2).mean(-1).float().cpu())
+            feats.append(vfm(batch).patch[-1].float().mean(dim=(2, 3)).cpu())
+        per_set[name] = se_cknna(torch.cat(latents), torch.cat(feats), topk)
+    noise = [v for k, v in per_set.items() if k.startswith("noise_")]
+    transformed = [per_set["equivariance"], *noise]
+    return {
+        "se_cknna": float(np.mean(transformed)),
+        "se_cknna_clean": per_set["clean"],
+        "se_cknna_equivariance": per_set["equivariance"],
+        "se_cknna_noise": float(np.mean(noise)),
+    }

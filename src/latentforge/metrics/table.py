@@ -151,6 +151,14 @@ METRICS: tuple[Metric, ...] = (
         "lpips",
         "reconstruction",
     ),
+    Metric(
+        "se_cknna",
+        "max",
+        "SE-CKNNA of the latents with evaluate.fd_vfm's patch features over rotated, "
+        "scaled and noised held-out images (Bi et al. 2025; 1 = same neighbourhoods)",
+        "vfm",
+        "reconstruction",
+    ),
 )
 
 COMPANIONS: tuple[Companion, ...] = (
@@ -171,6 +179,9 @@ COMPANIONS: tuple[Companion, ...] = (
         "recon_class_accuracy_per_class",
         "recon_class_accuracy of each class: each class's ceiling",
     ),
+    Companion("se_cknna_clean", "SE-CKNNA's alignment on the untransformed images (CKNNA)"),
+    Companion("se_cknna_equivariance", "SE-CKNNA on the rotated and scaled images alone"),
+    Companion("se_cknna_noise", "SE-CKNNA on the noised images, mean over the 4 noise levels"),
     Companion("num_samples", "generated samples evaluated"),
     Companion("num_real", "real training images of the reference statistics"),
     Companion("num_baseline", "held-out real images in fd_shapesnet_real_baseline"),

@@ -19,12 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import ray
+import torch
 from PIL import Image
 
 from latentforge import models  # load_tokenizer looked up when called (tests swap it)
 from latentforge.config import ExperimentConfig, to_dict
 from latentforge.images import grid_of
 from latentforge.metrics import inception  # its passes looked up when called (tests swap them)
+from latentforge.metrics.cknna import TOPK, tokenizer_alignment
 from latentforge.metrics.classification import classify, confusion, per_class
 from latentforge.metrics.fd_vfm import vfm_features
 from latentforge.metrics.frechet import FeatureStats, frechet_distance, frechet_distance_inf
@@ -284,7 +286,28 @@ def reconstruction_metrics(
         out |= metric_entry("lpips", value, n, lpips_description(model), reference)
     if "rfd_shapesnet" in wanted:
         out |= _shapesnet_recon_metrics(cfg, held, held_labels, recon, reference, device)
+    if "se_cknna" in wanted:
+        out |= alignment_metrics(cfg, tokenizer, held, device=device)
     return out
+
+
+def alignment_metrics(cfg: ExperimentConfig, tokenizer, held: np.ndarray, *, device) -> dict:
+    """SE-CKNNA (:func:`~latentforge.metrics.cknna.tokenizer_alignment`) of the tokenizer's
+    latents with ``evaluate.fd_vfm``'s patch features, over the held-out images."""
+    ec = cfg.evaluate
+    if len(held) <= TOPK:
+        raise ValueError(
+            f"evaluate.metrics ['se_cknna'] needs more than {TOPK} held-out images (its "
+            f"k nearest neighbours): evaluate.num_recon is {len(held)}"
+        )
+    vfm = vfm_models.load_vfm(ec.fd_vfm, weights=ec.fd_vfm_weights).to(device)
+    images = torch.from_numpy(held).permute(0, 3, 1, 2).float().div(255).to(device)
+    values = tokenizer_alignment(tokenizer, vfm, images, ec.batch_size)
+    extractor = f"tokenizer latents vs {ec.fd_vfm} mean patch token, k={TOPK}"
+    out = metric_entry(
+        "se_cknna", values.pop("se_cknna"), len(held), extractor, f"{len(held)} held-out images"
+    )
+    return out | values
 
 
 def evaluate(cfg: ExperimentConfig, paths: dict, out_dir: str | Path, device="cpu") -> dict:
@@ -301,7 +324,7 @@ def evaluate(cfg: ExperimentConfig, paths: dict, out_dir: str | Path, device="cp
         metrics.update(generation_metrics(cfg, samples, labels, wanted, device=device))
     if wanted & INCEPTION_METRICS:
         metrics.update(fid_metrics(cfg, samples, wanted, device=device))
-    if wanted & VFM_METRICS:
+    if wanted & VFM_METRICS & SAMPLE_METRICS:
         metrics.update(vfm_metrics(cfg, samples, device=device))
     if wanted & RECON_METRICS:
         tokenizer = models.load_tokenizer(cfg, paths["tokenizer"], device)

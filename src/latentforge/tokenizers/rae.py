@@ -36,6 +36,7 @@ from latentforge.tokenizers.base import Tokenizer
 from latentforge.tokenizers.rae_decoder import GeneralDecoder
 from latentforge.tokenizers.vfm import (
     VFM,
+    check_loss_vfms,
     check_vfm_spec,
     drop_final_norm_affine,
     load_vfm,
@@ -364,10 +365,7 @@ def load_published(model: RAE, path: str) -> None:
 def check_training_files(cfg: RAEConfig) -> None:
     """The frozen networks that training needs are there."""
     check_vfm_spec("tokenizer.encoder", resolve_arch(cfg).encoder, None)
-    if cfg.disc_weight > 0:
-        check_vfm_spec("tokenizer.disc_vfm", cfg.disc_vfm, cfg.disc_vfm_weights)
-    if cfg.perceptual == "vfm":
-        check_vfm_spec("tokenizer.perceptual_vfm", cfg.perceptual_vfm, None)
+    check_loss_vfms(cfg)
 
 
 # what only training uses: the loss networks and the weights training started from

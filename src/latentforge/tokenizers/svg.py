@@ -42,7 +42,7 @@ from latentforge.tokenizers import losses
 from latentforge.tokenizers.base import Tokenizer
 from latentforge.tokenizers.ldm_blocks import AEArch, ConvDecoder, cpu_channels_last
 from latentforge.tokenizers.vavae import VAVAE
-from latentforge.tokenizers.vfm import check_vfm_spec, load_vfm
+from latentforge.tokenizers.vfm import check_loss_vfms, check_vfm_spec, load_vfm
 
 
 @dataclass(frozen=True)
@@ -444,8 +444,7 @@ def read_published_stats(path: str, channels: int) -> dict[str, list[float]]:
 def check_training_files(cfg: SVGConfig) -> None:
     """The frozen VFM (and a VFM perceptual loss's) files are there."""
     check_vfm_spec("tokenizer.vfm", resolve_arch(cfg).vfm, cfg.vfm_weights)
-    if cfg.perceptual == "vfm" and cfg.perceptual_vfm:
-        check_vfm_spec("tokenizer.perceptual_vfm", cfg.perceptual_vfm, None)
+    check_loss_vfms(cfg)
 
 
 TOKENIZERS.register(

@@ -23,7 +23,7 @@ from latentforge.state_dicts import mismatch, read_state_dict
 from latentforge.tokenizers import losses
 from latentforge.tokenizers.base import Tokenizer
 from latentforge.tokenizers.ldm_blocks import AEArch, ConvDecoder, ConvEncoder, cpu_channels_last
-from latentforge.tokenizers.vfm import check_vfm_spec, load_vfm
+from latentforge.tokenizers.vfm import check_loss_vfms, check_vfm_spec, load_vfm
 
 # VA-VAE's clamp of the adaptive VF weight, in LDM's per-image-sum units (see disc_max_weight)
 VF_MAX_WEIGHT = 1.0e8
@@ -353,8 +353,7 @@ def load_published(model: VAVAE, path: str) -> None:
 def check_training_files(cfg: VAVAEConfig) -> None:
     """The VFM that VF alignment (and a VFM perceptual loss) trains against is there."""
     check_vfm_spec("tokenizer.vfm", cfg.vfm, cfg.vfm_weights)
-    if cfg.perceptual == "vfm" and cfg.perceptual_vfm:
-        check_vfm_spec("tokenizer.perceptual_vfm", cfg.perceptual_vfm, None)
+    check_loss_vfms(cfg)
 
 
 TOKENIZERS.register(

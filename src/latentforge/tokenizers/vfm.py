@@ -335,6 +335,17 @@ def check_vfm_spec(key: str, spec: str | None, weights: str | None) -> None:
         raise ValueError(f"{key}: {spec!r}: expected local:<asset>, timm:<model> or hf:<repo>")
 
 
+def check_loss_vfms(cfg) -> None:
+    """The files of the VFMs a tokenizer config's losses train against: a VFM perceptual
+    loss's (``perceptual: vfm``) and a VFM discriminator's (``disc_vfm`` with a
+    ``disc_weight``), where the family has them."""
+    if getattr(cfg, "perceptual", None) == "vfm":
+        check_vfm_spec("tokenizer.perceptual_vfm", cfg.perceptual_vfm, None)
+    if getattr(cfg, "disc_weight", 0) > 0:
+        spec, weights = getattr(cfg, "disc_vfm", None), getattr(cfg, "disc_vfm_weights", None)
+        check_vfm_spec("tokenizer.disc_vfm", spec, weights)
+
+
 def load_vfm(
     spec: str,
     layers: list[int] | None = None,

@@ -37,7 +37,7 @@ from latentforge.registry import TOKENIZERS
 from latentforge.state_dicts import mismatch, read_state_dict
 from latentforge.tokenizers import losses
 from latentforge.tokenizers.base import Tokenizer
-from latentforge.tokenizers.vfm import VFM, check_vfm_spec, load_vfm
+from latentforge.tokenizers.vfm import VFM, check_loss_vfms, check_vfm_spec, load_vfm
 from latentforge.tokenizers.vfm_levels import encode_levels
 from latentforge.tokenizers.vfmvae_layers import Mapping
 from latentforge.tokenizers.vfmvae_nets import CONFIGS, Adapter, Synthesis, VFMVAEArch
@@ -445,10 +445,7 @@ def load_published(model: VFMVAE, path: str) -> None:
 def check_training_files(cfg: VFMVAEConfig) -> None:
     """The frozen VFM (and a VFM perceptual network) is there."""
     check_vfm_spec("tokenizer.vfm", cfg.vfm, cfg.vfm_weights)
-    if cfg.perceptual == "vfm" and cfg.perceptual_vfm:
-        check_vfm_spec("tokenizer.perceptual_vfm", cfg.perceptual_vfm, None)
-    if cfg.disc_weight > 0 and cfg.disc_vfm:
-        check_vfm_spec("tokenizer.disc_vfm", cfg.disc_vfm, cfg.disc_vfm_weights)
+    check_loss_vfms(cfg)
 
 
 TOKENIZERS.register(
