@@ -229,11 +229,13 @@ _VFM_SIGLIP2_L16 = dict(vfm_dim=1024, vfm_patch=16)
 CONFIGS: dict[str, VFMVAEArch] = {
     # the published model: SigLIP2-L/16 at 512 px (2x the 256 px image), 32x16x16 latents
     "f16d32-siglip2": VFMVAEArch(**_VFM_SIGLIP2_L16),
-    # the embedded default: 32x32 shapes, the shapes ViT at 64 px (16x16 patches of 4 px)
+    # the embedded default: 32x32 shapes, the shapes ViT at its own 32 px (8x8 patches of
+    # 4 px; the published model reads its VFM at 2x, which here would cost 4x the tokens)
     # read at its embedding, block 2 and output -> 8x8x4 latents (as VA-VAE's shapes-f4d4)
     "shapes": VFMVAEArch(
         vfm_dim=128,
         vfm_patch=4,
+        vfm_scale=1.0,
         levels=(0, 2, -1),
         level_dims=(16, 16, 16),
         z_channels=4,
