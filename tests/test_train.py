@@ -1,7 +1,9 @@
 """The training loop: resume from a checkpoint, EMA, checkpoint contents (without Ray), and a
 Train worker killed mid-run that finishes from its checkpoint (through Ray Train)."""
 
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -317,6 +319,49 @@ def test_lr_warms_up_linearly_then_stays_constant():
     assert lr_at(999, 1e-3, 1000) == pytest.approx(1e-3)
     assert lr_at(10**6, 1e-3, 1000) == pytest.approx(1e-3)
     assert lr_at(0, 1e-3, 0) == lr_at(123, 1e-3, 0) == pytest.approx(1e-3)
+
+
+def rae_lr_ratio(step, kind, warmup, end, final_ratio):
+    """bytetriper/RAE's LambdaLR factor (warmup_from_zero), written out from its formula."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if step >= end:
+        return final_ratio
+    progress = (step - warmup) / max(end - warmup, 1)
+    if kind == "linear":
+        return 1.0 - (1.0 - final_ratio) * progress
+    return final_ratio + (1.0 - final_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_lr_decays_after_the_warm_up_as_rae_schedules_it(kind, tmp_path):
+    from latentforge.platform.sweep import load_sweep, rung_config, trial_config
+    from latentforge.training.loop import lr_at
+
+    for n in (0, 99, 100, 101, 550, 999, 1000, 5000):
+        expected = 2e-4 * rae_lr_ratio(n, kind, 100, 1000, 0.1)
+        assert lr_at(n, 2e-4, 100, kind, 2e-5, 1000) == pytest.approx(expected, rel=1e-9), n
+    assert lr_at(550, 2e-4, 100, kind, 2e-5, 1000) == pytest.approx(1.1e-4)  # half-way
+    # RAE's DiT^DH: no warm-up, the lr held until the decay starts (warmup_from_zero false)
+    held = [lr_at(n, 2e-4, 0, kind, 2e-5, 1000, 100) for n in (0, 99, 100, 550, 1000)]
+    assert held == pytest.approx([2e-4, 2e-4, 2e-4, 1.1e-4, 2e-5])
+    # each model has its own decay; the generator's end is its budget, or the sweep's
+    over = [f"train.tokenizer_lr_decay={kind}", "train.tokenizer_final_lr=2e-5"]
+    cfg = load_experiment(SMOKE, [f"run_dir={tmp_path}", *over])
+    job = tokenizer_job(cfg)
+    assert (job.lr_decay, job.final_lr, job.decay_end_images) == (kind, 2e-5, None)
+    assert generator_job(cfg, STATS).lr_decay is None
+    with pytest.raises(ConfigError, match="train.generator_final_lr: set without"):
+        load_experiment(SMOKE, ["train.generator_final_lr=1e-5"])
+    sweep = load_sweep(ROOT / "experiments/sweeps/smoke.yaml", [f"run_dir={tmp_path}"])
+    trial = trial_config(sweep, sweep.points()[0])
+    decaying = dataclasses.replace(
+        trial, train=dataclasses.replace(trial.train, generator_lr_decay=kind)
+    )
+    decayed = rung_config(sweep, decaying, 1, None)
+    assert generator_job(decayed, STATS).decay_end_images == 512
+    assert decayed.train.generator_images == 256 and decayed.train.generator_decay_end_images == 512
+    assert rung_config(sweep, trial, 1, None).train.generator_decay_end_images is None
 
 
 def test_gradients_are_clipped_before_the_step():

@@ -109,6 +109,18 @@ class TrainConfig:
     generator_betas: list[float] | None = None  # its AdamW betas; unset: (0.9, 0.99)
     weight_decay: float = 0.0
     warmup_images: float = 1.0e4
+    # learning-rate decay after the warm-up, to *_final_lr at the end of training (unset:
+    # constant, as VA-VAE and LightningDiT train); RAE's decoder decays by cosine to 2e-5,
+    # its DiT^DH linearly (training/loop.py lr_at)
+    tokenizer_lr_decay: Literal["linear", "cosine"] | None = None
+    tokenizer_final_lr: float | None = None
+    generator_lr_decay: Literal["linear", "cosine"] | None = None
+    generator_final_lr: float | None = None
+    # images the generator's decay starts at (unset: the warm-up's end; RAE's DiT^DH holds
+    # its lr for 40 epochs) and ends at (unset: generator_images; the sweep's ASHA rungs set
+    # it to the full budget, so that each rung continues one schedule)
+    generator_decay_start_images: float | None = None
+    generator_decay_end_images: float | None = None
     grad_clip: float = 1.0
     grad_accum: int = 1  # micro-batches per optimizer step (batch sizes stay global)
     compile: str | None = None  # torch.compile backend for the training step ("inductor")
@@ -315,6 +327,14 @@ def experiment_from_node(node: DictConfig, source: str) -> ExperimentConfig:
             "a shared filesystem at /shared: run_dir=/shared/runs/<name>). Cloud URIs are "
             "read as data.path."
         )
+    for model in ("tokenizer", "generator"):
+        if getattr(rest.train, f"{model}_final_lr") is not None and not getattr(
+            rest.train, f"{model}_lr_decay"
+        ):
+            raise ConfigError(
+                f"{source}: train.{model}_final_lr: set without train.{model}_lr_decay "
+                "(linear or cosine); the learning rate is otherwise constant"
+            )
     return dataclasses.replace(rest, **parts)
 
 

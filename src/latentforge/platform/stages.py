@@ -55,6 +55,8 @@ TOKENIZER_TRAIN_KEYS = (
     "tokenizer_lr",
     "tokenizer_batch_size",
     "tokenizer_betas",
+    "tokenizer_lr_decay",
+    "tokenizer_final_lr",
 )
 GENERATOR_TRAIN_KEYS = (
     "generator_images",
@@ -63,6 +65,10 @@ GENERATOR_TRAIN_KEYS = (
     "generator_batch_size",
     "ema_decay",
     "generator_init",
+    "generator_lr_decay",
+    "generator_final_lr",
+    "generator_decay_start_images",
+    "generator_decay_end_images",
 )
 SHARED_TRAIN_KEYS = ("weight_decay", "warmup_images", "grad_clip", "seed")
 

@@ -215,6 +215,9 @@ def rung_config(sweep: Sweep, cfg, rung: int, init: str | None):
     scheduler_cfg = sweep.spec.scheduler
     images = int(round(cfg.train.generator_images * rung / scheduler_cfg.rungs))
     changes = [f"train.generator_images={images}"]
+    if cfg.train.generator_lr_decay and cfg.train.generator_decay_end_images is None:
+        # one schedule over the full budget, continued rung by rung
+        changes.append(f"train.generator_decay_end_images={cfg.train.generator_images}")
     if init:
         changes.append(f"train.generator_init={init}")
     if rung < scheduler_cfg.rungs and scheduler_cfg.rung_samples:

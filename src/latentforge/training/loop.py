@@ -47,6 +47,10 @@ class Job:
     disc_lr: float = 0.0
     disc_betas: tuple[float, float] = (0.5, 0.9)
     init_from: str | None = None  # a checkpoint directory to start from (train.generator_init)
+    lr_decay: str | None = None  # after the warm-up: None (constant), "linear" or "cosine"
+    final_lr: float | None = None  # the decay's end value
+    decay_start_images: int | None = None  # images the decay starts at (None: warm-up's end)
+    decay_end_images: int | None = None  # images the decay ends at (None: total_images)
     notes: tuple[str, ...] = ()  # derived values, logged when training starts
 
 
@@ -66,6 +70,8 @@ def tokenizer_job(cfg: ExperimentConfig) -> Job:
         betas=tuple(train_cfg.tokenizer_betas),
         discriminator=disc,
         **({} if disc is None else model.discriminator_optimizer(train_cfg.tokenizer_lr)),
+        lr_decay=train_cfg.tokenizer_lr_decay,
+        final_lr=train_cfg.tokenizer_final_lr,
     )
 
 
@@ -76,7 +82,8 @@ def generator_job(cfg: ExperimentConfig, stats: dict[str, Any]) -> Job:
     mean, std = latent_stat(stats["mean"], shape), latent_stat(stats["std"], shape)
     transport = build_transport(cfg, shape)
     objective = GeneratorObjective(model, transport, mean, std)
-    notes = ()
+    notes, decay = (), cfg.train.generator_decay_end_images
+    start = cfg.train.generator_decay_start_images
     if cfg.generator.transport.train_shift == "auto":
         notes = (f"transport.train_shift auto -> {transport.train_shift:.4f} for latents {shape}",)
     return Job(
@@ -90,6 +97,10 @@ def generator_job(cfg: ExperimentConfig, stats: dict[str, Any]) -> Job:
         betas=tuple(cfg.train.generator_betas or Job.betas),
         init_from=cfg.train.generator_init,
         notes=notes,
+        lr_decay=cfg.train.generator_lr_decay,
+        final_lr=cfg.train.generator_final_lr,
+        decay_start_images=None if start is None else int(start),
+        decay_end_images=None if decay is None else int(decay),
     )
 
 
@@ -111,9 +122,31 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         b.copy_(bufs[name])
 
 
-def lr_at(nimg: int, base_lr: float, warmup_images: float) -> float:
-    """Linear warm-up, then constant (LightningDiT and VA-VAE use a constant lr)."""
-    return base_lr * min(1.0, (nimg + 1) / max(warmup_images, 1.0))
+def lr_at(
+    nimg: int,
+    base_lr: float,
+    warmup_images: float,
+    decay: str | None = None,
+    final_lr: float | None = None,
+    end_images: float = 0.0,
+    start_images: float | None = None,
+) -> float:
+    """Linear warm-up from zero over ``warmup_images``, then constant (LightningDiT and
+    VA-VAE) or, with ``decay``, from ``base_lr`` at ``start_images`` (default: the warm-up's
+    end) to ``final_lr`` at ``end_images``, flat after: ``linear``, or ``cosine`` (half a
+    cosine period), as RAE's schedules (bytetriper/RAE ``src/utils/optim_utils.py``, there
+    counted in steps; its ``warmup_from_zero: false`` is warm-up 0 and a later start)."""
+    lr = base_lr * min(1.0, (nimg + 1) / max(warmup_images, 1.0))
+    start = warmup_images if start_images is None else start_images
+    if decay is None or nimg < start:
+        return lr
+    final = base_lr if final_lr is None else final_lr
+    progress = min(1.0, (nimg - start) / max(end_images - start, 1.0))
+    if decay == "linear":
+        return base_lr + (final - base_lr) * progress
+    if decay == "cosine":
+        return final + (base_lr - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown learning-rate decay {decay!r}: linear or cosine")
 
 
 def make_optimizers(
@@ -287,7 +320,16 @@ def train_step(
     is divided by their number; DDP synchronises gradients on the last one only); with a
     discriminator optimizer ``opt_d``, then the discriminator's step."""
     for group in opt.param_groups:
-        group["lr"] = lr_at(nimg, job.lr, train_cfg.warmup_images)
+        end = job.decay_end_images or job.total_images
+        group["lr"] = lr_at(
+            nimg,
+            job.lr,
+            train_cfg.warmup_images,
+            job.lr_decay,
+            job.final_lr,
+            end,
+            job.decay_start_images,
+        )
     opt.zero_grad(set_to_none=True)
     out: dict[str, float] = {}
     fakes = []  # detached reconstructions of the GAN phase, for the discriminator's step
