@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -355,3 +356,86 @@ def test_projected_discriminator_on_frozen_vit_features(tmp_path):
     missing = load_experiment(EXPERIMENTS[0], [over[0], "tokenizer.disc_vfm=local:nope"])
     with pytest.raises(ConfigError, match="tokenizer.disc_vfm"):
         check_training_files(missing)
+
+
+# ------------------------------------------------ stage 3: multi-scale PatchGAN (pix2pixHD)
+
+
+def test_local_batch_norm_normalises_each_group_of_samples():
+    from latentforge.tokenizers.pix2pixhd import LocalBatchNorm2d
+
+    norm = LocalBatchNorm2d(3, virtual_batch=4)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        norm.bias.copy_(torch.tensor([0.0, 1.0, -1.0]))
+    x = torch.randn(8, 3, 5, 5) * 3 + 2
+    by_group = [
+        F.batch_norm(g, None, None, norm.weight, norm.bias, training=True, eps=1e-5)
+        for g in x.split(4)
+    ]
+    assert torch.allclose(norm(x), torch.cat(by_group), atol=1e-5)
+    assert torch.allclose(norm(x[:4]), by_group[0], atol=1e-5)  # the others do not matter
+    with pytest.raises(ValueError, match="equal groups"):
+        norm(x[:7])
+
+
+def test_multiscale_patchgan_losses_and_feature_matching():
+    from latentforge.tokenizers import pix2pixhd as p2p
+
+    disc = p2p.MultiscalePatchGAN(scales=3, channels=8, layers=3)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    out = disc(x)
+    assert len(out) == 3 and all(len(s) == 5 for s in out)  # 3 + 2 layers per scale
+    assert [s[0].shape[-1] for s in out] == [17, 9, 5]  # the image, pooled once, twice
+    assert [s[-1].shape[1] for s in out] == [1, 1, 1]
+    assert p2p.feature_matching_loss(out, out).item() == 0.0
+    y = x.flip(-1)
+    fake = disc(y)
+    pairs = [(r, f) for rs, fs in zip(out, fake, strict=True) for r, f in zip(rs, fs, strict=True)]
+    layers = [pair for i, pair in enumerate(pairs) if i % 5 != 4]  # not the logits
+    expected = sum(4.0 / 4 / 3 * F.l1_loss(f, r) for r, f in layers)
+    assert p2p.feature_matching_loss(out, fake).item() == pytest.approx(expected.item())
+    ones = [[torch.ones(2, 1, 3, 3)]] * 3
+    zeros = [[torch.zeros(2, 1, 3, 3)]] * 3
+    assert p2p.lsgan_d_loss(ones, zeros).item() == 0.0  # the discriminator's optimum
+    assert p2p.lsgan_d_loss(zeros, ones).item() == 2.0
+    assert p2p.lsgan_g_loss(ones).item() == 0.0 and p2p.lsgan_g_loss(zeros).item() == 1.0
+
+
+def test_stage_three_trains_against_both_discriminators(tmp_path):
+    """gan-finetune with disc_vfm and disc_scales: the projected critic (hinge) and the
+    multi-scale PatchGAN (least squares + feature matching x10) in one ModuleDict, both
+    stepped; the decoder's loss is their weighted sum; the discriminators are saved."""
+    from latentforge.config import load_experiment
+    from latentforge.shapes import render_shapes
+    from latentforge.training.loop import fit, tokenizer_job
+    from latentforge.training.runtime import LocalRuntime
+
+    over = [
+        "tokenizer.stage=gan-finetune",
+        "tokenizer.disc_weight=1.0",
+        "tokenizer.disc_vfm=local:shapes-vit",
+        "tokenizer.disc_scales=2",
+        "tokenizer.disc_channels=8",
+        "tokenizer.perceptual=none",
+        "train.tokenizer_images=16",
+        "train.tokenizer_batch_size=8",
+        "train.checkpoint_every_images=16",
+    ]
+    cfg = load_experiment(EXPERIMENTS[0], over)
+    job = tokenizer_job(cfg)
+    assert set(job.discriminator) == {"projected", "multiscale"}
+    x = torch.rand(8, 3, 32, 32) * 2 - 1
+    parts = job.model.loss(x, 0, job.discriminator)
+    expected = parts["g_loss"] + parts["g_patchgan"] + 10.0 * parts["feature_matching"]
+    assert parts["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    images, labels = render_shapes(range(16), 32)
+    runtime = LocalRuntime({"image": images, "label": labels}, tmp_path)
+    out = fit(cfg, job, runtime, log=lambda *_: None)
+    last = out["curve"][-1]
+    for key in ("g_loss", "g_patchgan", "feature_matching", "d_loss", "d_patchgan"):
+        assert np.isfinite(last[key]), key
+    saved = next(tmp_path.rglob("discriminator.safetensors"))
+    keys = load_file(saved)
+    assert any(k.startswith("multiscale.scales.1.") for k in keys)
+    assert any(k.startswith("projected.") for k in keys)

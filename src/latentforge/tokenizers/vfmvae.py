@@ -35,7 +35,7 @@ from torch import nn
 from latentforge.config import TokenizerConfig
 from latentforge.registry import TOKENIZERS
 from latentforge.state_dicts import mismatch, read_state_dict
-from latentforge.tokenizers import losses
+from latentforge.tokenizers import losses, pix2pixhd
 from latentforge.tokenizers.base import Tokenizer
 from latentforge.tokenizers.vfm import VFM, check_loss_vfms, check_vfm_spec, load_vfm
 from latentforge.tokenizers.vfm_levels import encode_levels
@@ -107,11 +107,16 @@ class VFMVAEConfig(TokenizerConfig):
     perceptual: Literal["none", "vfm", "lpips"] = "lpips"
     perceptual_vfm: str | None = None  # perceptual=vfm: VFM spec (None: tokenizer.vfm)
     # hinge GAN; 0 = off. With disc_vfm: StyleGAN-T's projected discriminator, as released
-    # for stages 0-2 (heads on a frozen ViT's features at several depths behind DiffAugment
-    # color / translation / cutout 0.2; released: timm vit_small_patch16_224.dino), the one
-    # RAE adapted (losses.VFMDiscriminator). Without: a PatchGAN (losses.NLayerDiscriminator),
-    # standing in for stage 3's multi-scale PatchGAN with feature matching (not reproduced)
+    # (heads on a frozen ViT's features at several depths behind DiffAugment color /
+    # translation / cutout 0.2; released: timm vit_small_patch16_224.dino), the one RAE
+    # adapted (losses.VFMDiscriminator). Without it and without disc_scales: one PatchGAN
+    # (losses.NLayerDiscriminator)
     disc_weight: float = 0.0
+    # stage 3's second discriminator: pix2pixHD's multi-scale PatchGAN (disc_scales of them,
+    # released: 3; least squares) with feature matching (pix2pixhd.py); 0 = off
+    disc_scales: int = 0
+    patchgan_weight: float = 1.0
+    feature_matching_weight: float = 10.0
     disc_start: float = 0.0
     disc_vfm: str | None = None  # tokenizers/vfm.py spec of the projected discriminator's ViT
     disc_vfm_weights: str | None = None  # explicit weights file for a timm: disc_vfm
@@ -273,9 +278,16 @@ class VFMVAE(Tokenizer):
             fake = x_hat  # at the input's size (an equivariance step may shrink it)
             if fake.shape[-2:] != images.shape[-2:]:
                 fake = F.interpolate(fake, size=images.shape[-2:], mode="bilinear")
-            g = losses.hinge_g_loss(discriminator(fake))
-            total = total + cfg.disc_weight * g
-            out.update(g_loss=g.detach(), fake=fake.detach())
+            g, parts = pix2pixhd.generator_terms(
+                discriminator,
+                images,
+                fake,
+                cfg.disc_weight,
+                cfg.patchgan_weight,
+                cfg.feature_matching_weight,
+            )
+            total = total + g
+            out.update(parts, fake=fake.detach())
         out["loss"] = total
         return out
 
@@ -306,31 +318,40 @@ class VFMVAE(Tokenizer):
         return losses.vf_loss(self.ldm_adapter.linear_proj(z), feats, 0.0, 0.0)
 
     def make_discriminator(self) -> nn.Module | None:
-        """The projected discriminator on ``disc_vfm`` (or a PatchGAN) when ``disc_weight``
-        > 0, else None."""
-        cfg = self.cfg
-        if cfg.disc_weight <= 0:
-            return None
-        if cfg.disc_vfm is None:
+        """With ``disc_weight`` > 0 the projected discriminator on ``disc_vfm`` (without
+        one, and without ``disc_scales``, a PatchGAN); with ``disc_scales`` the multi-scale
+        PatchGAN; both together in a ModuleDict (``projected``, ``multiscale``); None when
+        there is no GAN."""
+        cfg, parts = self.cfg, {}
+        if cfg.disc_weight > 0 and cfg.disc_vfm is not None:
+            vfm = load_vfm(cfg.disc_vfm, weights=cfg.disc_vfm_weights)
+            disc = losses.VFMDiscriminator(vfm, kernel_size=cfg.disc_kernel)
+            augment = losses.DiffAugment(1.0, cutout=cfg.diffaug_cutout)
+            parts["projected"] = losses.GANCritic(disc, augment)
+        elif cfg.disc_weight > 0 and not cfg.disc_scales:
             return losses.NLayerDiscriminator(3, cfg.disc_channels, cfg.disc_layers)
-        vfm = load_vfm(cfg.disc_vfm, weights=cfg.disc_vfm_weights)
-        disc = losses.VFMDiscriminator(vfm, kernel_size=cfg.disc_kernel)
-        return losses.GANCritic(disc, losses.DiffAugment(1.0, cutout=cfg.diffaug_cutout))
+        if cfg.disc_scales:
+            parts["multiscale"] = pix2pixhd.MultiscalePatchGAN(
+                cfg.disc_scales, cfg.disc_channels, cfg.disc_layers
+            )
+        if len(parts) == 1 and "projected" in parts:
+            return parts["projected"]  # its keys as before the multi-scale one existed
+        return nn.ModuleDict(parts) if parts else None
 
     def discriminator_optimizer(self, base_lr: float) -> dict:
         return {"disc_lr": base_lr, "disc_betas": (0.0, 0.99)}  # as released
 
     def gan_active(self, nimg: int) -> bool:
-        return self.cfg.disc_weight > 0 and nimg >= self.cfg.disc_start
+        cfg = self.cfg
+        return (cfg.disc_weight > 0 or cfg.disc_scales > 0) and nimg >= cfg.disc_start
 
     def discriminator_loss(
         self, discriminator: nn.Module, images: torch.Tensor, fake: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """Hinge loss on real images and reconstructions."""
-        real_logits = discriminator(images.detach())
-        fake_logits = discriminator(fake.detach())
-        d = losses.hinge_d_loss(real_logits, fake_logits)
-        return {"loss": d, "d_loss": d.detach()}
+        """Hinge loss of the projected (or single PatchGAN) critic plus ``patchgan_weight``
+        x the multi-scale PatchGAN's least-squares loss, on real images and
+        reconstructions."""
+        return pix2pixhd.discriminator_terms(discriminator, images, fake, self.cfg.patchgan_weight)
 
 
 def equivariant(x: torch.Tensor, scale: float, turns: int, antialias: bool) -> torch.Tensor:
@@ -366,9 +387,10 @@ def check_config(cfg: VFMVAEConfig) -> None:
     resolve_arch(cfg)
     stage = stage_of(cfg)
     recon = stage.l1 + stage.ssim + (stage.perceptual if cfg.perceptual != "none" else 0)
-    if recon + stage.kl + stage.vf <= 0 and cfg.disc_weight <= 0 and not stage.multiscale:
+    gan = cfg.disc_weight > 0 or cfg.disc_scales > 0
+    if recon + stage.kl + stage.vf <= 0 and not gan and not stage.multiscale:
         raise ValueError(
-            f"tokenizer.disc_weight: stage {cfg.stage} trains only GAN terms; set it above 0"
+            f"tokenizer.disc_weight: stage {cfg.stage} trains only GAN terms; set it (or tokenizer.disc_scales) above 0"
         )
 
 
@@ -391,7 +413,13 @@ PUBLISHED_HINT = (
     "tokenizer.weights=<path>, with tokenizer.vfm=hf:google/siglip2-large-patch16-512"
 )
 # what only training uses: the perceptual network and the weights training started from
-TRAINING_ONLY = {"perceptual": "none", "weights": None, "vf_weight": 0.0, "disc_weight": 0.0}
+TRAINING_ONLY = {
+    "perceptual": "none",
+    "weights": None,
+    "vf_weight": 0.0,
+    "disc_weight": 0.0,
+    "disc_scales": 0,
+}
 # entries of the released checkpoint that are not ours: the frozen VFM, and (in the
 # training file's other entries) the discriminator
 DROPPED = ("vfm_encoder.",)
