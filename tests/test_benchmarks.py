@@ -139,6 +139,21 @@ def test_extract_benchmark(tmp_path):
     assert runs["small"]["images"] == 8 and "overhead_marginal" in runs
 
 
+def test_tokenizer_memory_benchmark(tmp_path):
+    """A frozen-encoder family's training in-process: peak memory, parameter bytes, and the
+    EMA copy sharing the frozen networks (one copy per process)."""
+    out = tmp_path / "mem.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "tokenizer_memory.py")]
+    cmd += [str(ROOT / "experiments" / "shapes" / "svg.yaml"), "--images", "16", "--batch", "8"]
+    subprocess.run(cmd + ["--out", str(out)], check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["tokenizer"] == "svg shapes" and result["ema_shares_frozen"] is True
+    assert result["frozen_networks"] == ["perceptual", "vfm"]
+    assert result["frozen_mib_with_ema"] == result["frozen_mib"] > 0
+    assert result["peak_rss_mib"] >= result["rss_after_build_mib"] > result["rss_after_imports_mib"]
+    assert result["trainable_mib"] > 0 and result["discriminator_mib"] > 0
+
+
 def test_vf_linear_probe_benchmark(tmp_path):
     out = tmp_path / "probe.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "vf_linear_probe.py"), "--images", "64"]
