@@ -14,6 +14,7 @@ from latentforge.metrics.table import (
     METRIC_NAMES,
     METRICS,
     RECON_METRICS,
+    SAMPLE_METRICS,
     SHAPESNET_METRICS,
     VFM_METRICS,
     direction,
@@ -45,6 +46,7 @@ DIRECTIONS = {
     "lpips": "min",
     "fd_shapesnet_real_baseline": "min",
     "recon_class_accuracy": "max",
+    "se_cknna": "max",
 }
 
 
@@ -60,7 +62,7 @@ def test_every_metric_evaluate_accepts_has_a_direction_meaning_and_extractor():
         assert m.extractor in ("shapesnet", "inception", "vfm", "pixels", "lpips"), m.name
         assert m.kind in ("generation", "reconstruction"), m.name
     # evaluate dispatches each metric by exactly one of these groups
-    groups = [SHAPESNET_METRICS, INCEPTION_METRICS, VFM_METRICS, RECON_METRICS]
+    groups = [SHAPESNET_METRICS, INCEPTION_METRICS, VFM_METRICS & SAMPLE_METRICS, RECON_METRICS]
     for name in METRIC_NAMES:
         assert sum(name in g for g in groups) == 1, name
     with pytest.raises(KeyError, match="fid_infinity"):
@@ -84,6 +86,7 @@ def test_directions_are_right():
         "is",
         "precision",
         "recall",
+        "se_cknna",
     }
     # fd_vfm under its VFM's name, and its baseline: distances
     assert direction("fd_shapes_vit") == direction("fd_shapes_vit_real_baseline") == "min"

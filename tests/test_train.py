@@ -283,7 +283,7 @@ def test_gradient_accumulation_equals_one_large_batch():
     of 8 (a deterministic objective)."""
     from types import SimpleNamespace
 
-    from latentforge.training.loop import train_step
+    from latentforge.training.loop import Job, train_step
 
     class Quadratic(torch.nn.Module):
         def __init__(self):
@@ -298,7 +298,7 @@ def test_gradient_accumulation_equals_one_large_batch():
     results = []
     for batches in ([{"x": x}], [{"x": x[:4]}, {"x": x[4:]}]):
         model = Quadratic()
-        job = SimpleNamespace(model=model, lr=0.1, kind="test")
+        job = Job("test", model, model, 8, 8, lr=0.1, ema_decay=0.999)
         opt = torch.optim.AdamW(model.parameters(), lr=0.1)
         out = train_step(model, opt, batches, 0, None, job, tc)
         results.append((model.w.detach().clone(), out))
@@ -369,7 +369,7 @@ def test_gradients_are_clipped_before_the_step():
     plain SGD at lr 1 the parameters move by exactly that much; grad_norm logs |g|."""
     from types import SimpleNamespace
 
-    from latentforge.training.loop import train_step
+    from latentforge.training.loop import Job, train_step
 
     target = torch.tensor([3.0, -4.0, 12.0])  # |grad of |w - target|^2 at 0| = 2 * 13 = 26
 
@@ -383,7 +383,7 @@ def test_gradients_are_clipped_before_the_step():
 
     for clip, moved in ((0.5, 0.5), (100.0, 26.0), (0.0, 26.0)):  # 0: off
         model = Far()
-        job = SimpleNamespace(model=model, lr=1.0, kind="test")
+        job = Job("test", model, model, 1, 1, lr=1.0, ema_decay=0.999)
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         tc = SimpleNamespace(warmup_images=0, grad_clip=clip)
         out = train_step(model, opt, [{"x": torch.zeros(1)}], 0, None, job, tc)
