@@ -19,10 +19,9 @@ demo: install
 	$(BIN)/latentforge run experiments/quickstart.yaml
 
 # the suite in TEST_WORKERS processes (pytest-xdist), each test module whole in one of them
-# (its shared fixtures and Ray session), handed out longest first (tests/conftest.py
-# LONG_MODULES); TEST_WORKERS=0 runs it in this process
+# (its shared fixtures and Ray session); TEST_WORKERS=0 runs it in this process
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test: install
 	$(PYTEST)

@@ -59,28 +59,3 @@ def inception_file(tmp_path_factory):
     from tests.test_fid import random_inception_file
 
     return random_inception_file(tmp_path_factory.mktemp("inception"))
-
-
-# The modules that start Ray Train, Tune or a Ray head, longest first (seconds of one
-# pytest-xdist process on 2 busy cores, measured): `make test` runs with
-# --no-loadscope-reorder, so its two processes take modules in this order, one at a time
-# as they finish (longest-processing-time-first), and the short ones fill in at the end.
-LONG_MODULES = (
-    "test_pipeline.py",  # ~250 s
-    "test_sweep.py",  # ~190 s
-    "test_jobs.py",  # ~120 s
-    "test_extract.py",  # ~90 s
-    "test_benchmarks.py",  # ~90 s
-    "test_families.py",  # ~85 s
-    "test_train.py",  # ~80 s
-    "test_metrics.py",  # ~60 s
-    "test_fid.py",  # ~40 s
-)
-
-
-def pytest_collection_modifyitems(items):
-    def rank(item) -> int:
-        name = item.path.name
-        return LONG_MODULES.index(name) if name in LONG_MODULES else len(LONG_MODULES)
-
-    items.sort(key=rank)  # stable: each module's tests keep their order
