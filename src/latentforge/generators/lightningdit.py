@@ -63,6 +63,9 @@ CONFIGS: dict[str, DiTArch] = {
     # the embedded default (8x8 latents, CPU laptop) and tests
     "small": DiTArch(depth=6, hidden=192, heads=3, patch=2),
     "micro": DiTArch(depth=4, hidden=128, heads=2, patch=2),  # the 2-core demo
+    # the demo's size for wide latents (RAE's, SVG's 128+ channels at 8x8): patch 1, so that
+    # a token (its channels) is no wider than the model (RAE's width >= token dimension)
+    "micro/1": DiTArch(depth=4, hidden=128, heads=2, patch=1),
     "tiny": DiTArch(depth=2, hidden=64, heads=2, patch=2),
     "tiny/1": DiTArch(depth=2, hidden=64, heads=2, patch=1),  # also for 1-D token latents
     # SVG-XL (Shi et al. 2025, shiml20/SVG): DiT-XL/1 with qk-norm (LayerNorm), learned sigma
