@@ -1,4 +1,4 @@
-"""Encode and decode time of the VA-VAE and RAE tokenizers, JSON out.
+"""Encode and decode time of the VA-VAE, RAE and SVG tokenizers, JSON out.
 
 Default case: VA-VAE f16d32 (the published architecture, 69.8M parameters), batch 4,
 256x256 images, fp32, 2 threads, eval mode without gradients; median of 5 timed calls after
@@ -21,6 +21,14 @@ weights (the encoder is transformers' model in both, so it is timed once).
     python benchmarks/tokenizer_step.py --out runs/bench/tokenizer_step.json
     python benchmarks/tokenizer_step.py --official ../LightningDiT
     python benchmarks/tokenizer_step.py --family rae --official ../RAE
+    python benchmarks/tokenizer_step.py --family svg --official ../SVG
+
+SVG (``--family svg``, default config ``dinov3-s16p``: timm's DINOv3 ViT-S/16+ architecture
+with random weights, the 8-channel residual ViT and the LDM decoder to 392-channel latents,
+256 px): ``encode`` is the VFM and the residual ViT (torchvision's ``VisionTransformer`` in
+both implementations, so it is timed once), ``decode`` the decoder; with ``--official PATH``
+(a checkout of shiml20/SVG, with einops installed) the decode is also timed on the official
+``ldm.modules.diffusionmodules.model.Decoder`` holding the same weights.
 """
 
 from __future__ import annotations
@@ -162,10 +170,69 @@ def rae_case(args) -> tuple[dict, dict]:
     return impls, {"encode": x, "decode": z}
 
 
+def svg_vfm(arch):
+    """The named config's frozen VFM with random weights (nothing is downloaded, the time is
+    the same): timm's DINOv3 ViT-S/16+ architecture for ``dinov3-s16p``, else the spec."""
+    import timm
+
+    from latentforge.tokenizers.vfm import TimmVFM, load_vfm
+
+    if not arch.vfm.startswith("timm:"):
+        return load_vfm(arch.vfm)
+    model = timm.create_model(arch.vfm.split(":", 1)[1], pretrained=False, img_size=arch.image_size)
+    return TimmVFM(model, arch.vfm, None, True, None)
+
+
+def official_svg_decode(repo: Path, ours, arch, resolution: int) -> Callable:
+    """The official LDM ``Decoder`` of shiml20/SVG (``autoencoder/ldm``, which needs einops)
+    with our decoder's weights, called as ``DinoDecoder.decode`` calls it."""
+    dec_arch = arch.decoder
+    if dec_arch.groups != 32 or not dec_arch.mid_attn:
+        raise SystemExit("--official: the official decoder has GroupNorm(32) and mid attention")
+    sys.path.insert(0, str(repo / "autoencoder"))
+    from ldm.modules.diffusionmodules.model import Decoder
+
+    dec = Decoder(ch=dec_arch.ch, out_ch=3, ch_mult=dec_arch.ch_mult,
+                  num_res_blocks=dec_arch.num_res_blocks,
+                  attn_resolutions=[resolution // 2**lv for lv in dec_arch.attn_levels],
+                  dropout=0.0, in_channels=3, resolution=resolution,
+                  z_channels=dec_arch.z_channels).eval()  # fmt: skip
+    dec.load_state_dict(ours.decoder.state_dict(), strict=True)
+    return dec
+
+
+def svg_case(args) -> tuple[dict, dict]:
+    """Implementations and inputs of the SVG benchmark: ``encode`` is the frozen VFM plus
+    the residual ViT (torchvision's, as in the official code; timed once), ``decode`` the
+    LDM decoder, ours and, with ``--official``, SVG's."""
+    from latentforge.tokenizers.svg import CONFIGS as SVG_CONFIGS
+    from latentforge.tokenizers.svg import SVG, SVGConfig
+
+    arch = SVG_CONFIGS[args.config]
+    cfg = SVGConfig(config=args.config, perceptual="none", disc_weight=0.0, match="batch")
+    ours = SVG(arch, cfg, svg_vfm(arch)).eval()  # the published batch-statistics matching
+    x = torch.rand(args.batch, 3, args.resolution, args.resolution) * 2 - 1
+    with torch.no_grad():
+        z = ours.encode(x)
+    impls = {"latentforge": {"encode": ours.encode, "decode": ours.decode}}
+    if args.official:
+        impls["official"] = {
+            "decode": official_svg_decode(args.official, ours, arch, args.resolution)
+        }
+    return impls, {"encode": x, "decode": z}
+
+
+CASES = {
+    "vavae": ("f16d32", vavae_case),
+    "rae": ("dinov2-b", rae_case),
+    "svg": ("dinov3-s16p", svg_case),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--family", default="vavae", choices=["vavae", "rae"])
-    ap.add_argument("--config", help="named config (default: f16d32 / dinov2-b)")
+    ap.add_argument("--family", default="vavae", choices=list(CASES))
+    ap.add_argument("--config", help="named config (default: f16d32 / dinov2-b / dinov3-s16p)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
@@ -173,11 +240,12 @@ def main() -> None:
     ap.add_argument("--official", type=Path, help="checkout of the official repository to compare")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/tokenizer_step.json"))
     args = ap.parse_args()
-    args.config = args.config or {"vavae": "f16d32", "rae": "dinov2-b"}[args.family]
+    default_config, case = CASES[args.family]
+    args.config = args.config or default_config
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    impls, inputs = (rae_case if args.family == "rae" else vavae_case)(args)
+    impls, inputs = case(args)
     with torch.no_grad():
         flops = {c: count_flops(impls["latentforge"][c], v) for c, v in inputs.items()}
         medians = time_alternating(impls, inputs, args.repeats)

@@ -233,3 +233,56 @@ def test_tokenizer_step_benchmark_rae(tmp_path):
     assert rows == [("latentforge", "encode"), ("latentforge", "decode"), ("official", "decode")]
     assert all(r["seconds"] > 0 and r["flops"] > 0 for r in result["rows"])
     assert set(result["speedup_vs_official"]) == {"decode"}
+
+
+# Stands in for shiml20/SVG's autoencoder/ldm/modules/diffusionmodules/model.py: the LDM
+# Decoder's constructor keywords, our decoder (the same keys).
+FAKE_OFFICIAL_SVG = """
+from latentforge.tokenizers.ldm_blocks import AEArch, ConvDecoder
+
+
+class Decoder(ConvDecoder):
+    def __init__(self, *, ch, out_ch, ch_mult, num_res_blocks, attn_resolutions, dropout,
+                 in_channels, resolution, z_channels):
+        levels = tuple(i for i in range(len(ch_mult)) if resolution // 2**i in attn_resolutions)
+        super().__init__(AEArch(ch, tuple(ch_mult), num_res_blocks, levels, z_channels))
+"""
+
+
+def test_tokenizer_step_benchmark_svg(tmp_path, monkeypatch):
+    """SVG's case in-process, on a small config with the official decoder's GroupNorm(32)
+    and mid attention (the `shapes` decoder has neither, and --official refuses it)."""
+    import dataclasses
+
+    from latentforge.tokenizers import svg
+    from latentforge.tokenizers.ldm_blocks import AEArch
+
+    pkg = tmp_path / "official" / "autoencoder" / "ldm" / "modules" / "diffusionmodules"
+    pkg.mkdir(parents=True)
+    for d in (pkg, pkg.parent, pkg.parent.parent):
+        (d / "__init__.py").write_text("")
+    (pkg / "model.py").write_text(FAKE_OFFICIAL_SVG)
+    decoder = AEArch(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_levels=(2,), z_channels=136)
+    arch = dataclasses.replace(svg.CONFIGS["shapes"], decoder=decoder)
+    monkeypatch.setitem(svg.CONFIGS, "bench", arch)
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import tokenizer_step
+
+    out = tmp_path / "bench.json"
+    argv = ["tokenizer_step.py", "--family", "svg", "--config", "bench", "--resolution", "32"]
+    argv += ["--batch", "2", "--repeats", "1", "--threads", "1"]
+    monkeypatch.setattr(
+        sys, "argv", [*argv, "--official", str(tmp_path / "official"), "--out", str(out)]
+    )
+    try:
+        tokenizer_step.main()
+    finally:  # the fake official package leaves with its test
+        for name in [m for m in sys.modules if m == "ldm" or m.startswith("ldm.")]:
+            del sys.modules[name]
+    result = json.loads(out.read_text())
+    rows = [(r["implementation"], r["call"]) for r in result["rows"]]
+    assert rows == [("latentforge", "encode"), ("latentforge", "decode"), ("official", "decode")]
+    assert set(result["speedup_vs_official"]) == {"decode"} and result["family"] == "svg"
+    monkeypatch.setattr(sys, "argv", [*argv[:4], "shapes", *argv[5:], "--official", "x"])
+    with pytest.raises(SystemExit, match="GroupNorm"):
+        tokenizer_step.main()
