@@ -306,6 +306,8 @@ def test_tokenizer_job_trains_with_the_gan_and_loads_for_inference(tmp_path):
         [
             "tokenizer.config=tiny",
             "tokenizer.perceptual=none",
+            "tokenizer.disc_weight=0.75",  # the shapes file trains without the GAN
+            "tokenizer.disc_kernel=3",
             "tokenizer.disc_start=32",
             "tokenizer.gan_start=32",
             "tokenizer.lecam_weight=0.1",
