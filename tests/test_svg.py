@@ -315,7 +315,7 @@ def test_hub_vfm_from_a_local_repository(tmp_path):
 
 
 def test_tokenizer_fit_on_the_platform_path(tmp_path):
-    """experiments/shapes/svg.yaml's objective (VFM perceptual term, PatchGAN from
+    """SVG's objective on experiments/shapes/svg.yaml (VFM perceptual term, PatchGAN from
     ``disc_start``) through the training loop on a few batches: the GAN phase switches on,
     the running match statistics are saved with the weights and load for inference."""
     import numpy as np
@@ -331,6 +331,9 @@ def test_tokenizer_fit_on_the_platform_path(tmp_path):
         [
             f"run_dir={tmp_path}",
             "tokenizer.config=tiny",
+            "tokenizer.perceptual=vfm",  # the published terms; the shapes file has neither
+            "tokenizer.disc_weight=0.5",
+            "tokenizer.disc_layers=2",
             "tokenizer.disc_start=32",
             "tokenizer.disc_channels=8",
             "train.tokenizer_images=64",
