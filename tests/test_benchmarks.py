@@ -144,7 +144,9 @@ def test_tokenizer_memory_benchmark(tmp_path):
     EMA copy sharing the frozen networks (one copy per process)."""
     out = tmp_path / "mem.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "tokenizer_memory.py")]
-    cmd += [str(ROOT / "experiments" / "shapes" / "svg.yaml"), "--images", "16", "--batch", "8"]
+    cmd += [str(ROOT / "experiments" / "shapes" / "svg.yaml")]
+    cmd += ["tokenizer.perceptual=vfm", "tokenizer.disc_weight=0.5"]  # SVG's published terms
+    cmd += ["--images", "16", "--batch", "8"]
     subprocess.run(cmd + ["--out", str(out)], check=True, capture_output=True, timeout=300)
     result = json.loads(out.read_text())
     assert result["tokenizer"] == "svg shapes" and result["ema_shares_frozen"] is True
