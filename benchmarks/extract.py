@@ -86,12 +86,16 @@ def _lookup(batch: dict, images: np.ndarray, labels: np.ndarray, skip=None) -> d
     return {"image": images[idx], "label": labels[idx], "id": idx.astype(str).astype(object)}
 
 
-def measure(cfg, weights: Path, work: Path, repeats: int, encoder_rate: float) -> dict:
-    """Extraction at ``cfg.data.num_images`` and an eighth of it: marginal rate, overheads."""
+def measure(
+    cfg, weights: Path, work: Path, repeats: int, encoder_rate: float, warmup: bool = True
+) -> dict:
+    """Extraction at ``cfg.data.num_images`` and an eighth of it: marginal rate, overheads
+    (after a warm-up extraction unless ``warmup`` is False: a check, not a measurement)."""
     small = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, num_images=max(1, cfg.data.num_images // 8))
     )
-    ray_extraction(small, weights, work, 1)  # warm-up: worker processes, page cache
+    if warmup:
+        ray_extraction(small, weights, work, 1)  # worker processes, page cache
     full = ray_extraction(cfg, weights, work, repeats)
     start = ray_extraction(small, weights, work, repeats)
     marginal = (full["images"] - start["images"]) / max(full["seconds"] - start["seconds"], 1e-9)
@@ -139,6 +143,9 @@ def main() -> None:
     ap.add_argument("--no-flip", action="store_true")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument(
+        "--no-warmup", action="store_true", help="skip the warm-up extraction (a quick check)"
+    )
+    ap.add_argument(
         "--sources", default="shapes,memory", help="comma-separated: shapes, memory (see above)"
     )
     ap.add_argument("--out", type=Path, default=Path("runs/bench/extract.json"))
@@ -174,7 +181,9 @@ def main() -> None:
                     raise SystemExit(f"--sources: unknown source {source!r} (shapes, memory)")
                 if source == "memory":
                     data_module.load_images = MemorySource(images, labels)
-                sources[source] = measure(cfg, weights, work, args.repeats, rate)
+                sources[source] = measure(
+                    cfg, weights, work, args.repeats, rate, not args.no_warmup
+                )
         finally:
             ray.shutdown()
     report = {

@@ -130,6 +130,7 @@ def test_extract_benchmark(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "extract.py"), "--tokenizer", "tiny"]
     cmd += ["--images", "64", "--batch", "16", "--shard-rows", "32", "--out", str(out)]
     cmd += ["--sources", "memory"]  # the pipeline tests extract from the shapes source
+    cmd += ["--no-warmup"]  # a check of the script, not a measurement
     subprocess.run(cmd, check=True, capture_output=True, timeout=600)
     result = json.loads(out.read_text())
     assert result["encoder"]["images_per_s"] > 0
