@@ -16,11 +16,13 @@ but its dense math at the peak would have (no implementation can be faster).
 
 ``--family ditdh`` times DiT^DH (default config ``DiTDH-S``); its ``--official`` is a
 checkout of bytetriper/RAE, whose ``src/stage2/models/DDT.py`` ``DiTwDDTHead`` gets the same
-weights (square latents only, as the official unpatchify assumes).
+weights (square latents only, as the official unpatchify assumes). ``--family sit`` times
+SiT on 1-D tokens (default config ``SiT-B/1``, ``--latent C,N``; no ``--official``).
 
     python benchmarks/generator_step.py --out runs/bench/generator_step.json
     python benchmarks/generator_step.py --official ../LightningDiT
     python benchmarks/generator_step.py --family ditdh --latent 768,16,16 --official ../RAE
+    python benchmarks/generator_step.py --family sit --config SiT-XL/1 --latent 12,128
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ import torch
 from timing import emit, median_seconds
 from torch.utils.flop_counter import FlopCounterMode
 
-from latentforge.generators import ditdh
+from latentforge.generators import ditdh, sit
 from latentforge.generators.lightningdit import CONFIGS, LightningDiT
 
-DEFAULT_CONFIG = {"lightningdit": "LightningDiT-B/1", "ditdh": "DiTDH-S"}
+DEFAULT_CONFIG = {"lightningdit": "LightningDiT-B/1", "ditdh": "DiTDH-S", "sit": "SiT-B/1"}
+FAMILIES = {"ditdh": (ditdh.CONFIGS, ditdh.DiTDH), "sit": (sit.CONFIGS, sit.SiT)}
 
 
 def official_model(repo: Path, arch, latent: tuple[int, int, int], classes: int):
@@ -94,14 +97,15 @@ def official_ditdh(repo: Path, arch: ditdh.DiTDHArch, latent: tuple[int, int, in
 def build_models(family: str, config: str, latent: tuple[int, ...], official: Path | None):
     """Our model of ``family`` / ``config`` and, with a checkout, the official one with the
     same weights (same keys: loaded strictly)."""
-    configs = ditdh.CONFIGS if family == "ditdh" else CONFIGS
+    configs, make = FAMILIES.get(family, (CONFIGS, LightningDiT))
     if config not in configs:
         raise SystemExit(f"--config {config}: not a {family} config ({', '.join(configs)})")
     arch = configs[config]
-    make = ditdh.DiTDH if family == "ditdh" else LightningDiT
     ours = make(arch, latent, 1000)
     if official is None:
         return ours, None
+    if family == "sit":
+        raise SystemExit("--official: not available for sit")
     build = official_ditdh if family == "ditdh" else official_model
     theirs = build(official, arch, latent, 1000)
     theirs.load_state_dict(ours.state_dict(), strict=True)
@@ -170,7 +174,7 @@ def main() -> None:
         + ")",
     )
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--latent", default="32,16,16", help="C,H,W")
+    ap.add_argument("--latent", default="32,16,16", help="C,H,W (sit: C,N)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")

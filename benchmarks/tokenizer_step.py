@@ -1,4 +1,4 @@
-"""Encode and decode time of the VA-VAE, RAE and SVG tokenizers, JSON out.
+"""Encode and decode time of the VA-VAE, RAE, SVG and Siglip-VAE tokenizers, JSON out.
 
 Default case: VA-VAE f16d32 (the published architecture, 69.8M parameters), batch 4,
 256x256 images, fp32, 2 threads, eval mode without gradients; median of 5 timed calls after
@@ -22,6 +22,7 @@ weights (the encoder is transformers' model in both, so it is timed once).
     python benchmarks/tokenizer_step.py --official ../LightningDiT
     python benchmarks/tokenizer_step.py --family rae --official ../RAE
     python benchmarks/tokenizer_step.py --family svg --official ../SVG
+    python benchmarks/tokenizer_step.py --family siglipvae
 
 SVG (``--family svg``, default config ``dinov3-s16p``: timm's DINOv3 ViT-S/16+ architecture
 with random weights, the 8-channel residual ViT and the LDM decoder to 392-channel latents,
@@ -222,17 +223,49 @@ def svg_case(args) -> tuple[dict, dict]:
     return impls, {"encode": x, "decode": z}
 
 
+def siglipvae_case(args) -> tuple[dict, dict]:
+    """Implementations and inputs of the Siglip-VAE benchmark: ``encode`` is VA-VAE's encoder
+    plus the frozen SigLIP and the fusion projection, ``decode`` VA-VAE's decoder. The SigLIP
+    is transformers' ``SiglipVisionModel`` with random weights (nothing is downloaded, the time
+    is the same): SigLIP2-so400m/16 for ``f16d32-siglip2``, else a 2-layer, 64-wide one with
+    the latent grid. No official comparison: the official extraction is the VA-VAE encoder
+    (timed by ``--family vavae``) plus the same transformers SigLIP."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from latentforge.tokenizers.siglipvae import CONFIGS as SV_CONFIGS
+    from latentforge.tokenizers.siglipvae import SiglipVAE, SiglipVAEConfig
+    from latentforge.tokenizers.vfm import HFVFM
+
+    arch = SV_CONFIGS[args.config]
+    size = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+    if args.config == "f16d32-siglip2":
+        size = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+                    num_attention_heads=16)  # fmt: skip
+    siglip = SiglipVisionModel(
+        SiglipVisionConfig(**size, patch_size=arch.downsample, image_size=args.resolution)
+    )
+    vfm = HFVFM(siglip, "siglip", None, False, None, (0.5,) * 3, (0.5,) * 3)
+    cfg = SiglipVAEConfig(config=args.config, perceptual="none")
+    ours = SiglipVAE(arch, cfg, vfm).eval()
+    x = torch.rand(args.batch, 3, args.resolution, args.resolution) * 2 - 1
+    with torch.no_grad():
+        z = ours.encode(x)
+    calls = {"encode": lambda im: ours.encode(im, sample=True), "decode": ours.decode}
+    return {"latentforge": calls}, {"encode": x, "decode": z}
+
+
 CASES = {
     "vavae": ("f16d32", vavae_case),
     "rae": ("dinov2-b", rae_case),
     "svg": ("dinov3-s16p", svg_case),
+    "siglipvae": ("f16d32-siglip2", siglipvae_case),
 }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", default="vavae", choices=list(CASES))
-    ap.add_argument("--config", help="named config (default: f16d32 / dinov2-b / dinov3-s16p)")
+    ap.add_argument("--config", help="named config (default: each family's published one)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)

@@ -101,6 +101,20 @@ def test_tokenizer_step_benchmark(tmp_path):
     assert set(result["speedup_vs_official"]) == {"encode", "decode"}
 
 
+def test_tokenizer_step_benchmark_siglipvae(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "tokenizer_step.py"), "--family"]
+    cmd += ["siglipvae", "--config", "tiny", "--resolution", "32", "--batch", "1"]
+    cmd += ["--repeats", "1", "--threads", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["implementation"], r["call"]) for r in rows] == [
+        ("latentforge", "encode"),
+        ("latentforge", "decode"),
+    ]
+    assert all(r["seconds"] > 0 and r["flops"] > 0 for r in rows)
+
+
 def test_fd_benchmark_agrees_with_scipy(tmp_path):
     out = tmp_path / "fd.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "fd.py"), "--dim", "32", "--n", "20", "200"]

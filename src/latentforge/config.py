@@ -161,6 +161,10 @@ class SampleConfig:
     cfg_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     cfg_channels: int | None = None  # None = all channels; 3 reproduces DiT/LightningDiT
     timestep_shift: Shift = 1.0  # shift of the time grid (1 = none; auto); see shift_t
+    # euler_maruyama: diffusion w(t) = sde_diffusion * sigma(t) (SiT / MAETok: 2), and a last,
+    # noise-free step of this length (SiT's last_step_size: 0.04; 0 = uniform steps)
+    sde_diffusion: float = 1.0
+    sde_last_step: float = 0.0
     batch_size: int = 256  # a multiple of 16 (the sampler's fixed micro-batch)
     seed: int = 0
     grid_images: int = 100  # images in the report's sample grid (class-sorted)

@@ -111,10 +111,17 @@ TOKENIZERS = Registry(
         "latentforge.tokenizers.rae",
         "latentforge.tokenizers.svg",
         "latentforge.tokenizers.vfmvae",
+        "latentforge.tokenizers.siglipvae",
+        "latentforge.tokenizers.token1d",
     ),
 )
 GENERATORS = Registry(
-    "generator", ("latentforge.generators.lightningdit", "latentforge.generators.ditdh")
+    "generator",
+    (
+        "latentforge.generators.lightningdit",
+        "latentforge.generators.ditdh",
+        "latentforge.generators.sit",
+    ),
 )
 DATASETS = Registry("dataset", ("latentforge.data",))
 

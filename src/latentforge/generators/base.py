@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from torch import nn
+
+A = TypeVar("A")
+
+
+def named_arch(configs: dict[str, A], cfg, without_layers: str | None = None) -> A:
+    """The architecture ``configs[cfg.config]``; with ``without_layers`` (a family's name),
+    raises for the transport weights that need layers the family does not have (REPA,
+    REG)."""
+    if cfg.config not in configs:
+        raise KeyError(f"unknown generator config {cfg.config!r}; known: {', '.join(configs)}")
+    for key in ("repa_weight", "reg_weight") if without_layers else ():
+        if getattr(cfg.transport, key) > 0:
+            raise ValueError(
+                f"generator.transport.{key}: {without_layers} has no {key[:3].upper()} layers"
+            )
+    return configs[cfg.config]
 
 
 class Generator(nn.Module):

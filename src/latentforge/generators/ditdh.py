@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from latentforge.config import GeneratorConfig, TransportConfig
-from latentforge.generators.base import Generator
+from latentforge.generators.base import Generator, named_arch
 from latentforge.generators.blocks import (
     Block,
     DiTArch,
@@ -239,12 +239,7 @@ class DiTDH(Generator):
 
 def resolve_arch(cfg: DiTDHConfig) -> DiTDHArch:
     """The named config; raises for what DiT^DH does not do (REPA, REG)."""
-    if cfg.config not in CONFIGS:
-        raise KeyError(f"unknown generator config {cfg.config!r}; known: {', '.join(CONFIGS)}")
-    for key in ("repa_weight", "reg_weight"):
-        if getattr(cfg.transport, key) > 0:
-            raise ValueError(f"generator.transport.{key}: DiT^DH has no {key[:3].upper()} layers")
-    return CONFIGS[cfg.config]
+    return named_arch(CONFIGS, cfg, "DiT^DH")
 
 
 def build_ditdh(

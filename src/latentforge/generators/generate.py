@@ -111,6 +111,8 @@ def sampler_options(cfg: ExperimentConfig, latent_shape: tuple[int, ...], log=pr
         timestep_shift=shift,
         null_class=num_classes_of(cfg),
         micro_batch=MICRO_BATCH,
+        sde_diffusion=sc.sde_diffusion,
+        sde_last_step=sc.sde_last_step,
     )
 
 

@@ -128,11 +128,25 @@ class Guided:
 
 
 def time_grid(
-    steps: int, shift: float, device, span: tuple[float, float] = (0.0, 1.0)
+    steps: int,
+    shift: float,
+    device,
+    span: tuple[float, float] = (0.0, 1.0),
+    last_step: float = 0.0,
 ) -> torch.Tensor:
-    """``steps + 1`` shifted times from span[0] (noise side) to span[1]."""
-    grid = shift_t(torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=torch.float64), shift)
+    """``steps + 1`` shifted times from span[0] (noise side) to span[1]. With ``last_step``
+    (SiT's ``last_step_size``), the last step spans that much time and the others are the
+    shifted grid over the rest: SiT / MAETok's SDE grid with 0.04 is
+    ``linspace(0, 0.96, steps)`` then 1."""
     lo, hi = span
+    if last_step:
+        if not 0 < last_step < hi - lo or steps < 2:
+            raise ValueError(
+                f"sde_last_step {last_step}: needs 0 < it < {hi - lo:g} and 2 or more steps"
+            )
+        head = time_grid(steps - 1, shift, device, (lo, hi - last_step))
+        return torch.cat([head, head.new_tensor([hi])])
+    grid = shift_t(torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=torch.float64), shift)
     return lo + (hi - lo) * grid
 
 
@@ -148,6 +162,8 @@ class SamplerOptions:
     timestep_shift: float = 1.0
     atol: float = 1e-6
     rtol: float = 1e-3
+    sde_diffusion: float = 1.0  # the SDE's diffusion scale (em_step; SiT and MAETok: 2)
+    sde_last_step: float = 0.0  # length of the last step (time_grid; SiT and MAETok: 0.04)
 
 
 @torch.no_grad()
@@ -170,6 +186,8 @@ def sample(
     atol: float = 1e-6,
     rtol: float = 1e-3,
     guide: nn.Module | None = None,
+    sde_diffusion: float = 1.0,
+    sde_last_step: float = 0.0,
 ) -> tuple[torch.Tensor, int]:
     """Integrate from noise (t = 0) to data (t = 1).
 
@@ -191,13 +209,28 @@ def sample(
     """
     check_arguments(model, noise, method, cfg_channels, generator, noise_seeds, guide)
     opts = SamplerOptions(
-        steps, method, cfg_scale, tuple(cfg_interval), cfg_channels, timestep_shift, atol, rtol
+        steps,
+        method,
+        cfg_scale,
+        tuple(cfg_interval),
+        cfg_channels,
+        timestep_shift,
+        atol,
+        rtol,
+        sde_diffusion,
+        sde_last_step,
     )
     run = partial(
         integrate, model, transport, null_class=null_class, opts=opts, rng=generator, guide=guide
     )
     if not micro_batch:
         return run(noise, y, noise_seeds)
+    return in_micro_batches(run, noise, y, noise_seeds, micro_batch)
+
+
+def in_micro_batches(run, noise, y, noise_seeds, micro_batch: int) -> tuple[torch.Tensor, int]:
+    """``run(noise, y, seeds)`` on chunks of exactly ``micro_batch`` samples (the last one
+    padded); the samples concatenated, and the NFE per sample."""
     outs, nfe = [], 0
     for i in range(0, noise.shape[0], micro_batch):
         n, yy = noise[i : i + micro_batch], y[i : i + micro_batch]
@@ -282,7 +315,8 @@ def fixed_steps(field: Guided, transport: Transport, x: torch.Tensor, opts: Samp
     """Euler, Heun or Euler-Maruyama over the shifted time grid; ``rng`` (SDE noise):
     :class:`SeedStreams` or a ``torch.Generator``."""
     steps = opts.steps
-    ts = time_grid(steps, opts.timestep_shift, "cpu", transport.sample_range())  # host scalars
+    span = transport.sample_range()
+    ts = time_grid(steps, opts.timestep_shift, "cpu", span, opts.sde_last_step)  # host scalars
     for i in range(steps):
         t0, t1 = float(ts[i]), float(ts[i + 1])
         h = t1 - t0
@@ -293,21 +327,26 @@ def fixed_steps(field: Guided, transport: Transport, x: torch.Tensor, opts: Samp
             x_pred = x + h * v0
             x = x + h * 0.5 * (v0 + field(x_pred, t1)) if i < steps - 1 else x_pred
         elif opts.method == "euler_maruyama":
-            x = em_step(x, v0, t0, h, transport, rng, last=i == steps - 1)
+            x = em_step(x, v0, t0, h, transport, rng, i == steps - 1, opts.sde_diffusion)
         else:
             raise ValueError(f"unknown sampler {opts.method!r}")
     return x
 
 
-def em_step(x, v, t: float, h: float, transport: Transport, rng, last: bool) -> torch.Tensor:
+def em_step(
+    x, v, t: float, h: float, transport: Transport, rng, last: bool, scale: float = 1.0
+) -> torch.Tensor:
     """One Euler-Maruyama step of the reverse SDE dx = [v + w(t)/2 * s(x, t)] dt + sqrt(w(t)) dW,
-    with diffusion w(t) = sigma(t) (SiT's "sigma" form) and the score recovered from v.
+    with diffusion w(t) = scale * sigma(t) and the score recovered from v; the last step
+    adds no noise (SiT's "Mean" last step). SiT's "sigma" form (willisma/SiT
+    ``transport/integrators.py``: drift v + sigma s, noise sqrt(2 sigma dt)) is scale 2, as
+    are REPA's and MAETok's samplers (w = 2 t in their t = 1 noise convention, linear path).
     ``rng``: :class:`SeedStreams` (per-sample noise) or a ``torch.Generator``."""
     a, s, da, ds = (c.item() for c in transport.coefficients(torch.tensor([t], dtype=x.dtype)))
     # for x_t = a x1 + s x0: score = (a v - da x) / (s (da s - a ds)), valid for 0 < t < 1
     denom = s * (da * s - a * ds)
     score = (a * v - da * x) / denom if denom > 1e-8 else torch.zeros_like(x)
-    w = s
+    w = scale * s
     drift = v + 0.5 * w * score
     x = x + h * drift
     if last:

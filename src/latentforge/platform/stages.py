@@ -108,6 +108,9 @@ def sample_hash_parts(cfg: ExperimentConfig) -> list:
     for key in ("guide_weights", "guide_generator"):  # unset: earlier hashes stay valid
         if not sample[key]:
             del sample[key]
+    for key, default in (("sde_diffusion", 1.0), ("sde_last_step", 0.0)):  # likewise
+        if sample[key] == default:
+            del sample[key]
     return [sample]
 
 

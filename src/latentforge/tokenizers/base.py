@@ -70,6 +70,11 @@ class Tokenizer(nn.Module):
         """
         raise NotImplementedError
 
+    def conditioning(self, batch: dict[str, torch.Tensor]) -> dict:
+        """Further keyword arguments of :meth:`loss` drawn from a training batch (its
+        ``label``, ...): none unless a family's loss uses them (Siglip-VAE's captions)."""
+        return {}
+
     def load_trained(self, state: dict[str, torch.Tensor]) -> None:
         """Load weights this family saved in training (``model.safetensors``) into a model
         built for inference; strict unless a family drops training-only parts."""

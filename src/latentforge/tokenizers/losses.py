@@ -410,3 +410,87 @@ class GANCritic(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Args: images (B, 3, H, W) in [-1, 1]. Returns the logits of the augmented images."""
         return self.discriminator(self.augment(images))
+
+
+# --------------------------------------------------------------------------- image-text contrastive
+
+
+def contrastive_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    scale: torch.Tensor | float,
+    groups: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE (Radford et al. 2021, Fig. 3) between image and text
+    embeddings (B, D), unit-normalised: the mean of the cross-entropies of the text-to-image
+    logits ``scale * t_i . v_j`` over rows and over columns. The target of row i is image i;
+    with ``groups`` (B,) (ids of equal captions) it is uniform over the images whose caption
+    equals caption i, so that images sharing a caption (class names) are not pushed apart;
+    with distinct captions both are the same."""
+    v = F.normalize(image.float(), dim=-1)
+    t = F.normalize(text.float(), dim=-1)
+    logits = scale * (t @ v.T)  # (B text, B image)
+    if groups is None:
+        target = torch.arange(len(logits), device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    same = (groups.view(-1, 1) == groups.view(1, -1)).float()  # (B, B), symmetric
+    target = same / same.sum(1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+# --------------------------------------------------------------------------- 1-D token tokenizers
+# SoftVQ-VAE (Chen et al. 2024, arXiv 2412.10958) and MAETok (Chen et al. 2025, arXiv
+# 2502.03444), as Hhhhhhao/continuous_tokenizer computes them.
+
+
+def codebook_entropy_loss(logits: torch.Tensor, temperature: float = 0.01) -> torch.Tensor:
+    """Mean per-row entropy of softmax(logits / T) minus the entropy of the mean
+    distribution: every row of every codebook together (logits (..., K)), pushing each token
+    to a confident code while the batch uses many (SoftVQ's entropy loss, T = 0.01)."""
+    flat = logits.reshape(-1, logits.shape[-1]).float() / temperature
+    probs = F.softmax(flat, dim=-1)
+    sample = -(probs * F.log_softmax(flat, dim=-1)).sum(-1).mean()
+    avg = probs.mean(0)
+    return sample + (avg * torch.log(avg + 1e-6)).sum()
+
+
+def neg_cos(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None):
+    """Mean of -cos(pred, target) over tokens (B, N, C) — over the masked tokens only
+    when ``mask`` (B, N) is given (MAETok's auxiliary feature targets, REPA-style alignment)."""
+    cos = F.cosine_similarity(pred.float(), target.float(), dim=-1)  # (B, N)
+    if mask is None:
+        return -cos.mean()
+    m = mask.float()
+    return -(cos * m).sum() / m.sum().clamp(min=1)
+
+
+def _gaussian_window(size: int, device) -> torch.Tensor:
+    n = torch.arange(size, dtype=torch.float32, device=device)
+    w = torch.exp(-0.5 * ((n - n.mean()) / (size // 2)) ** 2)
+    k = w[:, None] * w[None, :]
+    return k / k.sum()
+
+
+@torch.no_grad()
+def hog_target(images: torch.Tensor, patch: int, cell: int = 8, bins: int = 9) -> torch.Tensor:
+    """HOG features per ``patch`` x ``patch`` token (MaskFeat, Wei et al. 2022, as MAETok's
+    ``utils/hog.py``): per RGB channel, Sobel gradients (reflect padding), magnitudes
+    weighted by a Gaussian window tiled once per patch (std patch / 2), binned by the
+    orientation atan2(g_x, g_y) into ``bins`` signed bins, summed over ``cell`` x ``cell``
+    cells and l2-normalised over the bins. Returns (B, N, 3 * bins * (patch / cell)^2) in
+    the official order (channel, bin, cell row, cell column): 108 values per 16 px patch."""
+    x = F.pad(images.float(), (1, 1, 1, 1), mode="reflect")
+    kx = torch.tensor([[1.0, 0, -1], [2, 0, -2], [1, 0, -1]], device=x.device)
+    gx = F.conv2d(x, kx.expand(3, 1, 3, 3).contiguous(), groups=3)
+    gy = F.conv2d(x, kx.t().expand(3, 1, 3, 3).contiguous(), groups=3)
+    mag = torch.sqrt(gx**2 + gy**2)  # (B, 3, H, W)
+    phase = torch.atan2(gx, gy) / torch.pi * bins  # [-bins, bins]
+    b, c, h, w = mag.shape
+    mag = mag * _gaussian_window(patch, x.device).repeat(h // patch, w // patch)
+    out = torch.zeros(b, c, bins, h, w, device=x.device)
+    out.scatter_add_(2, (phase.floor().long() % bins)[:, :, None], mag[:, :, None])
+    out = out.unfold(3, cell, cell).unfold(4, cell, cell).sum(dim=(-1, -2))  # (B, 3, bins, h, w)
+    out = F.normalize(out, dim=2).flatten(1, 2)  # (B, 3 * bins, H / cell, W / cell)
+    u = patch // cell
+    out = out.permute(0, 2, 3, 1).unfold(1, u, u).unfold(2, u, u)  # (B, gh, gw, 27, u, u)
+    return out.flatten(1, 2).flatten(2)

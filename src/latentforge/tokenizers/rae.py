@@ -33,6 +33,7 @@ from latentforge.registry import TOKENIZERS
 from latentforge.state_dicts import mismatch, read_state_dict
 from latentforge.tokenizers import losses
 from latentforge.tokenizers.base import Tokenizer
+from latentforge.tokenizers.feature_gan import FeatureGAN
 from latentforge.tokenizers.rae_decoder import GeneralDecoder
 from latentforge.tokenizers.vfm import (
     VFM,
@@ -154,7 +155,7 @@ class RAEConfig(TokenizerConfig):
 # ----------------------------------------------------------------------------- tokenizer
 
 
-class RAE(Tokenizer):
+class RAE(FeatureGAN, Tokenizer):
     """Frozen VFM encoder + trained ViT decoder; latents are the VFM's patch features."""
 
     def __init__(
@@ -237,20 +238,6 @@ class RAE(Tokenizer):
             out["fake"] = x_hat.detach()
         out["loss"] = total
         return out
-
-    def make_discriminator(self) -> nn.Module | None:
-        """The frozen-ViT-feature discriminator (with LeCAM's averages), or None."""
-        cfg = self.cfg
-        if cfg.disc_weight <= 0:
-            return None
-        vfm = load_vfm(cfg.disc_vfm, weights=cfg.disc_vfm_weights)
-        disc = losses.VFMDiscriminator(vfm, kernel_size=cfg.disc_kernel)
-        aug = losses.DiffAugment(cfg.diffaug_prob, cutout=cfg.diffaug_cutout)
-        return losses.GANCritic(disc, aug, losses.LeCAM(cfg.lecam_decay))
-
-    def discriminator_optimizer(self, base_lr: float) -> dict:
-        betas = tuple(self.cfg.disc_betas or (0.9, 0.95))
-        return {"disc_lr": self.cfg.disc_lr or base_lr, "disc_betas": betas}
 
     def gan_active(self, nimg: int) -> bool:
         """Whether the discriminator trains after ``nimg`` images (its generator term starts

@@ -164,16 +164,22 @@ class VAVAE(Tokenizer):
         return self.decoder(self.post_quant_conv(cpu_channels_last(latents))).contiguous()
 
     def loss(
-        self, images: torch.Tensor, nimg: int, discriminator: nn.Module | None = None
+        self,
+        images: torch.Tensor,
+        nimg: int,
+        discriminator: nn.Module | None = None,
+        **conditioning,
     ) -> dict[str, torch.Tensor]:
-        """Reconstruction (+ perceptual) + KL (+ adaptive VF) (+ adaptive GAN generator term,
-        with ``discriminator`` from ``disc_start`` images on). ``loss`` back-propagates;
-        ``fake`` (in the GAN phase) is the detached reconstruction for the discriminator's
-        step; the rest is logged."""
+        """Reconstruction (+ perceptual) + KL (+ adaptive VF) (+ a subclass's
+        :meth:`extra_terms`, given ``conditioning``) (+ adaptive GAN generator term, with
+        ``discriminator`` from ``disc_start`` images on). ``loss`` back-propagates; ``fake``
+        (in the GAN phase) is the detached reconstruction for the discriminator's step; the
+        rest is logged."""
         cfg = self.cfg
         mean, logvar = self.moments(images)
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if cfg.sample_posterior else mean
-        x_hat = self.decode(self.noise_augment(z) if cfg.decoder_noise > 0 else z)
+        feats = self.alignment_features(images)
+        x_hat = self.decode(self.decoder_latent(z, feats))
         recon = losses.reconstruction_loss(images, x_hat, cfg.recon)
         out = {"recon": recon.detach()}
         nll = recon  # LDM's reconstruction term (the adaptive weights' reference)
@@ -186,8 +192,7 @@ class VAVAE(Tokenizer):
         total = nll + cfg.kl_weight * kl
         out["kl"] = kl.detach()
         adaptive = self.training and torch.is_grad_enabled()
-        if self.vfm is not None and cfg.vf_weight > 0:
-            feats = self.vfm(images).patch[-1]
+        if feats is not None and cfg.vf_weight > 0:
             vf = losses.vf_loss(self.linear_proj(z), feats, cfg.vf_margin_cos, cfg.vf_margin_dist)
             weight = cfg.vf_weight
             if cfg.vf_adaptive and adaptive:
@@ -195,6 +200,7 @@ class VAVAE(Tokenizer):
                 weight = weight * losses.adaptive_weight(nll, vf, last, VF_MAX_WEIGHT / pixels)
             total = total + weight * vf
             out.update(vf=vf.detach(), vf_weight_eff=torch.as_tensor(weight).detach())
+        total = total + self.extra_terms(images, z, nll, out, **conditioning)
         if discriminator is not None and self.gan_active(nimg):
             g = losses.hinge_g_loss(discriminator(x_hat))
             weight = cfg.disc_weight
@@ -207,6 +213,26 @@ class VAVAE(Tokenizer):
             out["fake"] = x_hat.detach()
         out["loss"] = total
         return out
+
+    def alignment_features(self, images: torch.Tensor) -> torch.Tensor | None:
+        """The frozen VFM's last patch grid (B, C, h, w) that the VF loss aligns to, or None
+        when the VF loss is off."""
+        if self.vfm is None or self.cfg.vf_weight <= 0:
+            return None
+        return self.vfm(images).patch[-1]
+
+    def decoder_latent(self, z: torch.Tensor, feats: torch.Tensor | None) -> torch.Tensor:
+        """What the decoder reconstructs from in training: ``z`` (noise-augmented with
+        ``decoder_noise``); ``feats`` are :meth:`alignment_features`' (unused here)."""
+        return self.noise_augment(z) if self.cfg.decoder_noise > 0 else z
+
+    def extra_terms(
+        self, images: torch.Tensor, z: torch.Tensor, nll: torch.Tensor, out: dict
+    ) -> torch.Tensor | float:
+        """A subclass's further weighted loss terms (logging its parts in ``out``), given the
+        posterior sample ``z`` and the reconstruction term ``nll`` (the adaptive weights'
+        reference); VA-VAE has none."""
+        return 0.0
 
     def noise_augment(self, z: torch.Tensor) -> torch.Tensor:
         """``z`` plus Gaussian noise of a per-image scale ~ |N(0, decoder_noise^2)| times the
@@ -254,18 +280,22 @@ class VAVAE(Tokenizer):
         }
 
 
-def resolve_arch(cfg: VAVAEConfig) -> AEArch:
-    if cfg.config not in CONFIGS:
-        raise KeyError(f"unknown tokenizer config {cfg.config!r}; known: {', '.join(CONFIGS)}")
-    arch = CONFIGS[cfg.config]
+def resolve_arch(cfg: VAVAEConfig, configs: dict[str, AEArch] = CONFIGS) -> AEArch:
+    """The named config of ``configs`` (a VA-VAE variant passes its own), with
+    ``latent_channels`` when given."""
+    if cfg.config not in configs:
+        raise KeyError(f"unknown tokenizer config {cfg.config!r}; known: {', '.join(configs)}")
+    arch = configs[cfg.config]
     if cfg.latent_channels is not None:
         arch = replace(arch, z_channels=cfg.latent_channels)
     return arch
 
 
-def latent_shape(cfg: VAVAEConfig, resolution: int) -> tuple[int, int, int]:
+def latent_shape(
+    cfg: VAVAEConfig, resolution: int, configs: dict[str, AEArch] = CONFIGS
+) -> tuple[int, int, int]:
     """(C, H, W) of the latents of ``resolution`` x ``resolution`` images."""
-    arch = resolve_arch(cfg)
+    arch = resolve_arch(cfg, configs)
     if resolution % arch.downsample:
         raise ValueError(
             f"data.resolution {resolution} is not divisible by the tokenizer's factor "

@@ -22,9 +22,10 @@ class TokenizerObjective(nn.Module):
         images = images_to_float(batch["image"])
         if fake is not None:
             return self.tokenizer.discriminator_loss(self.discriminator, images, fake)
+        extra = self.tokenizer.conditioning(batch)  # e.g. captions from the labels
         if self.discriminator is None:
-            return self.tokenizer.loss(images, nimg)
-        return self.tokenizer.loss(images, nimg, discriminator=self.discriminator)
+            return self.tokenizer.loss(images, nimg, **extra)
+        return self.tokenizer.loss(images, nimg, discriminator=self.discriminator, **extra)
 
 
 class GeneratorObjective(nn.Module):
