@@ -1,4 +1,4 @@
-"""Encode and decode time of the VA-VAE, RAE, SVG and Siglip-VAE tokenizers, JSON out.
+"""Encode and decode time of the VA-VAE, RAE, SVG, Siglip-VAE, SoftVQ-VAE and MAETok tokenizers.
 
 Default case: VA-VAE f16d32 (the published architecture, 69.8M parameters), batch 4,
 256x256 images, fp32, 2 threads, eval mode without gradients; median of 5 timed calls after
@@ -23,6 +23,8 @@ weights (the encoder is transformers' model in both, so it is timed once).
     python benchmarks/tokenizer_step.py --family rae --official ../RAE
     python benchmarks/tokenizer_step.py --family svg --official ../SVG
     python benchmarks/tokenizer_step.py --family siglipvae
+    python benchmarks/tokenizer_step.py --family softvq --official ../continuous_tokenizer
+    python benchmarks/tokenizer_step.py --family maetok --official ../continuous_tokenizer
 
 SVG (``--family svg``, default config ``dinov3-s16p``: timm's DINOv3 ViT-S/16+ architecture
 with random weights, the 8-channel residual ViT and the LDM decoder to 392-channel latents,
@@ -30,6 +32,11 @@ with random weights, the 8-channel residual ViT and the LDM decoder to 392-chann
 both implementations, so it is timed once), ``decode`` the decoder; with ``--official PATH``
 (a checkout of shiml20/SVG, with einops installed) the decode is also timed on the official
 ``ldm.modules.diffusionmodules.model.Decoder`` holding the same weights.
+
+SoftVQ-VAE and MAETok (``--family softvq`` / ``maetok``, default ``softvq-l-64`` /
+``maetok-b-128`` at 256 px, random weights): ``encode`` gives the (B, D, L) token latents,
+``decode`` the images; ``--official PATH`` (a checkout of Hhhhhhao/continuous_tokenizer)
+times the official models holding the same weights. JSON out.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ import torch
 from timing import emit
 from torch.utils.flop_counter import FlopCounterMode
 
+from latentforge.tokenizers.token1d_model import TRAINING_ONLY_KEYS
 from latentforge.tokenizers.vavae import CONFIGS, VAVAE, AEArch, VAVAEConfig
 
 
@@ -254,11 +262,81 @@ def siglipvae_case(args) -> tuple[dict, dict]:
     return {"latentforge": calls}, {"encode": x, "decode": z}
 
 
+def official_token1d(repo: Path, ours, arch) -> dict[str, Callable]:
+    """The official ``SoftVQModel`` / ``AEModel`` of Hhhhhhao/continuous_tokenizer (needs
+    einops and scipy; its LoRA-only ``peft`` import is stood in for when absent) built with
+    the same architecture, random init (``enc_pretrained=False``, REPA off: nothing is
+    downloaded), holding our weights; its calls take and return our layouts."""
+    import types
+
+    for name in ("peft",):
+        try:
+            __import__(name)
+        except ImportError:
+            sys.modules[name] = types.ModuleType(name)
+    sys.path.insert(0, str(repo))
+    from modelling.tokenizer import AEModel, ModelArgs, SoftVQModel
+
+    size = {768: "base", 1024: "large"}
+    enc, dec = (f"vit_{size[w]}_patch14_dinov2.lvd142m" for w in (arch.width, arch.dec_width))
+    if arch.movq:
+        dec = f"vit_{size[arch.dec_width]}_patch14_dinov2_movqv2"
+    args = ModelArgs(
+        image_size=ours.resolution, base_image_size=arch.image_size, enc_type="vit",
+        dec_type="vit", encoder_model=enc, decoder_model=dec, enc_pretrained=False,
+        dec_pretrained=False, num_latent_tokens=arch.tokens, codebook_embed_dim=arch.channels,
+        codebook_size=arch.codebook_size or 16384, num_codebooks=arch.codebooks or 1,
+        tau=arch.tau, enc_patch_size=arch.patch, dec_patch_size=arch.decoder_patch,
+        use_ape=not arch.rope, use_rope=arch.rope, rope_mixed=arch.rope,
+        rope_theta=arch.rope_theta, dec_cls_token=arch.dec_cls_token,
+        enc_token_drop=0.4 if arch.mask_token else 0.0, repa=False,
+    )  # fmt: skip
+    official = (SoftVQModel if arch.kind == "softvq" else AEModel)(args).eval()
+    missing, unexpected = official.load_state_dict(ours.state_dict(), strict=False)
+    if unexpected or [k for k in missing if not TRAINING_ONLY_KEYS.match(k)]:
+        raise SystemExit(
+            f"--official: keys differ: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return {
+        "encode": lambda im: official.encode(im)[0].transpose(1, 2),
+        "decode": lambda z: official.decode(z.transpose(1, 2)),
+    }
+
+
+def token1d_case(args) -> tuple[dict, dict]:
+    """Implementations and inputs of the MAETok / SoftVQ-VAE benchmark (random weights of the
+    named architecture): ``encode`` is the ViT encoder with its latent tokens, the linear
+    projection and (SoftVQ) the soft quantiser, ``decode`` the ViT decoder; with
+    ``--official`` the same calls on the official model holding the same weights."""
+    from latentforge.tokenizers.token1d import MAETokConfig, Token1DConfig, resolve_arch
+    from latentforge.tokenizers.token1d_model import Token1D
+
+    schema = MAETokConfig if args.family == "maetok" else Token1DConfig
+    off = dict(perceptual="none", disc_weight=0.0, repa_weight=0.0, mask_min=0.0, mask_max=0.0)
+    cfg = schema(config=args.config, **off)
+    arch = resolve_arch(cfg)
+    ours = Token1D(arch, cfg, args.resolution).eval()
+    x = torch.rand(args.batch, 3, args.resolution, args.resolution) * 2 - 1
+    with torch.no_grad():
+        z = ours.encode(x)
+    impls = {"latentforge": {"encode": ours.encode, "decode": ours.decode}}
+    if args.official:
+        impls["official"] = official_token1d(args.official, ours, arch)
+        with torch.no_grad():  # the same numbers, checked at the benchmarked size
+            args.max_abs_diff = {
+                c: (impls["official"][c](v) - impls["latentforge"][c](v)).abs().max().item()
+                for c, v in (("encode", x), ("decode", z))
+            }
+    return impls, {"encode": x, "decode": z}
+
+
 CASES = {
     "vavae": ("f16d32", vavae_case),
     "rae": ("dinov2-b", rae_case),
     "svg": ("dinov3-s16p", svg_case),
     "siglipvae": ("f16d32-siglip2", siglipvae_case),
+    "softvq": ("softvq-l-64", token1d_case),
+    "maetok": ("maetok-b-128", token1d_case),
 }
 
 
@@ -311,6 +389,8 @@ def main() -> None:
         results["speedup_vs_official"] = {
             c: medians["official"][c] / medians["latentforge"][c] for c in medians["official"]
         }
+    if getattr(args, "max_abs_diff", None):
+        results["max_abs_diff_vs_official"] = args.max_abs_diff
     emit(results, args.out)
 
 

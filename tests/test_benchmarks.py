@@ -303,3 +303,22 @@ def test_tokenizer_step_benchmark_svg(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", [*argv[:4], "shapes", *argv[5:], "--official", "x"])
     with pytest.raises(SystemExit, match="GroupNorm"):
         tokenizer_step.main()
+
+
+@pytest.mark.parametrize("family,config", [("softvq", "tiny"), ("maetok", "tiny-maetok")])
+def test_tokenizer_step_benchmark_token1d(tmp_path, monkeypatch, family, config):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import tokenizer_step
+
+    out = tmp_path / "bench.json"
+    argv = ["tokenizer_step.py", "--family", family, "--config", config, "--resolution", "32"]
+    argv += ["--batch", "2", "--repeats", "1", "--threads", "1", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    tokenizer_step.main()
+    result = json.loads(out.read_text())
+    assert (result["family"], result["config"]) == (family, config)
+    assert [(r["implementation"], r["call"]) for r in result["rows"]] == [
+        ("latentforge", "encode"),
+        ("latentforge", "decode"),
+    ]
+    assert all(r["seconds"] > 0 and r["flops"] > 0 for r in result["rows"])
