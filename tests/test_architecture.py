@@ -33,6 +33,8 @@ PURE = [
     "latentforge.generators.samplers",
     "latentforge.generators.generate",
     "latentforge.metrics.frechet",
+    "latentforge.metrics.diagnostics",
+    "latentforge.metrics.table",
     "latentforge.metrics.inception",
     "latentforge.metrics.reconstruction",
     "latentforge.metrics.shapesnet",

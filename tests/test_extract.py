@@ -377,3 +377,45 @@ def test_killed_while_writing_shards_resumes_to_identical_bytes(setup, monkeypat
     assert read_bytes(out) == read_bytes(full)
     rows = latent_dataset(uri).take_all()
     assert len(rows) == 200 and {"latent", "latent_flip", "label"} <= set(rows[0])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_diagnostics_are_written_beside_the_shards_and_completed_not_redone(setup):
+    """The latent diagnostics of an extraction (a copy of ``full``): the stored latents'
+    first, then the held-out images' ones added to the same file; a complete file is kept."""
+    import shutil
+
+    from latentforge.platform.diagnose import run_diagnostics
+
+    cfg, weights, root, full, _ = setup
+    out = root / "diagnosed"
+    shutil.copytree(full, out)
+    paths = {"tokenizer": str(weights)}
+    first = ["extract.diagnostics.metrics=[linear_probe,effective_dim]"]
+    cfg = load_experiment(SMOKE, [f"run_dir={root}", *OVERRIDES, *first])
+    values = run_diagnostics(cfg, paths, out, log=lambda *_: None)
+    assert values["probe_num_fit"] + values["probe_num_test"] == 200  # every stored latent
+    assert 0 <= values["probe_accuracy"] <= 1 and values["latent_dim"] == 4 * 8 * 8
+    assert 1 <= values["participation_ratio"] <= 256
+    assert values["pca_dims_90"] <= values["pca_dims_99"] <= 199
+    assert "robust_psnr" not in values and values["computed"] == ["linear_probe", "effective_dim"]
+    logs = []
+    everything = load_experiment(SMOKE, [f"run_dir={root}", *OVERRIDES])
+    values = run_diagnostics(everything, paths, out, log=logs.append)
+    assert "se_cknna, robustness, robustness_shapesnet ->" in logs[0]  # only what it lacked
+    stored = json.loads((out / "diagnostics.json").read_text())
+    assert stored == values and stored["computed"] == everything.extract.diagnostics.metrics
+    held = stored["robust_psnr_num_samples"]
+    assert held == everything.data.holdout_images and stored["latent_se_cknna_num_samples"] == held
+    # an untrained tokenizer: no trend with the noise to expect (test_diagnostics has one)
+    sigmas = [f"sigma_{s:g}" for s in everything.extract.diagnostics.noise]
+    for name in ("robust_psnr", "robust_rfd_shapesnet"):
+        per_sigma = [stored[f"{name}_{s}"] for s in sigmas]
+        assert np.isfinite(stored[f"{name}_clean"]) and stored[name] == np.mean(per_sigma)
+    assert "local:shapes-vit" in stored["latent_se_cknna_extractor"]  # extract.vfm's
+    before = (out / "diagnostics.json").stat().st_mtime_ns
+    logs = []
+    assert run_diagnostics(everything, paths, out, log=logs.append) == stored
+    assert logs == [f"[diagnostics] cached: {out / 'diagnostics.json'}"]
+    assert (out / "diagnostics.json").stat().st_mtime_ns == before

@@ -63,6 +63,10 @@ def test_all_artifacts(done_run):
     assert "| fd_shapes_vit |" in report and "local:shapes-vit class token" in report
     assert "| requested / classified as | circle |" in report  # the confusion table
     assert "<h2>What the samples of each class" in (p.run_dir / "report.html").read_text()
+    # the latent diagnostics, written after the extraction beside its stats, in the report
+    diagnostics = json.loads((p.stage_dir("extract") / "diagnostics.json").read_text())
+    assert diagnostics["computed"] == cfg.extract.diagnostics.metrics
+    assert "## Latent diagnostics" in report and "| probe_accuracy |" in report
     for name in ("report.html", "report.md", "grid.png", "curves.png", "recon.png"):
         assert (p.run_dir / name).stat().st_size > 0
     curve = json.loads((p.stage_dir("generator") / "curve.json").read_text())

@@ -101,10 +101,17 @@ def test_sweep_end_to_end(ray_session, tmp_path):
     assert finished and result["stopped_early"] == 2 - len(finished)
     for r in finished:
         assert r["metrics"]["generator_images"] == 512  # smoke.yaml's budget
+    # the latent diagnostics of each trial's extraction come with its metrics; the
+    # objective of every rung a trial reached is kept for their rank correlations
+    assert all(
+        {"probe_accuracy", "latent_se_cknna", "robust_psnr"} <= set(r["metrics"]) for r in rows
+    )
+    assert all(len(r["objective_by_rung"]) == r["rung"] for r in rows)
     csv_rows = (tmp_path / "results.csv").read_text().splitlines()
     assert len(csv_rows) == 3 and csv_rows[0].startswith(
         "tokenizer.latent_channels,tokenizer.vf_weight,rung"
     )
+    assert ",probe_accuracy," in csv_rows[0]
     assert (tmp_path / "frontier.png").stat().st_size > 0
     assert "| point | rung |" in (tmp_path / "sweep.md").read_text()
     # resuming a finished sweep re-runs no trial (every stage is cached)

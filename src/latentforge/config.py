@@ -17,11 +17,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from latentforge.metrics.table import DiagnosticGroup
 from latentforge.registry import DATASETS, GENERATORS, TOKENIZERS, Registry, load_plugins
 
 
@@ -135,6 +136,24 @@ class TrainConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """Latent diagnostics computed after extraction into ``diagnostics.json`` beside
+    ``stats.json`` (metrics/diagnostics.py; platform/diagnose.py). In no stage hash: they
+    change no stage's output, and a missing or partial file is completed on the next run."""
+
+    # which to compute; [] turns them off (names: the metric table's DiagnosticGroup)
+    metrics: list[DiagnosticGroup] = field(default_factory=lambda: list(get_args(DiagnosticGroup)))
+    # stored latents read (spread over the shards, seeded): the linear probe's fit and test
+    # sets and the effective dimension's spectrum
+    num_latents: int = 5120
+    probe_test: int = 1024  # of them, held out to score the probe
+    probe_ridge: float = 1.0e-3  # the probe's ridge penalty (per sample, on normalised latents)
+    num_images: int = 256  # held-out images for robustness and SE-CKNNA
+    noise: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5])  # robustness sigmas
+    seed: int = 0
+
+
+@dataclass
 class ExtractConfig:
     """Latent extraction (platform/extract.py); shards depend on source ids only."""
 
@@ -149,6 +168,7 @@ class ExtractConfig:
     vfm: str | None = None
     vfm_resize: int | None = None  # its input size (None: the VFM's own; REPA: 224 at 256 px)
     vfm_weights: str | None = None  # explicit weights file for a timm: VFM
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
 
 @dataclass
@@ -381,7 +401,7 @@ def _blame_override(error: ConfigError, source: str, overrides) -> ConfigError:
     key, _, msg = text[len(source) + 2 :].partition(": ")
     for item in overrides:
         name = item.split("=", 1)[0]
-        if key == name or key.startswith(name + ".") or name.startswith(key + "."):
+        if key == name or key.startswith((name + ".", name + "[")) or name.startswith(key + "."):
             return ConfigError(f"override {item!r}: {key}: {msg}")
     return error
 

@@ -1,6 +1,7 @@
 """The reconstruction-vs-generation frontier of a set of trials: the Pareto front, a plot
 and the tables a sweep leaves (``results.json``, ``results.csv``, ``frontier.png``,
-``sweep.md``). Plain Python and matplotlib: no Ray."""
+``sweep.md``, with the rank correlations of the trials' latent diagnostics with the
+objective). Plain Python and matplotlib: no Ray."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+from latentforge.metrics.diagnostics import spearman  # noqa: E402
+from latentforge.metrics.table import diagnostic_of  # noqa: E402
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
@@ -98,22 +102,99 @@ def plot_frontier(
     plt.close(fig)
 
 
+def diagnostic_keys(rows: list[dict]) -> list[str]:
+    """The latent diagnostics the trials reported (the metric table's, and their values
+    per noise size), in the order they first appear."""
+    keys = {k: None for r in rows for k in r["metrics"] if diagnostic_of(k) is not None}
+    return list(keys)
+
+
 def write_tables(out: Path, rows: list[dict], x: str, y: str) -> None:
     """``results.json`` (everything) and ``results.csv`` (one row per trial: point, rung,
-    objective, frontier axis, class accuracy)."""
+    objective, frontier axis, class accuracy, latent diagnostics)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=1, default=str))
     keys = sorted({k for r in rows for k in r["point"]})
+    diagnostics = diagnostic_keys(rows)
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([*keys, "rung", "stopped_early", x, y, "class_accuracy", "error"])
+        w.writerow([*keys, "rung", "stopped_early", x, y, "class_accuracy", *diagnostics, "error"])
         for r in rows:
             m = r["metrics"]
             w.writerow(
                 [r["point"].get(k) for k in keys]
                 + [r.get("rung"), r.get("stopped_early", False)]
-                + [m.get(x), m.get(y), m.get("class_accuracy"), r["error"] or ""]
+                + [m.get(x), m.get(y), m.get("class_accuracy")]
+                + [m.get(k) for k in diagnostics]
+                + [r["error"] or ""]
             )
+
+
+MIN_TRIALS = 3  # fewest trials a rank correlation is computed over
+
+
+def objective_history(row: dict, y: str) -> dict[int, float]:
+    """A trial's objective at each rung it reached (``objective_by_rung``; without it, the
+    last reported value at the trial's rung)."""
+    history = row.get("objective_by_rung") or {}
+    if not history and y in row["metrics"]:
+        history = {row.get("rung") or 1: row["metrics"][y]}
+    return {int(k): float(v) for k, v in history.items()}
+
+
+def diagnostic_correlations(rows: list[dict], y: str) -> list[dict]:
+    """Spearman's rank correlation (:func:`~latentforge.metrics.diagnostics.spearman`) of
+    each latent diagnostic with the objective ``y`` over the trials that report both, at
+    every rung (ASHA stops trials at different rungs; the diagnostics are a trial's
+    extraction's, the same at every rung): ``diagnostic``, ``rung``, ``rho`` and ``trials``
+    where at least :data:`MIN_TRIALS` trials have both (and the ranks are not constant)."""
+    histories = [objective_history(r, y) for r in rows]
+    rungs = sorted({rung for h in histories for rung in h})
+    out = []
+    for key in diagnostic_keys(rows):
+        for rung in rungs:
+            pairs = [
+                (r["metrics"][key], h[rung])
+                for r, h in zip(rows, histories, strict=True)
+                if isinstance(r["metrics"].get(key), (int, float)) and rung in h
+            ]
+            if len(pairs) < MIN_TRIALS:
+                continue
+            rho = spearman([p[0] for p in pairs], [p[1] for p in pairs])
+            if rho is not None:
+                out.append({"diagnostic": key, "rung": rung, "rho": rho, "trials": len(pairs)})
+    return out
+
+
+def correlation_markdown(correlations: list[dict], y: str) -> str:
+    """``sweep.md``'s section on the latent diagnostics: one row per diagnostic, one column
+    per rung, ``rho (n trials)``; empty without correlations."""
+    if not correlations:
+        return ""
+    rungs = sorted({c["rung"] for c in correlations})
+    cells = {(c["diagnostic"], c["rung"]): c for c in correlations}
+    lines = [
+        "",
+        f"## Latent diagnostics vs {y}",
+        "",
+        f"Spearman rank correlation (ties averaged) of each diagnostic of a trial's latents "
+        f"with its {y} at a rung, over the n trials that reached it (at least {MIN_TRIALS}). "
+        "|rho| near 1: the diagnostic ranks the trials as generation does; with a "
+        "lower-is-better objective, a useful higher-is-better diagnostic has rho < 0.",
+        "",
+        "| diagnostic | better | " + " | ".join(f"rung {r}" for r in rungs) + " |",
+        "|---|---|" + "---|" * len(rungs),
+    ]
+    for key in dict.fromkeys(c["diagnostic"] for c in correlations):
+        way = {"max": "higher", "min": "lower"}.get(diagnostic_of(key).direction or "", "-")
+        row = [
+            f"{cells[key, r]['rho']:+.2f} (n={cells[key, r]['trials']})"
+            if (key, r) in cells
+            else ""
+            for r in rungs
+        ]
+        lines.append(f"| {key} | {way} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def summary_markdown(name: str, rows: list[dict], x: str, y: str, front: list[dict]) -> str:

@@ -1,4 +1,5 @@
-"""One report per run: metrics table, sample grid, reconstructions, loss curves.
+"""One report per run: metrics table, latent diagnostics, sample grid, reconstructions,
+loss curves.
 
 Writes ``report.md`` (images beside it) and a self-contained ``report.html`` into the
 report stage directory, and copies both to the top of the run directory.
@@ -12,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+from latentforge.metrics.diagnostics import BOOKKEEPING
 from latentforge.metrics.table import note
 
 TABLES = ("class_confusion",)  # metrics.json entries rendered as their own tables
@@ -88,6 +90,16 @@ def confusion_table(matrix: list[list[int]]) -> list[list[str]]:
 
 
 RECON_HEADING = "Reconstructions (held-out image, then its reconstruction)"
+DIAGNOSTICS_HEADING = "Latent diagnostics (of the extracted latents, before generation)"
+
+
+def diagnostics_rows(extract_dir: Path | None) -> list[tuple[str, str, str, str, str, str]]:
+    """:func:`metrics_rows` of the extraction's ``diagnostics.json`` (none without one)."""
+    path = None if extract_dir is None else extract_dir / "diagnostics.json"
+    if path is None or not path.exists():
+        return []
+    values = json.loads(path.read_text())
+    return metrics_rows({k: v for k, v in values.items() if k not in BOOKKEEPING})
 
 
 def write_report(
@@ -108,9 +120,11 @@ def write_report(
     title = f"latentforge report: {cfg.tokenizer.name} + {cfg.generator.name} on {cfg.data.name}"
     rows = metrics_rows(metrics)
     confusion = confusion_table(metrics["class_confusion"]) if "class_confusion" in metrics else []
-    md = render_markdown(title, run_dir, rows, confusion, recon.exists(), times)
+    diagnostics = diagnostics_rows(stage_dirs.get("extract"))
+    md = render_markdown(title, run_dir, rows, confusion, recon.exists(), times, diagnostics)
     (out / "report.md").write_text(md)
-    (out / "report.html").write_text(render_html(title, rows, times, out, confusion))
+    html_text = render_html(title, rows, times, out, confusion, diagnostics)
+    (out / "report.html").write_text(html_text)
     for name in ("report.md", "report.html", "grid.png", "recon.png", "curves.png"):
         if (out / name).exists():
             shutil.copy(out / name, run_dir / name)
@@ -119,20 +133,32 @@ def write_report(
     return {"report": str(run_dir / "report.html")}
 
 
+TABLE_HEAD = [
+    "| metric | value | samples | extractor | reference | meaning |",
+    "|---|---|---|---|---|---|",
+]
+
+
 def render_markdown(
-    title: str, run_dir: Path, rows: list, confusion: list, recon: bool, times: dict
+    title: str,
+    run_dir: Path,
+    rows: list,
+    confusion: list,
+    recon: bool,
+    times: dict,
+    diagnostics: list = (),
 ) -> str:
-    """``report.md``: metrics, confusion table, samples, reconstructions, curves, times."""
-    md = [f"# {title}", "", f"Run directory: `{run_dir}`", "", "## Metrics", ""]
-    md += [
-        "| metric | value | samples | extractor | reference | meaning |",
-        "|---|---|---|---|---|---|",
-    ]
+    """``report.md``: metrics, confusion table, latent diagnostics, samples,
+    reconstructions, curves, times."""
+    md = [f"# {title}", "", f"Run directory: `{run_dir}`", "", "## Metrics", "", *TABLE_HEAD]
     md += ["| " + " | ".join(row) + " |" for row in rows]
     if confusion:
         md += ["", "## What the samples of each class were taken for", ""]
         md += ["| " + " | ".join(confusion[0]) + " |", "|---" * len(confusion[0]) + "|"]
         md += ["| " + " | ".join(row) + " |" for row in confusion[1:]]
+    if diagnostics:
+        md += ["", f"## {DIAGNOSTICS_HEADING}", "", *TABLE_HEAD]
+        md += ["| " + " | ".join(row) + " |" for row in diagnostics]
     md += ["", "## Class-conditional samples (one row per class)", "", "![samples](grid.png)", ""]
     if recon:
         md += [f"## {RECON_HEADING}", "", "![recon](recon.png)", ""]
@@ -150,13 +176,23 @@ def _img(path: Path) -> str:
     )
 
 
-def render_html(title: str, rows, times: dict, out: Path, confusion=()) -> str:
-    table = "".join(
+def html_rows(rows) -> str:
+    return "".join(
         f"<tr><td><code>{html.escape(key)}</code></td>"
         + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells)
         + "</tr>"
         for key, *cells in rows
     )
+
+
+HTML_HEAD = (
+    "<tr><th>metric</th><th>value</th><th>samples</th><th>extractor</th>"
+    "<th>reference</th><th>meaning</th></tr>"
+)
+
+
+def render_html(title: str, rows, times: dict, out: Path, confusion=(), diagnostics=()) -> str:
+    table = html_rows(rows)
     conf = ""
     if confusion:
         cells = ["".join(f"<th>{html.escape(c)}</th>" for c in confusion[0])]
@@ -169,6 +205,9 @@ def render_html(title: str, rows, times: dict, out: Path, confusion=()) -> str:
             + "".join(f"<tr>{c}</tr>" for c in cells)
             + "</table>"
         )
+    latent = ""
+    if diagnostics:
+        latent = f"<h2>{DIAGNOSTICS_HEADING}</h2><table>{HTML_HEAD}{html_rows(diagnostics)}</table>"
     timing = "".join(f"<tr><td>{s}</td><td>{t:.1f}</td></tr>" for s, t in times.items())
     recon = ""
     if (out / "recon.png").exists():
@@ -177,8 +216,7 @@ def render_html(title: str, rows, times: dict, out: Path, confusion=()) -> str:
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:left}}</style></head>
 <body><h1>{html.escape(title)}</h1>
-<h2>Metrics</h2><table><tr><th>metric</th><th>value</th><th>samples</th><th>extractor</th>
-<th>reference</th><th>meaning</th></tr>{table}</table>{conf}
+<h2>Metrics</h2><table>{HTML_HEAD}{table}</table>{conf}{latent}
 <h2>Class-conditional samples (one row per class)</h2>{_img(out / "grid.png")}
 {recon}
 <h2>Training curves</h2>{_img(out / "curves.png")}

@@ -1,6 +1,7 @@
 """The metric table: every metric ``evaluate.metrics`` accepts, with its better direction, its
-meaning, the network it needs and whether it judges samples or reconstructions; and the
-other entries of ``metrics.json`` (baselines, fit slopes, counts) with their meanings.
+meaning, the network it needs and whether it judges samples or reconstructions; the
+other entries of ``metrics.json`` (baselines, fit slopes, counts) with their meanings; and
+the latent diagnostics of an extraction's ``diagnostics.json`` (``extract.diagnostics``).
 
 Evaluation, the report and the sweep read it; nothing else lists metric names.
 
@@ -19,6 +20,10 @@ from typing import Literal
 Direction = Literal["min", "max"]
 Extractor = Literal["shapesnet", "inception", "vfm", "pixels", "lpips"]
 Kind = Literal["generation", "reconstruction"]
+# what ``extract.diagnostics.metrics`` can ask for (:mod:`latentforge.metrics.diagnostics`)
+DiagnosticGroup = Literal[
+    "linear_probe", "se_cknna", "effective_dim", "robustness", "robustness_shapesnet"
+]
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,18 @@ class Companion:
     name; ``direction`` is set where the entry is itself a score."""
 
     name: str
+    description: str
+    direction: Direction | None = None
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """A latent diagnostic of ``diagnostics.json``, computed after extraction by the entry
+    ``group`` of ``extract.diagnostics.metrics``; a sweep rank-correlates it with its
+    objective. ``direction`` is None where neither way is better in itself."""
+
+    name: str
+    group: DiagnosticGroup
     description: str
     direction: Direction | None = None
 
@@ -188,9 +205,74 @@ COMPANIONS: tuple[Companion, ...] = (
     Companion("num_recon", "held-out images reconstructed"),
 )
 
-_ENTRIES: dict[str, Metric | Companion] = {e.name: e for e in (*METRICS, *COMPANIONS)}
+# in the order diagnostics.json and the reports list them
+DIAGNOSTICS: tuple[Diagnostic, ...] = (
+    Diagnostic(
+        "probe_accuracy",
+        "linear_probe",
+        "ridge-classifier accuracy on held-out normalised flattened latents (class "
+        "separability; probe_chance: the majority class's share)",
+        "max",
+    ),
+    Diagnostic(
+        "latent_se_cknna",
+        "se_cknna",
+        "SE-CKNNA of the latents with a VFM's patch features at extraction (Bi et al. 2025)",
+        "max",
+    ),
+    Diagnostic(
+        "participation_ratio",
+        "effective_dim",
+        "effective dimension: (sum l)^2 / sum l^2 of the normalised latents' covariance "
+        "eigenvalues l (1: one direction; latent_dim: isotropic)",
+    ),
+    Diagnostic(
+        "pca_dims_90",
+        "effective_dim",
+        "principal components holding 90% of the normalised latents' variance",
+    ),
+    Diagnostic(
+        "pca_dims_99",
+        "effective_dim",
+        "principal components holding 99% of the normalised latents' variance",
+    ),
+    Diagnostic(
+        "robust_psnr",
+        "robustness",
+        "PSNR (dB) of decodes of noised normalised latents vs the images, mean over "
+        "extract.diagnostics.noise (robust_psnr_sigma_<s>: at sigma s)",
+        "max",
+    ),
+    Diagnostic(
+        "robust_rfd_shapesnet",
+        "robustness_shapesnet",
+        "rfd_shapesnet of decodes of noised normalised latents vs the images, mean over "
+        "extract.diagnostics.noise (robust_rfd_shapesnet_sigma_<s>: at sigma s)",
+        "min",
+    ),
+)
+
+DIAGNOSTIC_COMPANIONS: tuple[Companion, ...] = (
+    Companion("probe_num_fit", "latents the probe was fitted on"),
+    Companion("probe_num_test", "held-out latents it was scored on"),
+    Companion("probe_classes", "classes among the latents it was fitted on"),
+    Companion("probe_chance", "the held-out latents' majority-class share: a constant's accuracy"),
+    Companion("latent_se_cknna_clean", "latent_se_cknna's alignment on untransformed images"),
+    Companion("latent_se_cknna_equivariance", "latent_se_cknna on rotated and scaled images"),
+    Companion("latent_se_cknna_noise", "latent_se_cknna on noised images (4 noise levels)"),
+    Companion("latent_dim", "values per flattened latent (C x H x W): an isotropic spectrum's PR"),
+    Companion("robust_psnr_clean", "PSNR of the unperturbed decodes (sigma 0)", "max"),
+    Companion(
+        "robust_rfd_shapesnet_clean", "rfd_shapesnet of the unperturbed decodes (sigma 0)", "min"
+    ),
+)
+
+_ENTRIES: dict[str, Metric | Companion | Diagnostic] = {
+    e.name: e for e in (*METRICS, *COMPANIONS, *DIAGNOSTICS, *DIAGNOSTIC_COMPANIONS)
+}
 
 METRIC_NAMES: tuple[str, ...] = tuple(m.name for m in METRICS)
+DIAGNOSTIC_NAMES: tuple[str, ...] = tuple(d.name for d in DIAGNOSTICS)
 
 
 def _names(**fields) -> frozenset[str]:
@@ -220,12 +302,27 @@ def vfm_metric_name(spec: str) -> str:
     return "fd_" + re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
+def per_sigma_key(name: str, sigma: float) -> str:
+    """A diagnostic's key at one noise size: ``robust_psnr_sigma_0.25``."""
+    return f"{name}_sigma_{sigma:g}"
+
+
+def diagnostic_of(key: str) -> Diagnostic | None:
+    """The diagnostic a diagnostics.json key reports: its own entry, or the entry of a
+    :func:`per_sigma_key`; None for the other keys."""
+    entry = _ENTRIES.get(re.sub(r"_sigma_[0-9.e+-]+$", "", key))
+    return entry if isinstance(entry, Diagnostic) else None
+
+
 def direction(key: str) -> Direction | None:
-    """Which way is better for a metrics.json entry: the table's direction; ``min`` for a
-    real-vs-real baseline and for ``fd_vfm`` under its VFM's name (a distance); None for
-    what is no score (counts, slopes, per-class lists)."""
+    """Which way is better for a metrics.json or diagnostics.json entry: the table's
+    direction (a per-sigma diagnostic's is its diagnostic's); ``min`` for a real-vs-real
+    baseline and for ``fd_vfm`` under its VFM's name (a distance); None for what is no
+    score (counts, slopes, per-class lists, effective dimensions)."""
     if key in _ENTRIES:
         return _ENTRIES[key].direction
+    if (diagnostic := diagnostic_of(key)) is not None:
+        return diagnostic.direction
     if key.endswith("_real_baseline") or key.startswith("fd_"):
         return metric("fd_vfm").direction
     return None
@@ -240,6 +337,8 @@ def note(key: str, metrics: Mapping) -> str:
     the table has none."""
     if key in _ENTRIES:
         return _ENTRIES[key].description
+    if (diagnostic := diagnostic_of(key)) is not None:
+        return f"{diagnostic.name} at noise sigma {key.rsplit('_sigma_', 1)[1]} alone"
     if key.endswith("_real_baseline"):  # fd_vfm's, named by its VFM
         return BASELINE_NOTE
     if key.startswith("fd_") and f"{key}_extractor" in metrics:  # fd_vfm, named by its VFM

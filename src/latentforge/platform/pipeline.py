@@ -4,7 +4,9 @@ order, tokenizer -> extract -> generator -> sample -> evaluate -> report.
 Each stage writes its artifacts to ``run_dir/<stage>/<hash>/`` where the hash covers the
 stage's own config parts and its upstream stage's hash. A stage whose ``done.json`` exists
 is skipped, so rerunning an experiment re-runs nothing, and changing a generator key
-re-runs only the generator and what follows it.
+re-runs only the generator and what follows it. A stage's extras (outputs in no hash: the
+extraction's latent diagnostics) run after it and whenever it is found cached, and return
+at once when complete.
 """
 
 from __future__ import annotations
@@ -137,10 +139,12 @@ class Pipeline(Run):
         return {s: self.done_info(s) for s in wanted}
 
     def run_stage(self, name: str) -> dict:
+        stage = BY_NAME[name]
         if self.is_done(name):
             self.log(f"[{name}] cached: {self.stage_dir(name)}")
+            if stage.extras:  # what the done stage still owes (complete: returns at once)
+                stage.extras(self, self.stage_dir(name))
             return self.done_info(name)
-        stage = BY_NAME[name]
         before = stage.upstream
         if name == "generator" and published_generator(self.cfg):
             before = "tokenizer"  # its latent shape; the statistics come with the weights
@@ -164,4 +168,6 @@ class Pipeline(Run):
         tmp.write_text(json.dumps(info, indent=1))
         os.replace(tmp, out / "done.json")
         self.log(f"[{name}] done in {info['seconds']:.1f} s")
+        if stage.extras:  # after done.json: the stage's time and result are its own
+            stage.extras(self, out)
         return info

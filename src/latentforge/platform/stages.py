@@ -1,7 +1,8 @@
 """The stage table: what each stage of an experiment is, in one place.
 
 A :class:`Stage` declares its name, CLI verb, upstream stage, the config parts in its hash
-(besides its upstream's hash), its preflight checks and its run. The pipeline driver
+(besides its upstream's hash), its preflight checks, its run and its extras (outputs in no
+hash that a done stage still owes: the extraction's latent diagnostics). The pipeline driver
 (:mod:`latentforge.platform.pipeline`), the CLI's verbs, the report and the sweep's stage
 accounting all read :data:`STAGES`.
 
@@ -27,6 +28,7 @@ from latentforge.config import ConfigError, ExperimentConfig, to_dict
 from latentforge.platform import evaluate as evaluation
 from latentforge.platform import extract as extraction
 from latentforge.platform.data import listing_seed, load_images
+from latentforge.platform.diagnose import check_diagnostics, run_diagnostics
 from latentforge.platform.sample import run_sampling
 from latentforge.platform.train import scaling, train_stage
 from latentforge.report import write_report
@@ -48,6 +50,9 @@ class Stage:
     check: Callable[[ExperimentConfig], None]  # preflight: raises naming the key
     run: Callable[[Run, Path], dict]  # writes the artifacts into the directory given
     resumes_in_place: bool = False  # an unfinished directory is resumed, not wiped
+    # outputs in no hash that a done stage still owes (extract's diagnostics): run after
+    # the stage and whenever it is found cached; complete ones return at once
+    extras: Callable[[Run, Path], dict] | None = None
 
 
 TOKENIZER_TRAIN_KEYS = (
@@ -134,6 +139,7 @@ def check_tokenizer(cfg: ExperimentConfig) -> None:
 def check_extract(cfg: ExperimentConfig) -> None:
     models.check_model_configs(cfg, generator=False)
     check_vfm_spec("extract.vfm", cfg.extract.vfm, cfg.extract.vfm_weights)
+    check_diagnostics(cfg)
 
 
 def check_generator(cfg: ExperimentConfig) -> None:
@@ -192,6 +198,11 @@ def run_tokenizer(run: Run, out: Path) -> dict:
 def run_extract(run: Run, out: Path) -> dict:
     stats = extraction.extract(run.cfg, run.paths()["tokenizer"], out)
     return {"count": stats["count"], "num_skipped": stats["num_skipped"]}
+
+
+def extract_diagnostics(run: Run, out: Path) -> dict:
+    """The latent diagnostics of ``extract.diagnostics`` into ``out/diagnostics.json``."""
+    return run_diagnostics(run.cfg, run.paths(), out, run.log)
 
 
 def run_generator(run: Run, out: Path) -> dict:
@@ -267,6 +278,7 @@ STAGES: tuple[Stage, ...] = (
         check_extract,
         run_extract,
         resumes_in_place=True,
+        extras=extract_diagnostics,
     ),
     Stage(
         "generator",

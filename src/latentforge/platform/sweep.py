@@ -5,7 +5,8 @@ objective. One Tune trial = the whole pipeline (tokenizer -> ... -> evaluate) fo
 point, in its own run directory named by the point's hash (never by a counter, which races
 between trials). Tune's function trainable is the driver of the Ray Train jobs inside it
 (Train V2). Results: ``results.json``, ``results.csv``, ``frontier.png`` and ``sweep.md``
-in the sweep dir.
+in the sweep dir. A trial reports its extraction's latent diagnostics with its metrics, and
+``sweep.md`` ranks them against the objective (Spearman, at each rung).
 
 Early stopping (``scheduler: {name: asha, rungs: R}``): a trial trains its generator in R
 rungs of ``generator_images / R`` images, each continuing from the previous rung's
@@ -42,8 +43,16 @@ from latentforge.config import (
     resolve_run_dir,
     to_dict,
 )
-from latentforge.frontier import pareto_front, plot_frontier, summary_markdown, write_tables
+from latentforge.frontier import (
+    correlation_markdown,
+    diagnostic_correlations,
+    pareto_front,
+    plot_frontier,
+    summary_markdown,
+    write_tables,
+)
 from latentforge.metrics.table import direction, higher_is_better
+from latentforge.platform.diagnose import read_diagnostics
 from latentforge.platform.pipeline import Pipeline
 from latentforge.platform.stages import NAMES
 from latentforge.platform.workers import connect, outside_placement_group
@@ -201,10 +210,12 @@ def trial_config(sweep: Sweep, point: dict[str, Any]):
 
 
 def _run_pipeline(experiment: dict) -> tuple[dict, str | None]:
-    """One trial's (or rung's) pipeline; returns its metrics and the generator checkpoint."""
+    """One trial's (or rung's) pipeline; returns its metrics (with its extraction's latent
+    diagnostics) and the generator checkpoint."""
     pipeline = Pipeline(from_dict(experiment))
     pipeline.run()
     metrics = json.loads(Path(pipeline.paths()["metrics"]).read_text())
+    metrics = read_diagnostics(pipeline.stage_dir("extract")) | metrics
     return metrics, pipeline.done_info("generator").get("checkpoint")
 
 
@@ -302,9 +313,19 @@ def run_sweep(sweep: Sweep, resume: bool = False) -> dict:
                 "error": str(result.error) if result.error else None,
                 "rung": metrics.get("rung"),
                 "stopped_early": metrics.get("rung", sch_rungs(sweep)) < sch_rungs(sweep),
+                "objective_by_rung": objective_by_rung(result, sweep.spec.objective.metric),
             }
         )
     return write_results(sweep, rows)
+
+
+def objective_by_rung(result, metric: str) -> dict[int, float]:
+    """The objective a trial reported at each rung it reached (Tune's history of it)."""
+    frame = result.metrics_dataframe
+    if frame is None or metric not in frame or "rung" not in frame:
+        return {}
+    pairs = zip(frame["rung"], frame[metric], strict=True)
+    return {int(r): float(v) for r, v in pairs if r == r and v == v}  # NaN != NaN
 
 
 def sch_rungs(sweep: Sweep) -> int:
@@ -343,12 +364,15 @@ def write_results(sweep: Sweep, rows: list[dict]) -> dict:
     mode = objective_mode(spec)
     front = pareto_front(full, x, y, mode, x_mode)
     plot_frontier(ok, x, y, out / "frontier.png", front, list(spec.search_space))
-    (out / "sweep.md").write_text(summary_markdown(spec.name, rows, x, y, front))
+    correlations = diagnostic_correlations(ok, y)
+    md = summary_markdown(spec.name, rows, x, y, front) + correlation_markdown(correlations, y)
+    (out / "sweep.md").write_text(md)
     sign = 1 if mode == "min" else -1
     return {
         "trials": len(rows),
         "failed": len(rows) - len(ok),
         "stopped_early": sum(bool(r.get("stopped_early")) for r in ok),
         "best": min(full, key=lambda r: sign * r["metrics"][y]) if full else None,
+        "correlations": correlations,
         "dir": str(out),
     }
