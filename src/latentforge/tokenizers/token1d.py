@@ -82,8 +82,12 @@ CONFIGS: dict[str, TokenArch] = {
     ),
     # the embedded default: 32 px shapes -> 16 tokens x 8 channels, patch 4 (the shapes
     # ViT's 8x8 grid, so its features align with the image tokens without resampling)
-    "shapes-softvq": TokenArch(**_SHAPES, **{**_SOFTVQ, "codebooks": 2, "codebook_size": 256}),
-    "shapes-maetok": TokenArch(**_SHAPES, **_MAETOK),
+    # (mixed RoPE for SoftVQ too, and MAETok's plain decoder: the MoVQ decoder's zero-init
+    # modulation passes no latent at the start and learns too slowly for this budget)
+    "shapes-softvq": TokenArch(
+        **_SHAPES, **{**_SOFTVQ, "codebooks": 2, "codebook_size": 256, "rope": True}
+    ),
+    "shapes-maetok": TokenArch(**_SHAPES, **{**_MAETOK, "movq": False}),
     "tiny": TokenArch(**_TINY, **{**_SOFTVQ, "codebooks": 2, "codebook_size": 16}),
     "tiny-maetok": TokenArch(**_TINY, **_MAETOK),
 }
