@@ -286,6 +286,13 @@ def read_latent_stats(path: str | Path, shape: tuple[int, ...] | int) -> dict[st
     return out
 
 
+def latent_mean_std(stats: dict[str, Any], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """An extraction's ``stats.json`` mean and std, each shaped by :func:`latent_stat` for
+    its ``latent_shape``."""
+    shape = tuple(stats["latent_shape"])
+    return latent_stat(stats["mean"], shape, device), latent_stat(stats["std"], shape, device)
+
+
 def latent_stat(values: Any, latent_shape: tuple[int, ...], device=None) -> torch.Tensor:
     """A latent statistic (``stats["mean"]`` / ``["std"]``) shaped to broadcast against a
     batch (B, *latent_shape): per channel (C,) -> (1, C, 1, ...); per element (the latent's

@@ -17,7 +17,7 @@ from latentforge.config import ExperimentConfig
 from latentforge.generators.samplers import JointClassToken, noise_for_seeds, sample
 from latentforge.generators.transport import resolve_shift
 from latentforge.images import to_uint8
-from latentforge.models import build_transport, latent_stat, num_classes_of
+from latentforge.models import build_transport, latent_mean_std, num_classes_of
 from latentforge.progress import format_seconds
 
 MICRO_BATCH = 16  # the network always sees this many samples: bit-identical across splits
@@ -56,8 +56,7 @@ def sample_images(
     sc = cfg.sample
     latent_shape = tuple(stats["latent_shape"])
     device = next(generator.parameters()).device
-    mean = latent_stat(stats["mean"], latent_shape, device)
-    std = latent_stat(stats["std"], latent_shape, device)
+    mean, std = latent_mean_std(stats, device)
     field, guide, noise_shape = joint_fields(generator, guide, latent_shape)
     options = sampler_options(cfg, latent_shape, log)
     out, t0 = [], time.time()

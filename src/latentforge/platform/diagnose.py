@@ -28,8 +28,6 @@ from pathlib import Path
 from typing import get_args
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
 
@@ -110,8 +108,7 @@ def sample_latents(out_dir: str | Path, n: int, seed: int) -> tuple[torch.Tensor
     per, rng = math.ceil(n / len(picks)), np.random.default_rng(seed)
     latents, labels = [], []
     for i in picks:
-        data = pa.BufferReader(store.read_bytes(shards[i]["file"]))
-        table = pq.read_table(data, columns=["latent", "label"])
+        table = store.read_table(shards[i]["file"], columns=["latent", "label"])
         rows = np.sort(rng.choice(table.num_rows, min(per, table.num_rows), replace=False))
         latents.append(tensor_column(table, "latent")[rows])
         labels.append(table.column("label").to_numpy()[rows])
@@ -120,20 +117,11 @@ def sample_latents(out_dir: str | Path, n: int, seed: int) -> tuple[torch.Tensor
     )
 
 
-def latent_statistics(stats: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The extraction's mean / std, shaped to broadcast against a batch of latents."""
-    shape = tuple(stats["latent_shape"])
-    return (
-        models.latent_stat(stats["mean"], shape, device),
-        models.latent_stat(stats["std"], shape, device),
-    )
-
-
 def probe_and_spectrum(cfg, out_dir, stats: dict, wanted: set, device) -> dict:
     """``linear_probe`` and ``effective_dim`` on the stored latents."""
     d = cfg.extract.diagnostics
     latents, labels = sample_latents(out_dir, d.num_latents, d.seed)
-    mean, std = latent_statistics(stats, device)
+    mean, std = models.latent_mean_std(stats, device)
     x = diag.flatten(latents.to(device), mean, std)  # (N, D)
     out: dict = {}
     if "linear_probe" in wanted:
@@ -192,7 +180,7 @@ def robustness(cfg, tokenizer, held: np.ndarray, stats: dict, wanted: set, devic
     noised latents vs the held-out images: per sigma, unperturbed (``_clean``) and the
     mean over the sigmas (the headline value)."""
     d = cfg.extract.diagnostics
-    mean, std = latent_statistics(stats, device)
+    mean, std = models.latent_mean_std(stats, device)
     decodes = diag.noisy_decodes(
         tokenizer, held, mean, std, d.noise, cfg.extract.batch_size, d.seed, device
     )
@@ -293,7 +281,7 @@ def run_diagnostics(cfg: ExperimentConfig, paths: dict, out_dir, log=print) -> d
     wanted diagnostics; nothing when ``extract.diagnostics.metrics`` is empty."""
     if not cfg.extract.diagnostics.metrics:
         return {}
-    check_diagnostics(cfg)
+    check_diagnostics(cfg)  # a ConfigError, not the failure below
     store = Store.open(out_dir)
     todo, kept = pending(cfg, store)
     if not todo:

@@ -119,6 +119,10 @@ class Store:
         with self.fs.open_input_stream(self.path(rel)) as f:
             return f.read()
 
+    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        """A parquet file (only ``columns`` when given)."""
+        return pq.read_table(pa.BufferReader(self.read_bytes(rel)), columns=columns)
+
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 
@@ -223,7 +227,7 @@ def encoded_ids(store: Store, done: dict[str, dict]) -> dict[str, set[str]]:
             store.remove_dir(f"parts/{name}")
             continue
         for p in store.files(f"parts/{name}", ".parquet"):
-            table = pq.read_table(pa.BufferReader(store.read_bytes(p)), columns=["id"])
+            table = store.read_table(p, columns=["id"])
             ids.setdefault(name, set()).update(table.column("id").to_pylist())
     return ids
 
@@ -231,9 +235,7 @@ def encoded_ids(store: Store, done: dict[str, dict]) -> dict[str, set[str]]:
 def _read_parts(store: Store, name: str) -> pa.Table:
     import ray.data.extensions  # noqa: F401 - registers the tensor type the parts are stored as
 
-    tables = [
-        pq.read_table(pa.BufferReader(store.read_bytes(p))) for p in store.files(f"parts/{name}")
-    ]
+    tables = [store.read_table(p) for p in store.files(f"parts/{name}")]
     if not tables:
         raise FileNotFoundError(f"no parts of shard {name} in {store.root}")
     table = pa.concat_tables(tables)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from latentforge.config import ExperimentConfig
-from latentforge.models import build_generator, build_tokenizer, build_transport, latent_stat
+from latentforge.models import build_generator, build_tokenizer, build_transport, latent_mean_std
 from latentforge.progress import format_seconds
 from latentforge.training.checkpoint import load_checkpoint, save_checkpoint
 from latentforge.training.objectives import GeneratorObjective, TokenizerObjective
@@ -79,7 +79,7 @@ def generator_job(cfg: ExperimentConfig, stats: dict[str, Any]) -> Job:
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every run and rank
     model = build_generator(cfg, stats)
     shape = tuple(stats["latent_shape"])
-    mean, std = latent_stat(stats["mean"], shape), latent_stat(stats["std"], shape)
+    mean, std = latent_mean_std(stats)
     transport = build_transport(cfg, shape)
     objective = GeneratorObjective(model, transport, mean, std)
     notes, decay = (), cfg.train.generator_decay_end_images
