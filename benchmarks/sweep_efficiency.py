@@ -59,11 +59,11 @@ def summarize(fifo: dict, asha: dict, metric: str, mode: str) -> dict:
 
 
 def stage_seconds(sweep, row: dict) -> float:
-    """Seconds recorded by the stages trial ``row`` used up to the rung it reached."""
-    from latentforge.platform.sweep import trial_stage_dirs
+    """Seconds recorded by the stages trial ``row`` used up to the rung it reached (rung 0:
+    stopped after its extraction)."""
+    from latentforge.platform.sweep import stage_seconds as per_stage
 
-    dirs = trial_stage_dirs(sweep, row["point"], int(row.get("rung") or 1))
-    return sum(json.loads((d / "done.json").read_text())["seconds"] for d in dirs)
+    return sum(per_stage(sweep, row["point"], row.get("rung")).values())
 
 
 def run_once(sweep_file: str, scheduler: str, run_dir: Path, keep: Path) -> dict:
@@ -71,7 +71,10 @@ def run_once(sweep_file: str, scheduler: str, run_dir: Path, keep: Path) -> dict
     its result files to ``keep`` and return its rows, each with its ``stage_seconds``."""
     from latentforge.platform.sweep import load_sweep, run_sweep, trial_config
 
-    sweep = load_sweep(sweep_file, [f"run_dir={run_dir}", f"scheduler.name={scheduler}"])
+    changes = [f"run_dir={run_dir}", f"scheduler.name={scheduler}"]
+    if scheduler == "fifo":  # the grid: every trial to its end, none stopped after extraction
+        changes.append("scheduler.diagnostic_stop.metric=null")
+    sweep = load_sweep(sweep_file, changes)
     # its own Tune run name: the same name would silently resume the other run
     sweep = replace(sweep, spec=replace(sweep.spec, name=f"{sweep.spec.name}-{scheduler}"))
     t0 = time.time()

@@ -152,7 +152,7 @@ def front_of(tmp_path, monkeypatch, frontier_x: str) -> list[float]:
     ]
     sweep.write_results(run, rows)
     lines = (run.run_dir / "sweep.md").read_text().splitlines()
-    return [float(line.split("|")[3]) for line in lines if line.rstrip().endswith("| yes |")]
+    return [float(line.split("|")[4]) for line in lines if line.rstrip().endswith("| yes |")]
 
 
 def test_the_sweeps_frontier_directions_come_from_the_table(tmp_path, monkeypatch):

@@ -182,3 +182,141 @@ def test_the_objective_direction_comes_from_the_metric_table(tmp_path):
     sweep_file.write_text(f"base: {base}\nobjective: {{metric: class_accuracy, mode: min}}\n")
     with pytest.raises(ConfigError, match="objective.mode: 'min', but class_accuracy is better"):
         load_sweep(sweep_file)
+
+
+def test_the_diagnostic_stop_rule_and_its_record(tmp_path):
+    from latentforge.platform.early_stop import StopRecord, decide, quantile, should_stop
+
+    assert quantile([3.0, 1.0, 2.0], 0.5) == 2.0 and quantile([1.0, 2.0], 0.25) == 1.25
+    # higher is better: below the running median stops; lower is better: above it
+    assert should_stop(0.2, [0.1, 0.3, 0.5], "max", 0.5, 2)
+    assert not should_stop(0.4, [0.1, 0.3, 0.5], "max", 0.5, 2)
+    assert should_stop(0.4, [0.1, 0.3, 0.5], "min", 0.5, 2)
+    assert not should_stop(0.0, [0.5], "max", 0.5, 2)  # too few trials before it
+    assert not should_stop(float("nan"), [0.5, 0.6], "max", 0.5, 1)
+    record = StopRecord(tmp_path, "run-a", "probe_accuracy")
+    first = decide(record, "t1", {"probe_accuracy": 0.5}, "max", 0.5, 1)
+    assert first["stopped"] is False and first["among"] == 0
+    worse = decide(record, "t2", {"probe_accuracy": 0.3}, "max", 0.5, 1)
+    assert worse["stopped"] is True and worse["among"] == 1
+    # a resumed trial keeps its decision; another run name keeps its own history
+    assert decide(record, "t2", {"probe_accuracy": 0.9}, "max", 0.5, 1) == worse
+    other = StopRecord(tmp_path, "run-b", "probe_accuracy")
+    assert decide(other, "t2", {"probe_accuracy": 0.3}, "max", 0.5, 1)["stopped"] is False
+    with pytest.raises(KeyError, match="extract.diagnostics.metrics"):
+        decide(other, "t3", {"robust_psnr": 1.0}, "max", 0.5, 1)
+
+
+def test_the_families_sweeps_load_with_matched_generators(tmp_path):
+    from latentforge.platform.sweep import trial_labels
+
+    sweep = load_sweep(ROOT / "experiments" / "sweeps" / "families.yaml", [f"run_dir={tmp_path}"])
+    points = sweep.points()
+    assert len(points) == 14 and all(set(p) == {"variant"} for p in points)
+    labels = [trial_labels(sweep, p) for p in points]
+    families = {lab["family"] for lab in labels}
+    assert families == {
+        "VA-VAE", "VA-VAE (no VF)", "Siglip-VAE", "VFM-VAE", "SoftVQ-VAE", "MAETok", "RAE", "SVG"
+    }  # fmt: skip
+    # every family with a size knob at two sizes
+    for family in families - {"RAE", "SVG"}:
+        sizes = {lab["latent"] for lab in labels if lab["family"] == family}
+        assert len(sizes) == 2, (family, sizes)
+    cfgs = [trial_config(sweep, p) for p in points]
+    assert {c.tokenizer.name for c in cfgs} == {
+        "vavae", "siglipvae", "vfmvae", "softvq", "maetok", "rae", "svg"
+    }  # fmt: skip
+    # one generator family, size and budget, one sampler and one evaluation for all
+    assert {(c.generator.name, c.generator.config.split("/")[0]) for c in cfgs} == {
+        ("lightningdit", "micro")
+    }
+    assert len({(c.train.generator_images, c.train.tokenizer_images) for c in cfgs}) == 1
+    assert len({(c.sample.steps, c.sample.cfg_scale, c.sample.num_images) for c in cfgs}) == 1
+    assert len({tuple(c.evaluate.metrics) for c in cfgs}) == 1
+    assert len({c.run_dir for c in cfgs}) == 14
+    smoke = load_sweep(ROOT / "experiments" / "sweeps" / "families_smoke.yaml")
+    assert len(smoke.points()) == 7
+
+
+def test_a_variant_with_a_bad_key_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        f"variants:\n  a: {{base: {ROOT / 'experiments' / 'smoke.yaml'}}}\n"
+        f"  b: {{base: {ROOT / 'experiments' / 'smoke.yaml'}, overrides: [tokenizer.latnt=3]}}\n"
+    )
+    with pytest.raises(ConfigError, match=r"variants\.b: .*latnt"):
+        load_sweep(bad)
+    bad.write_text("variants:\n  a: {overrides: [train.generator_images=1]}\n")
+    with pytest.raises(ConfigError, match=r"variants\.a\.base or base: .* required"):
+        load_sweep(bad)
+    bad.write_text(
+        f"base: {ROOT / 'experiments' / 'smoke.yaml'}\n"
+        "scheduler: {diagnostic_stop: {metric: probe_acc}}\n"
+    )
+    with pytest.raises(ConfigError, match="probe_acc.*no latent diagnostic"):
+        load_sweep(bad)
+
+
+def smoke_families(tmp_path, names=("vavae", "softvq")) -> Path:
+    """experiments/sweeps/families_smoke.yaml cut to ``names``, each tokenizer given as
+    random weights (``train.tokenizer_images=0``): every stage of every trial still runs,
+    the tokenizer without a Ray Train job."""
+    from safetensors.torch import save_file
+
+    from latentforge.models import build_tokenizer, state_dict_of
+
+    path = ROOT / "experiments" / "sweeps" / "families_smoke.yaml"
+    node = OmegaConf.load(path)
+    sweep = load_sweep(path)
+    node.variants = {k: v for k, v in node.variants.items() if k in names}
+    for name in names:
+        variant = node.variants[name]
+        variant.base = str((path.parent / variant.base).resolve())
+        tokenizer = build_tokenizer(trial_config(sweep, {"variant": name}))
+        weights = tmp_path / f"{name}.safetensors"
+        save_file(state_dict_of(tokenizer), str(weights))
+        variant.overrides = [
+            *variant.overrides, "train.tokenizer_images=0", f"tokenizer.weights={weights}"
+        ]  # fmt: skip
+    out = tmp_path / "families-smoke.yaml"
+    OmegaConf.save(node, out)
+    return out
+
+
+def test_families_sweep_end_to_end(ray_session, tmp_path):
+    """Two families (a grid latent and 1-D tokens) through the sweep, the second trial
+    judged after its extraction against the first (``min_trials: 1``)."""
+    sweep = load_sweep(smoke_families(tmp_path), [f"run_dir={tmp_path / 'sweep'}"])
+    result = run_sweep(sweep)
+    assert result["trials"] == 2 and result["failed"] == 0, result
+    rows = {
+        r["point"]["variant"]: r for r in json.loads((sweep.run_dir / "results.json").read_text())
+    }
+    assert rows["vavae"]["family"] == "VA-VAE" and rows["vavae"]["latent"] == "4x8x8"
+    assert rows["softvq"]["family"] == "SoftVQ-VAE" and rows["softvq"]["latent"] == "4x8"
+    first, second = rows["vavae"], rows["softvq"]  # the grid's order
+    assert "fd_shapesnet" in first["metrics"] and first["rung"] == 1
+    assert set(first["stage_seconds"]) == {
+        "tokenizer",
+        "extract",
+        "generator",
+        "sample",
+        "evaluate",
+        "report",
+    }
+    stop = sweep.run_dir / "diagnostic_stop" / "families_smoke"
+    decision = json.loads(
+        next(p for p in stop.glob("*.json") if p.stem in second["metrics"]["run_dir"]).read_text()
+    )
+    worse = second["metrics"]["probe_accuracy"] < first["metrics"]["probe_accuracy"]
+    assert decision["stopped"] == worse and second["stopped_early"] == worse
+    if worse:  # no generator compute, no objective, off the front
+        assert second["rung"] == 0 and "fd_shapesnet" not in second["metrics"]
+        assert set(second["stage_seconds"]) == {"tokenizer", "extract"}
+    else:
+        assert second["rung"] == 1 and "fd_shapesnet" in second["metrics"]
+    csv_head = (sweep.run_dir / "results.csv").read_text().splitlines()[0]
+    assert csv_head.startswith("family,latent,variant,rung") and "generator_seconds" in csv_head
+    md = (sweep.run_dir / "sweep.md").read_text()
+    assert "| family | latent | point |" in md and "| SoftVQ-VAE | 4x8 |" in md
+    assert (sweep.run_dir / "frontier.png").stat().st_size > 0

@@ -45,6 +45,14 @@ def point_groups(point: dict, dims: list[str]) -> tuple[str, str]:
     return labels[0], labels[1]
 
 
+def row_groups(row: dict, dims: list[str]) -> tuple[str, str]:
+    """(colour, marker) labels of a trial: in a sweep across variants, its latent ``size``
+    and its ``family``; else :func:`point_groups`."""
+    if dims and dims[0] == "variant" and "family" in row:
+        return f"latent {row['size']}", row["family"]
+    return point_groups(row["point"], dims)
+
+
 def legend_label(colour: str, marker: str) -> str:
     return ", ".join(label for label in (colour, marker) if label != "n/a") or "trials"
 
@@ -61,11 +69,12 @@ def plot_frontier(
     rows: list[dict], x: str, y: str, path: Path, front: list[dict], dims: list[str]
 ) -> None:
     """One point per trial: colour = the first search dimension's value (in numeric order),
-    marker = the second's, hollow = stopped early by ASHA; the Pareto front of the finished
+    marker = the second's (across variants: colour = latent size, marker = family),
+    hollow = stopped early (by ASHA or after extraction); the Pareto front of the finished
     trials as a line. The generation axis is logarithmic when its values span more than
     10x (one failed point would otherwise flatten the rest)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
-    groups = [point_groups(r["point"], dims) for r in rows]
+    groups = [row_groups(r, dims) for r in rows]
     colour_labels = sorted({g[0] for g in groups}, key=_numeric_order)
     n = max(len(colour_labels) - 1, 1)
     colours = {c: plt.cm.viridis(i / n) for i, c in enumerate(colour_labels)}
@@ -109,22 +118,35 @@ def diagnostic_keys(rows: list[dict]) -> list[str]:
     return list(keys)
 
 
+STAGES = ("tokenizer", "extract", "generator", "sample", "evaluate")
+LABELS = ("family", "latent")  # a trial's labels, when the sweep gave them
+
+
 def write_tables(out: Path, rows: list[dict], x: str, y: str) -> None:
-    """``results.json`` (everything) and ``results.csv`` (one row per trial: point, rung,
-    objective, frontier axis, class accuracy, latent diagnostics)."""
+    """``results.json`` (everything) and ``results.csv`` (one row per trial: family and
+    latent shape, point, rung, objective, frontier axis, class accuracy, stage seconds,
+    latent diagnostics)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=1, default=str))
     keys = sorted({k for r in rows for k in r["point"]})
+    labels = [k for k in LABELS if any(k in r for r in rows)]
     diagnostics = diagnostic_keys(rows)
+    timed = any(r.get("stage_seconds") for r in rows)
+    seconds = [f"{s}_seconds" for s in STAGES] if timed else []
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([*keys, "rung", "stopped_early", x, y, "class_accuracy", *diagnostics, "error"])
+        w.writerow(
+            [*labels, *keys, "rung", "stopped_early", x, y, "class_accuracy", *seconds]
+            + [*diagnostics, "error"]
+        )
         for r in rows:
-            m = r["metrics"]
+            m, t = r["metrics"], r.get("stage_seconds") or {}
             w.writerow(
-                [r["point"].get(k) for k in keys]
+                [r.get(k) for k in labels]
+                + [r["point"].get(k) for k in keys]
                 + [r.get("rung"), r.get("stopped_early", False)]
                 + [m.get(x), m.get(y), m.get("class_accuracy")]
+                + ([round(t.get(s, 0.0), 1) for s in STAGES] if timed else [])
                 + [m.get(k) for k in diagnostics]
                 + [r["error"] or ""]
             )
@@ -198,21 +220,30 @@ def correlation_markdown(correlations: list[dict], y: str) -> str:
 
 
 def summary_markdown(name: str, rows: list[dict], x: str, y: str, front: list[dict]) -> str:
-    """``sweep.md``: the plot, then one row per trial with the rung it reached."""
+    """``sweep.md``: the plot, then one row per trial (family and latent shape when the
+    sweep gave them, its point, the rung it reached, seconds per stage, the metrics)."""
+    labelled = any("family" in r for r in rows)
+    head = "| family | latent " if labelled else ""
     lines = [
         f"# Sweep {name}",
         "",
         "![frontier](frontier.png)",
         "",
-        f"| point | rung | {x} | {y} | class_accuracy | on the front |",
-        "|---|---|---|---|---|---|",
+        f"{head}| point | rung | seconds (tok / extract / gen / sample / eval) | {x} | {y} "
+        "| class_accuracy | on the front |",
+        "|---" * (7 + 2 * labelled) + "|",
     ]
     for r in rows:
-        m = r["metrics"]
+        m, t = r["metrics"], r.get("stage_seconds") or {}
         rung = f"{r.get('rung')}" + (" (stopped)" if r.get("stopped_early") else "")
+        cells = [f"{r.get('family', '')} | {r.get('latent', '')} | "] if labelled else [""]
+        secs = " / ".join(f"{t[s]:.0f}" if s in t else "-" for s in STAGES) if t else "n/a"
         lines.append(
-            f"| `{json.dumps(r['point'])}` | {rung} | {m.get(x, 'n/a')} | "
+            f"| {cells[0]}`{json.dumps(r['point'])}` | {rung} | {secs} | {m.get(x, 'n/a')} | "
             f"{m.get(y, r['error'] or 'n/a')} | {m.get('class_accuracy', 'n/a')} | "
             f"{'yes' if any(r is f for f in front) else ''} |"
         )
+    total = sum(sum((r.get("stage_seconds") or {}).values()) for r in rows)
+    if total:
+        lines += ["", f"Stage seconds of all trials: {total:.0f}."]
     return "\n".join(lines) + "\n"

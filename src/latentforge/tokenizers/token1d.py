@@ -29,7 +29,7 @@ normalisation; ``generator.latent_stats=<config.json>`` reads them).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -99,6 +99,8 @@ class Token1DConfig(TokenizerConfig):
 
     name: str = "softvq"
     config: str = "shapes-softvq"  # key of CONFIGS, of the family the name says
+    tokens: int | None = None  # override the named config's latent tokens L
+    token_channels: int | None = None  # ... and their channels D
     recon: Literal["l2", "l1"] = "l2"
     # perceptual term: LPIPS (lpips package, torchvision backbone from the hub cache) or,
     # offline, a feature distance on a frozen VFM (logged as perceptual_vfm; not LPIPS)
@@ -176,6 +178,10 @@ def resolve_arch(cfg: Token1DConfig) -> TokenArch:
     if cfg.config not in CONFIGS:
         raise KeyError(f"unknown tokenizer config {cfg.config!r}; known: {', '.join(CONFIGS)}")
     arch = CONFIGS[cfg.config]
+    if cfg.tokens is not None:
+        arch = replace(arch, tokens=cfg.tokens)
+    if cfg.token_channels is not None:
+        arch = replace(arch, channels=cfg.token_channels)
     if arch.kind != cfg.name:
         raise ValueError(f"tokenizer.config: {cfg.config!r} is a {arch.kind}, not a {cfg.name}")
     if cfg.mask_max > 0 and not arch.mask_token:

@@ -24,7 +24,7 @@ and from reading the official code; no code is copied from it.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -82,6 +82,7 @@ class VFMVAEConfig(TokenizerConfig):
 
     name: str = "vfmvae"
     config: str = "shapes"  # key of CONFIGS
+    latent_channels: int | None = None  # override the named config's z channels
     vfm: str = "local:shapes-vit"  # the frozen encoder (hf:google/siglip2-large-patch16-512)
     vfm_weights: str | None = None  # explicit weights file for timm: VFMs
     # stage of the published recipe (STAGES): its loss weights and trained parameters;
@@ -378,6 +379,8 @@ def resolve_arch(cfg: VFMVAEConfig) -> VFMVAEArch:
     if cfg.config not in CONFIGS:
         raise KeyError(f"unknown tokenizer config {cfg.config!r}; known: {', '.join(CONFIGS)}")
     arch = CONFIGS[cfg.config]
+    if cfg.latent_channels is not None:
+        arch = replace(arch, z_channels=cfg.latent_channels)
     arch.grid_ratio()
     return arch
 
