@@ -320,3 +320,12 @@ def test_families_sweep_end_to_end(ray_session, tmp_path):
     md = (sweep.run_dir / "sweep.md").read_text()
     assert "| family | latent | point |" in md and "| SoftVQ-VAE | 4x8 |" in md
     assert (sweep.run_dir / "frontier.png").stat().st_size > 0
+
+
+def test_variant_files_resolve_from_any_working_directory(tmp_path, monkeypatch):
+    """Tune runs a trial in a working directory of its own: the variants' files are found
+    from the sweep file however it was named."""
+    monkeypatch.chdir(ROOT)
+    sweep = load_sweep("experiments/sweeps/families_smoke.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert trial_config(sweep, {"variant": "rae"}).tokenizer.name == "rae"

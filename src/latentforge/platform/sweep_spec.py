@@ -139,7 +139,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     """The sweep file with ``overrides``, checked: its experiment (``base:``, here the
     experiment the sweep varies, not a file to inherit from), the shared overrides and
     every grid point load against the schema, so a typo names its key before any trial."""
-    path = Path(path)
+    path = Path(path).resolve()  # trials run in other working directories
     node = apply_overrides(read_mapping(path), overrides, path)
     spec: SweepSpec = merge_schema(SweepSpec, node, str(path))
     unnamed = [n for n, v in spec.variants.items() if not v.base]
