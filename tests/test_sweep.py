@@ -329,3 +329,41 @@ def test_variant_files_resolve_from_any_working_directory(tmp_path, monkeypatch)
     sweep = load_sweep("experiments/sweeps/families_smoke.yaml")
     monkeypatch.chdir(tmp_path)
     assert trial_config(sweep, {"variant": "rae"}).tokenizer.name == "rae"
+
+
+def test_the_imagenet_families_sweep_dry_run(capsys):
+    """experiments/sweeps/families_imagenet256.yaml: every trial uses its family's published
+    tokenizer (no tokenizer training), its own generator recipe for one short budget on
+    GPUs, and names the files it needs; none is here, and none is fetched."""
+    from latentforge.cli import main
+    from latentforge.platform.sweep_spec import sweep_plan
+
+    path = ROOT / "experiments" / "sweeps" / "families_imagenet256.yaml"
+    plan = sweep_plan(load_sweep(path))
+    assert {t["family"] for t in plan} == {
+        "VA-VAE",
+        "VFM-VAE",
+        "RAE",
+        "SVG",
+        "MAETok",
+        "SoftVQ-VAE",
+    }
+    generators = {t["family"]: t["generator"] for t in plan}
+    assert generators["RAE"] == "ditdh:DiTDH-XL" and generators["SVG"] == "lightningdit:SVG-XL"
+    assert generators["MAETok"] == generators["SoftVQ-VAE"] == "sit:SiT-XL/1"
+    for t in plan:
+        assert t["tokenizer_images"] == 0 and t["generator_images"] == 1.6e7
+        assert t["resources"]["gpu"] and t["resources"]["workers"] >= 8
+        keys = {f["key"] for f in t["files"]}
+        assert {"tokenizer.weights", "data.path", "evaluate.fid_reference"} <= keys, t
+        assert not any(f["exists"] for f in t["files"] if f["path"].startswith("/ckpt"))
+    by_family = {t["family"]: t for t in plan}
+    assert {"generator.latent_stats", "sample.guide_weights"} <= {
+        f["key"] for f in by_family["RAE"]["files"]
+    }
+    assert {"key": "tokenizer.vfm", "spec": "hf:google/siglip2-large-patch16-512"} in by_family[
+        "VFM-VAE"
+    ]["hub"]
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "missing: /ckpt/softvq/softvq-l-64/model.safetensors (tokenizer.weights)" in out

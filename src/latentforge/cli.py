@@ -73,12 +73,16 @@ def cmd_experiment(args) -> int:
 
 def cmd_sweep(args) -> int:
     from latentforge.platform.sweep import load_sweep, run_sweep
+    from latentforge.platform.sweep_spec import sweep_plan
 
     sweep = load_sweep(args.config, args.overrides)
     if args.dry_run:
         print(to_yaml(sweep.spec))
-        for point in sweep.points():
-            print(json.dumps(point))
+        for trial in sweep_plan(sweep):
+            print(json.dumps(trial, default=str))
+        missing = [f for t in sweep_plan(sweep) for f in t["files"] if not f["exists"]]
+        for f in {f["path"]: f for f in missing}.values():
+            print(f"missing: {f['path']} ({f['key']})")
         return 0
     result = run_sweep(sweep, resume=args.resume)
     print(json.dumps(result, indent=1, default=str))

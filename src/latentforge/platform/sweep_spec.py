@@ -261,3 +261,72 @@ def merge_overrides(cfg, changes: list[str]):
 
 def sch_rungs(sweep: Sweep) -> int:
     return max(1, sweep.spec.scheduler.rungs)
+
+
+# config keys that name a file or folder a trial reads (its weights, statistics, data)
+FILE_KEYS = frozenset(
+    {
+        "weights",
+        "vfm_weights",
+        "disc_vfm_weights",
+        "disc_weights",
+        "latent_stats",
+        "guide_weights",
+        "inception_weights",
+        "fid_reference",
+        "fd_vfm_weights",
+    }
+)
+DATA_KEYS = frozenset({"data.path", "data.holdout_path"})
+HUB = ("hf:", "timm:")  # model specs resolved from a hub cache (tokenizers/vfm.py)
+
+
+def required_inputs(cfg) -> tuple[list[dict], list[dict]]:
+    """What a trial's experiment reads from outside its run directory: files (``key``,
+    ``path``, ``exists``) and hub-cache models (``key``, ``spec``), by walking its config."""
+    files, hub = [], []
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(value, f"{name}.")
+            elif isinstance(value, str) and value.startswith(HUB):
+                hub.append({"key": name, "spec": value})
+            elif isinstance(value, str) and (key in FILE_KEYS or name in DATA_KEYS):
+                files.append({"key": name, "path": value, "exists": Path(value).exists()})
+
+    walk(to_dict(cfg), "")
+    return files, hub
+
+
+def sweep_plan(sweep: Sweep) -> list[dict]:
+    """Every grid trial's plan without running it: its variant and family, experiment,
+    run directory, training budgets, generator, Ray resources and the files and hub
+    models it needs (with whether each file is there)."""
+    plan = []
+    for point in sweep.points():
+        cfg = trial_config(sweep, point)
+        files, hub = required_inputs(cfg)
+        variant = sweep.spec.variants.get(point.get("variant", ""), Variant())
+        plan.append(
+            {
+                "point": point,
+                "family": variant.family or cfg.tokenizer.name,
+                "experiment": str(sweep.experiment(point)[0]),
+                "run_dir": cfg.run_dir,
+                "tokenizer": f"{cfg.tokenizer.name}:{cfg.tokenizer.config}",
+                "tokenizer_images": cfg.train.tokenizer_images,
+                "generator": f"{cfg.generator.name}:{cfg.generator.config}",
+                "generator_images": cfg.train.generator_images,
+                "resources": {
+                    "workers": cfg.ray.num_workers,
+                    "gpu": cfg.ray.use_gpu,
+                    "accelerator_type": cfg.ray.accelerator_type,
+                    "cpus_per_worker": cfg.ray.cpus_per_worker,
+                },
+                "files": files,
+                "hub": hub,
+            }
+        )
+    return plan
