@@ -49,6 +49,7 @@ def summarize(fifo: dict, asha: dict, metric: str, mode: str) -> dict:
         "asha_best": best(asha["rows"]),
         "same_best": best(fifo["rows"]) == best(asha["rows"]),
         "asha_stopped_early": sum(bool(r.get("stopped_early")) for r in asha["rows"]),
+        "asha_stopped_after_extraction": sum(r.get("rung") == 0 for r in asha["rows"]),
     }
     if all("stage_seconds" in r for r in fifo["rows"] + asha["rows"]):
         f_s = sum(r["stage_seconds"] for r in fifo["rows"])
