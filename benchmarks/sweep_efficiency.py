@@ -29,15 +29,17 @@ RESULT_FILES = ("results.json", "results.csv", "frontier.png", "sweep.md")
 
 
 def summarize(fifo: dict, asha: dict, metric: str, mode: str) -> dict:
-    """Compare two sweep results (``{"rows", "seconds", "budget"}``, rows optionally with
-    ``stage_seconds``) of the same grid."""
+    """Compare two sweep results (``{"rows", "seconds", "budget"}``, ``budget``: the generator
+    images of one trial or, a list, of each trial; rows optionally with ``stage_seconds``)
+    of the same grid."""
     sign = 1 if mode == "min" else -1
 
     def best(rows: list[dict]) -> dict | None:
         done = [r for r in rows if metric in r["metrics"] and not r.get("stopped_early")]
         return min(done, key=lambda r: sign * r["metrics"][metric])["point"] if done else None
 
-    f_images = fifo["budget"] * len(fifo["rows"])
+    budget = fifo["budget"]
+    f_images = sum(budget) if isinstance(budget, list) else budget * len(fifo["rows"])
     a_images = sum(float(r["metrics"].get("generator_images", 0)) for r in asha["rows"])
     out = {
         "fifo_seconds": fifo["seconds"],
@@ -88,7 +90,8 @@ def run_once(sweep_file: str, scheduler: str, run_dir: Path, keep: Path) -> dict
     rows = json.loads((run_dir / "results.json").read_text())
     for r in rows:
         r["stage_seconds"] = stage_seconds(sweep, r)
-    budget = trial_config(sweep, rows[0]["point"]).train.generator_images if rows else 0
+    # each trial's own (a sweep across variants may give them different budgets)
+    budget = [trial_config(sweep, r["point"]).train.generator_images for r in rows]
     return {"rows": rows, "seconds": seconds, "budget": budget, "spec": sweep.spec}
 
 

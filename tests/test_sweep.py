@@ -203,6 +203,13 @@ def test_the_diagnostic_stop_rule_and_its_record(tmp_path):
     assert decide(record, "t2", {"probe_accuracy": 0.9}, "max", 0.5, 1) == worse
     other = StopRecord(tmp_path, "run-b", "probe_accuracy")
     assert decide(other, "t2", {"probe_accuracy": 0.3}, "max", 0.5, 1)["stopped"] is False
+    # another rule under the same run name starts afresh; so does a trial whose latents changed
+    strict = StopRecord(tmp_path, "run-a", "probe_accuracy", {"quantile": 0.9})
+    assert strict.before("t3") == [] and strict.decision("t1") is None
+    assert record.decision("t1", key="other-extraction") is None
+    # NaNs (a diagnostic that could not be computed) are no trials to compare with
+    assert not should_stop(0.5, [float("nan"), float("nan")], "max", 0.5, 2)
+    assert should_stop(0.5, [float("nan"), 0.7, 0.9], "max", 0.5, 2)
     with pytest.raises(KeyError, match="extract.diagnostics.metrics"):
         decide(other, "t3", {"robust_psnr": 1.0}, "max", 0.5, 1)
 
@@ -255,6 +262,16 @@ def test_a_variant_with_a_bad_key_is_named(tmp_path):
     )
     with pytest.raises(ConfigError, match="probe_acc.*no latent diagnostic"):
         load_sweep(bad)
+    smoke = ROOT / "experiments" / "sweeps" / "smoke.yaml"
+    with pytest.raises(ConfigError, match="diagnostic_stop.mode: 'min', but probe_accuracy"):
+        load_sweep(smoke, ["scheduler.diagnostic_stop={metric: probe_accuracy, mode: min}"])
+    bad.write_text(
+        f"base: {ROOT / 'experiments' / 'smoke.yaml'}\n"
+        "overrides: ['extract.diagnostics.metrics=[]']\n"
+        "scheduler: {diagnostic_stop: {metric: probe_accuracy}}\n"
+    )
+    with pytest.raises(ConfigError, match="needs 'linear_probe' in extract.diagnostics.metrics"):
+        load_sweep(bad)
 
 
 def smoke_families(tmp_path, names=("vavae", "softvq")) -> Path:
@@ -286,7 +303,8 @@ def smoke_families(tmp_path, names=("vavae", "softvq")) -> Path:
 def test_families_sweep_end_to_end(ray_session, tmp_path):
     """Two families (a grid latent and 1-D tokens) through the sweep, the second trial
     judged after its extraction against the first (``min_trials: 1``)."""
-    sweep = load_sweep(smoke_families(tmp_path), [f"run_dir={tmp_path / 'sweep'}"])
+    stop = "scheduler.diagnostic_stop={metric: probe_accuracy, quantile: 0.5, min_trials: 1}"
+    sweep = load_sweep(smoke_families(tmp_path), [f"run_dir={tmp_path / 'sweep'}", stop])
     result = run_sweep(sweep)
     assert result["trials"] == 2 and result["failed"] == 0, result
     rows = {

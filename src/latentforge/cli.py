@@ -78,9 +78,10 @@ def cmd_sweep(args) -> int:
     sweep = load_sweep(args.config, args.overrides)
     if args.dry_run:
         print(to_yaml(sweep.spec))
-        for trial in sweep_plan(sweep):
+        plan = sweep_plan(sweep)
+        for trial in plan:
             print(json.dumps(trial, default=str))
-        missing = [f for t in sweep_plan(sweep) for f in t["files"] if not f["exists"]]
+        missing = [f for t in plan for f in t["files"] if f["exists"] is False]
         for f in {f["path"]: f for f in missing}.values():
             print(f"missing: {f['path']} ({f['key']})")
         return 0

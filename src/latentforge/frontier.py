@@ -70,7 +70,8 @@ def plot_frontier(
 ) -> None:
     """One point per trial: colour = the first search dimension's value (in numeric order),
     marker = the second's (across variants: colour = latent size, marker = family),
-    hollow = stopped early (by ASHA or after extraction); the Pareto front of the finished
+    hollow = stopped early by ASHA (those stopped after extraction have no objective and
+    are not drawn); the Pareto front of the finished
     trials as a line. The generation axis is logarithmic when its values span more than
     10x (one failed point would otherwise flatten the rest)."""
     fig, ax = plt.subplots(figsize=(6.5, 4.8))
@@ -243,7 +244,7 @@ def summary_markdown(name: str, rows: list[dict], x: str, y: str, front: list[di
             f"{m.get(y, r['error'] or 'n/a')} | {m.get('class_accuracy', 'n/a')} | "
             f"{'yes' if any(r is f for f in front) else ''} |"
         )
-    total = sum(sum((r.get("stage_seconds") or {}).values()) for r in rows)
+    total = sum((r.get("stage_seconds") or {}).get(s, 0.0) for r in rows for s in STAGES)
     if total:
-        lines += ["", f"Stage seconds of all trials: {total:.0f}."]
+        lines += ["", f"Stage seconds of all trials (tokenizer to evaluate): {total:.0f}."]
     return "\n".join(lines) + "\n"

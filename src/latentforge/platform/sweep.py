@@ -108,10 +108,11 @@ def _stopped_after_extraction(sweep: Sweep, cfg, remote) -> dict | None:
     if not stop.metric:
         return None
     diagnostics = ray.get(remote(_run_extraction).remote(to_dict(cfg)))
-    record = StopRecord(sweep.run_dir, sweep.spec.name, stop.metric)
     mode = stop.mode or direction(stop.metric)
-    trial = Path(cfg.run_dir).name
-    decision = decide(record, trial, diagnostics, mode, stop.quantile, stop.min_trials)
+    rule = {"mode": mode, "quantile": stop.quantile, "min_trials": stop.min_trials}
+    record = StopRecord(sweep.run_dir, sweep.spec.name, stop.metric, rule)
+    trial, key = Path(cfg.run_dir).name, Pipeline(cfg, log=lambda _: None).hashes["extract"]
+    decision = decide(record, trial, diagnostics, mode, stop.quantile, stop.min_trials, key)
     if not decision["stopped"]:
         return None
     objective = sweep.spec.objective.metric
@@ -233,9 +234,10 @@ def trial_labels(sweep: Sweep, point: dict[str, Any]) -> dict[str, str]:
 
 def stage_seconds(sweep: Sweep, point: dict[str, Any], rung: int | None) -> dict[str, float]:
     """Seconds each stage recorded (``done.json``) for the stages trial ``point`` used up to
-    ``rung`` (the generator, sampling and evaluation summed over its rungs)."""
+    ``rung`` (the generator, sampling and evaluation summed over its rungs; a trial that
+    reported no rung, having failed: its tokenizer and extraction)."""
     out: dict[str, float] = {}
-    for d in trial_stage_dirs(sweep, point, 1 if rung is None else int(rung)):
+    for d in trial_stage_dirs(sweep, point, 0 if rung is None else int(rung)):
         seconds = json.loads((d / "done.json").read_text())["seconds"]
         out[d.parent.name] = out.get(d.parent.name, 0.0) + seconds
     return out
@@ -255,7 +257,7 @@ def trial_stage_dirs(sweep: Sweep, point: dict[str, Any], rung: int) -> list[Pat
     once, then every rung's generator, sample, evaluate and report; rung 0: tokenizer and
     extract), as ``_trainable`` derives them; those not (yet) done are left out."""
     cfg = trial_config(sweep, point)
-    if rung == 0:  # stopped after its extraction (a later run's rungs are not its own)
+    if rung == 0:  # stopped after its extraction (or failed): a later run's rungs aren't its own
         p = Pipeline(cfg, log=lambda _: None)
         return [p.stage_dir(s) for s in ("tokenizer", "extract") if p.is_done(s)]
     if sch_rungs(sweep) <= 1:

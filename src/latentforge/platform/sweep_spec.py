@@ -179,12 +179,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     sweep = Sweep(spec, base_path, Path(), path)
     try:  # the base, the shared overrides and every grid point (a typo names its key)
         base = load_experiment(base_path, spec.overrides)
-        for point in sweep.points() or [{}]:
-            where = f"variants.{point['variant']}: " if "variant" in point else ""
-            try:
-                load_experiment(*sweep.experiment(point))
-            except ConfigError as e:
-                raise ConfigError(f"{where}{e}") from None
+        check_points(sweep)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     if spec.run_dir and URI.match(spec.run_dir):
@@ -192,6 +187,22 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     default = f"{base.run_dir}-{spec.name}" if spec.base else f"runs/sweeps/{spec.name}"
     run_dir = resolve_run_dir(spec.run_dir or default, str(path))
     return Sweep(spec, base_path, run_dir, path)
+
+
+def check_points(sweep: Sweep) -> None:
+    """Every grid point's experiment loads, and has the diagnostic a stop reads."""
+    stop = sweep.spec.scheduler.diagnostic_stop.metric
+    for point in sweep.points() or [{}]:
+        where = f"variants.{point['variant']}: " if "variant" in point else ""
+        try:
+            cfg = load_experiment(*sweep.experiment(point))
+        except ConfigError as e:
+            raise ConfigError(f"{where}{e}") from None
+        if stop and diagnostic_of(stop).group not in cfg.extract.diagnostics.metrics:
+            raise ConfigError(
+                f"{where}scheduler.diagnostic_stop.metric: {stop} needs "
+                f"{diagnostic_of(stop).group!r} in extract.diagnostics.metrics"
+            )
 
 
 def objective_mode(spec: SweepSpec) -> str:
@@ -219,7 +230,14 @@ def check_diagnostic_stop(stop: DiagnosticStop, path: Path) -> None:
             f"{path}: scheduler.diagnostic_stop.metric: {stop.metric!r} is no latent "
             f"diagnostic; known: {', '.join(DIAGNOSTIC_NAMES)}"
         )
-    if not stop.mode and not direction(stop.metric):
+    known = direction(stop.metric)
+    if stop.mode and known and stop.mode != known:
+        raise ConfigError(
+            f"{path}: scheduler.diagnostic_stop.mode: {stop.mode!r}, but {stop.metric} is "
+            f"better when {'higher' if known == 'max' else 'lower'}; set {known!r} or leave "
+            "it out"
+        )
+    if not stop.mode and not known:
         raise ConfigError(
             f"{path}: scheduler.diagnostic_stop.mode: {stop.metric} has no better direction; "
             "set min or max"
@@ -283,7 +301,8 @@ HUB = ("hf:", "timm:")  # model specs resolved from a hub cache (tokenizers/vfm.
 
 def required_inputs(cfg) -> tuple[list[dict], list[dict]]:
     """What a trial's experiment reads from outside its run directory: files (``key``,
-    ``path``, ``exists``) and hub-cache models (``key``, ``spec``), by walking its config."""
+    ``path``, ``exists``: None for URIs and globs, which are not checked) and hub-cache
+    models (``key``, ``spec``), by walking its config."""
     files, hub = [], []
 
     def walk(node: dict, prefix: str) -> None:
@@ -294,6 +313,9 @@ def required_inputs(cfg) -> tuple[list[dict], list[dict]]:
             elif isinstance(value, str) and value.startswith(HUB):
                 hub.append({"key": name, "spec": value})
             elif isinstance(value, str) and (key in FILE_KEYS or name in DATA_KEYS):
+                if URI.match(value) or any(c in value for c in "*?["):  # remote or a glob
+                    files.append({"key": name, "path": value, "exists": None})
+                    continue
                 files.append({"key": name, "path": value, "exists": Path(value).exists()})
 
     walk(to_dict(cfg), "")
