@@ -109,7 +109,7 @@ def test_sweep_end_to_end(ray_session, tmp_path):
     assert all(len(r["objective_by_rung"]) == r["rung"] for r in rows)
     csv_rows = (tmp_path / "results.csv").read_text().splitlines()
     assert len(csv_rows) == 3 and csv_rows[0].startswith(
-        "tokenizer.latent_channels,tokenizer.vf_weight,rung"
+        "family,latent,tokenizer.latent_channels,tokenizer.vf_weight,rung"
     )
     assert ",probe_accuracy," in csv_rows[0]
     assert (tmp_path / "frontier.png").stat().st_size > 0
